@@ -1,0 +1,590 @@
+//! A token cache that refreshes ahead of expiry without making callers wait.
+//!
+//! States, decided on the wall clock of the injected [`Clock`]:
+//! - **fresh** (before the refresh point): the cached token is returned at once. This is one
+//!   atomic load and one reference-count increment: no lock, no allocation, no `.await`.
+//! - **stale** (refresh point .. expiry minus a safety margin): the cached token is returned at
+//!   once and one background refresh is started, unless one is running or the cache is backing
+//!   off after a failure.
+//! - **expired or absent**: callers wait for the one refresh in flight; while backing off after
+//!   a failure they get a typed error at once instead.
+//!
+//! The cache knows nothing about where tokens come from: it wraps any
+//! [`TokenCredential`](azure_core::credentials::TokenCredential).
+
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use azure_core::credentials::{AccessToken, TokenCredential};
+use azure_core::error::ErrorKind;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::watch;
+
+use crate::clock::{Clock, SystemClock};
+use crate::cloud::{PUBLIC_SCOPE, resource_for_scope};
+use crate::error::Error;
+use crate::jitter::unit_random;
+use crate::token::Token;
+
+/// Default time before expiry at which a token turns stale and is refreshed.
+pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// Default upper bound of the random extra margin that spreads replicas' refreshes apart.
+pub const DEFAULT_REFRESH_JITTER: Duration = Duration::from_secs(60);
+/// Default time before expiry after which a token is no longer handed out: it must still be
+/// valid when the server checks it, after DNS, TCP and TLS.
+pub const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// Default first wait after a failed refresh; it doubles per failure.
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// Default cap on the wait after failed refreshes.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Default limit on one credential call, so that a hung credential cannot wedge the cache.
+pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The background task re-reads the wall clock at least this often (a suspended machine's
+/// monotonic timers do not notice the time it slept).
+const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
+
+/// Caches the access token for one scope and refreshes it ahead of expiry.
+///
+/// Cloning is cheap and clones share the token. However many callers ask at once, at most one
+/// credential call is in flight; a caller that gives up does not cancel it.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), pg_entra::Error> {
+/// use std::sync::Arc;
+/// use pg_entra::{ImdsCredential, TokenCache, PUBLIC_SCOPE};
+///
+/// let cache = TokenCache::builder(Arc::new(ImdsCredential::from_env()?))
+///     .scope(PUBLIC_SCOPE)
+///     .build()?;
+/// let token = cache.token().await?;
+/// println!("token valid until {}", token.expires_on());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TokenCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    credential: Arc<dyn TokenCredential>,
+    scope: String,
+    policy: RefreshPolicy,
+    clock: Arc<dyn Clock>,
+    current: ArcSwapOption<Entry>,
+    state: Mutex<RefreshState>,
+    /// Dropped with the cache, which ends the background task.
+    _stop_background: Option<watch::Sender<()>>,
+}
+
+/// A cached token and when it turns stale and expired.
+struct Entry {
+    token: Token,
+    refresh_at: SystemTime,
+    usable_until: SystemTime,
+}
+
+/// What one refresh ends with. The error is shared: every waiting caller gets it.
+type RefreshOutcome = Result<Token, Arc<azure_core::Error>>;
+type SharedRefresh = Shared<BoxFuture<'static, RefreshOutcome>>;
+
+#[derive(Default)]
+struct RefreshState {
+    in_flight: Option<SharedRefresh>,
+    /// Tells a finished refresh whether it is still the one in flight.
+    generation: u64,
+    consecutive_failures: u32,
+    /// No new refresh before this (backoff after a failure or a refresh that made no progress).
+    not_before: Option<SystemTime>,
+    last_error: Option<Arc<azure_core::Error>>,
+}
+
+impl RefreshState {
+    fn backing_off(&self, now: SystemTime) -> bool {
+        self.not_before.is_some_and(|t| now < t)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RefreshPolicy {
+    margin: Duration,
+    jitter: Duration,
+    expiry_margin: Duration,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    refresh_timeout: Duration,
+}
+
+impl RefreshPolicy {
+    /// When a token obtained at `now` turns stale and stops being handed out. `random` in
+    /// [0, 1) places the refresh point within the jitter. Short-lived tokens scale the margins
+    /// down (refresh no earlier than half-way, stop handing out in the last quarter), so that
+    /// a five-minute token is not refreshed on every call.
+    fn schedule(&self, expires: SystemTime, now: SystemTime, random: f64) -> (SystemTime, SystemTime) {
+        let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
+        let safety = self.expiry_margin.min(lifetime / 4);
+        let ahead = (self.margin + self.jitter.mul_f64(random))
+            .min(lifetime / 2)
+            .max(safety);
+        (expires - ahead, expires - safety)
+    }
+
+    /// The wait after the `failures`-th consecutive failure: exponential, capped, jittered
+    /// down by up to half so that replicas spread out.
+    fn backoff(&self, failures: u32, random: f64) -> Duration {
+        let exponent = failures.saturating_sub(1).min(20);
+        self.min_backoff
+            .saturating_mul(1u32 << exponent)
+            .min(self.max_backoff)
+            .mul_f64(0.5 + 0.5 * random)
+    }
+}
+
+impl TokenCache {
+    /// A builder for a cache over `credential`, for the public cloud's PostgreSQL scope unless
+    /// told otherwise.
+    pub fn builder(credential: Arc<dyn TokenCredential>) -> TokenCacheBuilder {
+        TokenCacheBuilder::new(credential)
+    }
+
+    /// The current token: at once while it is fresh or stale; after one shared refresh when it
+    /// is expired or absent.
+    ///
+    /// # Errors
+    /// [`Error::TokenExpired`] at once while the cache backs off after failed refreshes and the
+    /// last token has expired; [`Error::CredentialUnavailable`] or
+    /// [`Error::CredentialRejected`] when there never was a token.
+    pub async fn token(&self) -> Result<Token, Error> {
+        let now = self.inner.clock.now();
+        {
+            let current = self.inner.current.load();
+            if let Some(entry) = current.as_deref() {
+                if now < entry.refresh_at {
+                    return Ok(entry.token.clone());
+                }
+                if now < entry.usable_until {
+                    let token = entry.token.clone();
+                    drop(current);
+                    self.inner.refresh_in_background(now);
+                    return Ok(token);
+                }
+            }
+        }
+        Inner::wait_for_refresh(&self.inner).await
+    }
+
+    /// The scope tokens are requested for.
+    pub fn scope(&self) -> &str {
+        &self.inner.scope
+    }
+
+    /// The cached token, if any, without refreshing or waiting (it may be expired).
+    pub fn cached(&self) -> Option<Token> {
+        self.inner
+            .current
+            .load()
+            .as_deref()
+            .map(|entry| entry.token.clone())
+    }
+}
+
+impl fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let current = self.inner.current.load();
+        f.debug_struct("TokenCache")
+            .field("scope", &self.inner.scope)
+            .field("credential", &self.inner.credential)
+            .field("expires_on", &current.as_deref().map(|e| e.token.expires_on()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
+        // Nothing panics while holding the lock; if something did, the state is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stale path: start one refresh if none is running and the cache is not backing off.
+    /// Never waits: if another caller holds the state lock, that caller is deciding already.
+    fn refresh_in_background(self: &Arc<Self>, now: SystemTime) {
+        let Ok(mut state) = self.state.try_lock() else {
+            return;
+        };
+        if state.in_flight.is_some() || state.backing_off(now) {
+            return;
+        }
+        if let Err(error) = self.start_refresh(&mut state) {
+            tracing::warn!(%error, "cannot start a background token refresh");
+        }
+    }
+
+    /// Expired or absent path: join the refresh in flight, start one, or fail fast.
+    async fn wait_for_refresh(self: &Arc<Self>) -> Result<Token, Error> {
+        let refresh = {
+            let mut state = self.lock_state();
+            let now = self.clock.now();
+            // A refresh may have landed between the caller's look and this lock.
+            if let Some(entry) = self.current.load().as_deref() {
+                if now < entry.usable_until {
+                    return Ok(entry.token.clone());
+                }
+            }
+            match &state.in_flight {
+                Some(in_flight) => in_flight.clone(),
+                None if state.backing_off(now) => {
+                    return Err(self.failure(state.last_error.clone()));
+                }
+                None => self.start_refresh(&mut state)?,
+            }
+        };
+        refresh.await.map_err(|cause| self.failure(Some(cause)))
+    }
+
+    /// The error for a caller who needs a token and cannot have one.
+    fn failure(&self, cause: Option<Arc<azure_core::Error>>) -> Error {
+        match (self.current.load().as_deref(), cause) {
+            (Some(entry), last_cause) => Error::TokenExpired {
+                expired_at: entry.token.expires_on(),
+                last_cause,
+            },
+            (None, Some(cause)) => Error::from_credential(cause),
+            (None, None) => Error::from_credential(Arc::new(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                "no token has been obtained yet",
+            ))),
+        }
+    }
+
+    /// Spawns the one refresh. The task, not the callers, owns the credential call, so a
+    /// caller that times out or is dropped does not cancel it.
+    fn start_refresh(self: &Arc<Self>, state: &mut RefreshState) -> Result<SharedRefresh, Error> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::config("the token cache must be used inside a Tokio runtime"))?;
+        state.generation += 1;
+        let generation = state.generation;
+        let task = runtime.spawn(Arc::clone(self).run_refresh(generation));
+        let weak = Arc::downgrade(self);
+        let refresh = async move {
+            match task.await {
+                Ok(outcome) => outcome,
+                // Only when the runtime shuts down mid-refresh: free the slot for the next.
+                Err(_) => {
+                    if let Some(inner) = weak.upgrade() {
+                        inner.finish_in_flight(&mut inner.lock_state(), generation);
+                    }
+                    Err(Arc::new(azure_core::Error::with_message(
+                        ErrorKind::Credential,
+                        "the token refresh was cancelled (its runtime shut down)",
+                    )))
+                }
+            }
+        }
+        .boxed()
+        .shared();
+        state.in_flight = Some(refresh.clone());
+        Ok(refresh)
+    }
+
+    fn finish_in_flight(&self, state: &mut RefreshState, generation: u64) {
+        if state.generation == generation {
+            state.in_flight = None;
+        }
+    }
+
+    async fn run_refresh(self: Arc<Self>, generation: u64) -> RefreshOutcome {
+        tracing::debug!(scope = %self.scope, "refreshing access token");
+        let scopes = [self.scope.as_str()];
+        let call = AssertUnwindSafe(self.credential.get_token(&scopes, None));
+        let result = tokio::time::timeout(self.policy.refresh_timeout, call.catch_unwind()).await;
+        let result = match result {
+            Ok(Ok(Ok(token))) => Ok(token),
+            Ok(Ok(Err(error))) => Err(Arc::new(error)),
+            Ok(Err(_panic)) => Err(Arc::new(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                "the credential panicked",
+            ))),
+            Err(_elapsed) => Err(Arc::new(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!(
+                    "the credential did not answer within {:?}",
+                    self.policy.refresh_timeout
+                ),
+            ))),
+        };
+        let now = self.clock.now();
+        let mut state = self.lock_state();
+        self.finish_in_flight(&mut state, generation);
+        match result.and_then(|token| self.accept(token, now)) {
+            Ok(Accepted::New(token)) => {
+                state.consecutive_failures = 0;
+                state.not_before = None;
+                state.last_error = None;
+                Ok(token)
+            }
+            Ok(Accepted::NoProgress(token)) => {
+                self.back_off(&mut state, now);
+                tracing::debug!("the credential returned no newer token; backing off");
+                Ok(token)
+            }
+            Err(error) => {
+                let delay = self.back_off(&mut state, now);
+                state.last_error = Some(Arc::clone(&error));
+                tracing::warn!(
+                    %error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "access token refresh failed"
+                );
+                Err(error)
+            }
+        }
+    }
+
+    fn back_off(&self, state: &mut RefreshState, now: SystemTime) -> Duration {
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        let delay = self
+            .policy
+            .backoff(state.consecutive_failures, unit_random());
+        state.not_before = Some(now + delay);
+        delay
+    }
+
+    /// Stores a newer token; refuses one that is expired on arrival; reports a token that is no
+    /// newer than the cached one as no progress (a refresh must not loop on it).
+    fn accept(&self, access: AccessToken, now: SystemTime) -> Result<Accepted, Arc<azure_core::Error>> {
+        let token = Token::from(access);
+        let current = self.current.load_full();
+        if let Some(entry) = &current {
+            if token.expires_on() <= entry.token.expires_on() {
+                return if now < entry.usable_until {
+                    Ok(Accepted::NoProgress(entry.token.clone()))
+                } else {
+                    Err(Arc::new(azure_core::Error::with_message(
+                        ErrorKind::Credential,
+                        "the credential returned no token newer than the expired one",
+                    )))
+                };
+            }
+        }
+        let expires = SystemTime::from(token.expires_on());
+        let (refresh_at, usable_until) = self.policy.schedule(expires, now, unit_random());
+        if now >= usable_until {
+            return Err(Arc::new(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!(
+                    "the credential returned a token that expires at {}, too soon to use",
+                    token.expires_on()
+                ),
+            )));
+        }
+        if let Some(audience) = token.audience() {
+            let expected = resource_for_scope(&self.scope).trim_end_matches('/');
+            if audience.trim_end_matches('/') != expected {
+                tracing::warn!(
+                    audience,
+                    expected,
+                    "the token's audience is not the requested resource; the server may reject it"
+                );
+            }
+        }
+        tracing::info!(
+            expires_on = %token.expires_on(),
+            refresh_in_s = refresh_at.duration_since(now).unwrap_or_default().as_secs(),
+            username = token.username().unwrap_or("-"),
+            "access token refreshed"
+        );
+        self.current.store(Some(Arc::new(Entry {
+            token: token.clone(),
+            refresh_at,
+            usable_until,
+        })));
+        Ok(Accepted::New(token))
+    }
+
+    /// When the background task should next act.
+    fn next_due(&self, state: &RefreshState, now: SystemTime) -> SystemTime {
+        let due = self
+            .current
+            .load()
+            .as_deref()
+            .map_or(now, |entry| entry.refresh_at);
+        state.not_before.map_or(due, |backoff| due.max(backoff))
+    }
+}
+
+enum Accepted {
+    New(Token),
+    NoProgress(Token),
+}
+
+/// Keeps the token fresh without callers asking; ends when the cache is dropped.
+async fn keep_fresh(cache: Weak<Inner>, mut stop: watch::Receiver<()>) {
+    loop {
+        let step = {
+            let Some(inner) = cache.upgrade() else {
+                return;
+            };
+            let now = inner.clock.now();
+            let mut state = inner.lock_state();
+            let due = inner.next_due(&state, now);
+            if due > now {
+                Err(due.duration_since(now).unwrap_or_default().min(BACKGROUND_MAX_SLEEP))
+            } else {
+                match &state.in_flight {
+                    Some(refresh) => Ok(refresh.clone()),
+                    None => match inner.start_refresh(&mut state) {
+                        Ok(refresh) => Ok(refresh),
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        match step {
+            Ok(refresh) => {
+                tokio::select! {
+                    _ = refresh => {}
+                    _ = stop.changed() => return,
+                }
+            }
+            Err(wait) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Builds a [`TokenCache`].
+#[derive(Debug)]
+pub struct TokenCacheBuilder {
+    credential: Arc<dyn TokenCredential>,
+    scope: String,
+    policy: RefreshPolicy,
+    clock: Arc<dyn Clock>,
+    background: bool,
+}
+
+impl TokenCacheBuilder {
+    fn new(credential: Arc<dyn TokenCredential>) -> Self {
+        Self {
+            credential,
+            scope: PUBLIC_SCOPE.to_owned(),
+            policy: RefreshPolicy {
+                margin: DEFAULT_REFRESH_MARGIN,
+                jitter: DEFAULT_REFRESH_JITTER,
+                expiry_margin: DEFAULT_EXPIRY_MARGIN,
+                min_backoff: DEFAULT_MIN_BACKOFF,
+                max_backoff: DEFAULT_MAX_BACKOFF,
+                refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
+            },
+            clock: Arc::new(SystemClock),
+            background: false,
+        }
+    }
+
+    /// The scope to request (default: [`PUBLIC_SCOPE`]).
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = scope.into();
+        self
+    }
+
+    /// How long before expiry a token turns stale (default 5 minutes; at most half a token's
+    /// lifetime is used).
+    pub fn refresh_margin(mut self, margin: Duration) -> Self {
+        self.policy.margin = margin;
+        self
+    }
+
+    /// The bound of the random extra margin added per token (default 60 s; zero for none).
+    pub fn refresh_jitter(mut self, jitter: Duration) -> Self {
+        self.policy.jitter = jitter;
+        self
+    }
+
+    /// How long before expiry a token stops being handed out (default 30 s; at most a quarter
+    /// of a token's lifetime is used).
+    pub fn expiry_margin(mut self, margin: Duration) -> Self {
+        self.policy.expiry_margin = margin;
+        self
+    }
+
+    /// The first and the largest wait after failed refreshes (defaults 1 s and 60 s).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.policy.min_backoff = min;
+        self.policy.max_backoff = max;
+        self
+    }
+
+    /// The limit on one credential call (default 120 s).
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.policy.refresh_timeout = timeout;
+        self
+    }
+
+    /// The clock that decides freshness (default: the system's wall clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Keep the token fresh from a background task instead of on demand (default: on demand).
+    /// The task fetches the first token at once and ends when the cache is dropped. Needs a
+    /// Tokio runtime when [`build`](Self::build) is called.
+    pub fn background_refresh(mut self, enabled: bool) -> Self {
+        self.background = enabled;
+        self
+    }
+
+    /// Checks the settings and builds the cache.
+    pub fn build(self) -> Result<TokenCache, Error> {
+        let policy = self.policy;
+        if self.scope.trim().is_empty() {
+            return Err(Error::config("the token scope is empty"));
+        }
+        if policy.margin <= policy.expiry_margin {
+            return Err(Error::config(format!(
+                "the refresh margin ({:?}) must be longer than the expiry margin ({:?}), or callers \
+                 would wait for every refresh",
+                policy.margin, policy.expiry_margin
+            )));
+        }
+        if policy.min_backoff.is_zero() || policy.min_backoff > policy.max_backoff {
+            return Err(Error::config(
+                "the backoff must be positive and its minimum no larger than its maximum",
+            ));
+        }
+        if policy.refresh_timeout.is_zero() {
+            return Err(Error::config("the refresh timeout must be positive"));
+        }
+        let runtime = if self.background {
+            Some(tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::config("background refresh needs a Tokio runtime when the cache is built")
+            })?)
+        } else {
+            None
+        };
+        let (stop, stopped) = watch::channel(());
+        let inner = Arc::new(Inner {
+            credential: self.credential,
+            scope: self.scope,
+            policy,
+            clock: self.clock,
+            current: ArcSwapOption::empty(),
+            state: Mutex::new(RefreshState::default()),
+            _stop_background: runtime.is_some().then_some(stop),
+        });
+        if let Some(runtime) = runtime {
+            runtime.spawn(keep_fresh(Arc::downgrade(&inner), stopped));
+        }
+        Ok(TokenCache { inner })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,426 @@
+//! The cache's state machine, driven by a manual clock and a scripted in-process credential.
+//! (The HTTP credentials have their own tests against a real endpoint.)
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use azure_core::credentials::TokenRequestOptions;
+use futures_util::FutureExt as _;
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::clock::ManualClock;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// A token valid for this long from the clock's now.
+    Token(Duration),
+    /// The same expiry as the previous token.
+    SameExpiry,
+    Fail,
+    Panic,
+    Hang,
+}
+
+/// Answers from a script (then with one-hour tokens), optionally held at a gate.
+#[derive(Debug)]
+struct ScriptedCredential {
+    clock: ManualClock,
+    script: Mutex<VecDeque<Step>>,
+    calls: AtomicUsize,
+    issued: AtomicUsize,
+    last_expiry: Mutex<Option<azure_core::time::OffsetDateTime>>,
+    gate: Option<Arc<Semaphore>>,
+}
+
+impl ScriptedCredential {
+    fn new(clock: &ManualClock, script: impl IntoIterator<Item = Step>) -> Self {
+        Self {
+            clock: clock.clone(),
+            script: Mutex::new(script.into_iter().collect()),
+            calls: AtomicUsize::new(0),
+            issued: AtomicUsize::new(0),
+            last_expiry: Mutex::new(None),
+            gate: None,
+        }
+    }
+
+    fn gated(mut self, gate: &Arc<Semaphore>) -> Self {
+        self.gate = Some(Arc::clone(gate));
+        self
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for ScriptedCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        assert_eq!(scopes, [PUBLIC_SCOPE]);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        let step = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Step::Token(HOUR));
+        if matches!(step, Step::Panic) {
+            panic!("scripted panic");
+        }
+        let mut last = self.last_expiry.lock().unwrap();
+        let expires_on = match step {
+            Step::Token(lifetime) => {
+                azure_core::time::OffsetDateTime::from(self.clock.now() + lifetime)
+            }
+            Step::SameExpiry => last.expect("a previous token"),
+            Step::Fail => {
+                return Err(azure_core::Error::with_message(
+                    ErrorKind::Credential,
+                    "scripted failure",
+                ));
+            }
+            Step::Panic => unreachable!(),
+            Step::Hang => {
+                drop(last);
+                std::future::pending::<()>().await;
+                unreachable!()
+            }
+        };
+        *last = Some(expires_on);
+        let n = self.issued.fetch_add(1, Ordering::SeqCst);
+        Ok(AccessToken::new(format!("token-{n}"), expires_on))
+    }
+}
+
+fn cache(clock: &ManualClock, credential: &Arc<ScriptedCredential>) -> TokenCache {
+    TokenCache::builder(Arc::clone(credential) as Arc<dyn TokenCredential>)
+        .clock(Arc::new(clock.clone()))
+        .refresh_jitter(Duration::ZERO)
+        .build()
+        .unwrap()
+}
+
+fn secret(token: &Token) -> &str {
+    token.secret()
+}
+
+#[tokio::test]
+async fn fresh_token_is_served_without_asking_again() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, []));
+    let cache = cache(&clock, &credential);
+    let first = cache.token().await.unwrap();
+    clock.advance(HOUR - DEFAULT_REFRESH_MARGIN - Duration::from_secs(1));
+    let again = cache.token().await.unwrap();
+    assert_eq!(secret(&first), secret(&again));
+    assert_eq!(credential.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_herd_shares_one_credential_call() {
+    let clock = ManualClock::starting_now();
+    let gate = Arc::new(Semaphore::new(0));
+    let credential = Arc::new(ScriptedCredential::new(&clock, []).gated(&gate));
+    let cache = cache(&clock, &credential);
+    let callers: Vec<_> = (0..1000)
+        .map(|_| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.token().await })
+        })
+        .collect();
+    while credential.calls() == 0 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    for caller in callers {
+        assert_eq!(secret(&caller.await.unwrap().unwrap()), "token-0");
+    }
+    assert_eq!(credential.calls(), 1);
+}
+
+#[tokio::test]
+async fn stale_window_answers_at_once_while_one_refresh_runs() {
+    let clock = ManualClock::starting_now();
+    let gate = Arc::new(Semaphore::new(1));
+    let credential = Arc::new(ScriptedCredential::new(&clock, []).gated(&gate));
+    let cache = cache(&clock, &credential);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+
+    clock.advance(HOUR - DEFAULT_REFRESH_MARGIN + Duration::from_secs(1));
+    for _ in 0..100 {
+        // `now_or_never`: the answer must be ready on the first poll, without waiting.
+        let token = cache.token().now_or_never().expect("answered at once").unwrap();
+        assert_eq!(secret(&token), "token-0");
+    }
+    // Let the spawned refresh reach the gate: exactly one is waiting there.
+    while credential.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(credential.calls(), 2);
+
+    gate.add_permits(1);
+    while secret(&cache.cached().unwrap()) != "token-1" {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-1");
+    assert_eq!(credential.calls(), 2);
+}
+
+#[tokio::test]
+async fn failing_refresh_keeps_serving_the_valid_token_and_backs_off() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::Fail, Step::Fail],
+    ));
+    let cache = cache(&clock, &credential);
+    cache.token().await.unwrap();
+    clock.advance(HOUR - DEFAULT_REFRESH_MARGIN + Duration::from_secs(1));
+
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+    settle(&cache, &credential, 2).await;
+    // Backing off: more calls in the stale window do not reach the credential.
+    for _ in 0..50 {
+        assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+    }
+    tokio::task::yield_now().await;
+    assert_eq!(credential.calls(), 2);
+
+    // The first backoff is at most DEFAULT_MIN_BACKOFF; after it, one more attempt (fails).
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+    settle(&cache, &credential, 3).await;
+    // The second backoff is longer than the first one's jitter floor allows to skip.
+    clock.advance(DEFAULT_MIN_BACKOFF / 2);
+    cache.token().await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(credential.calls(), 3);
+
+    // Heals: the next allowed attempt replaces the token.
+    clock.advance(2 * DEFAULT_MIN_BACKOFF);
+    cache.token().await.unwrap();
+    settle(&cache, &credential, 4).await;
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-1");
+}
+
+#[tokio::test]
+async fn expired_token_with_failing_credential_is_a_fast_typed_error_then_recovers() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::Fail],
+    ));
+    let cache = cache(&clock, &credential);
+    let first = cache.token().await.unwrap();
+    clock.advance(HOUR);
+
+    let error = cache.token().await.unwrap_err();
+    let Error::TokenExpired {
+        expired_at,
+        last_cause: Some(cause),
+    } = &error
+    else {
+        panic!("expected TokenExpired with a cause, got {error:?}");
+    };
+    assert_eq!(*expired_at, first.expires_on());
+    assert!(cause.to_string().contains("scripted failure"));
+
+    // While backing off: the same error at once, and no call to the credential.
+    for _ in 0..100 {
+        let again = cache.token().now_or_never().expect("at once").unwrap_err();
+        assert!(matches!(again, Error::TokenExpired { .. }));
+    }
+    assert_eq!(credential.calls(), 2);
+
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-1");
+    assert_eq!(credential.calls(), 3);
+}
+
+#[tokio::test]
+async fn first_failure_is_a_credential_error_and_is_not_retried_during_backoff() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Fail]));
+    let cache = cache(&clock, &credential);
+    let error = cache.token().await.unwrap_err();
+    assert!(matches!(error, Error::CredentialUnavailable { .. }), "{error:?}");
+    assert!(matches!(
+        cache.token().await.unwrap_err(),
+        Error::CredentialUnavailable { .. }
+    ));
+    assert_eq!(credential.calls(), 1);
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    cache.token().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refresh_that_makes_no_progress_does_not_loop() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::SameExpiry, Step::SameExpiry],
+    ));
+    let cache = cache(&clock, &credential);
+    cache.token().await.unwrap();
+    clock.advance(HOUR - DEFAULT_REFRESH_MARGIN + Duration::from_secs(1));
+    for _ in 0..20 {
+        cache.token().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(credential.calls(), 2, "one refresh, then backoff");
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+}
+
+#[tokio::test]
+async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
+    let clock = ManualClock::starting_now();
+    let gate = Arc::new(Semaphore::new(0));
+    let credential = Arc::new(ScriptedCredential::new(&clock, []).gated(&gate));
+    let cache = cache(&clock, &credential);
+    let gave_up = tokio::time::timeout(Duration::from_millis(5), cache.token()).await;
+    assert!(gave_up.is_err());
+    gate.add_permits(1);
+    settle(&cache, &credential, 1).await;
+    while cache.cached().is_none() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+    assert_eq!(credential.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_token_expired_on_arrival_is_refused() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Token(Duration::ZERO)]));
+    let cache = cache(&clock, &credential);
+    let error = cache.token().await.unwrap_err();
+    let text = format!("{:?}", std::error::Error::source(&error));
+    assert!(text.contains("too soon to use"), "{text}");
+    assert!(cache.cached().is_none());
+}
+
+#[tokio::test]
+async fn a_panicking_credential_does_not_wedge_the_cache() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Panic]));
+    let cache = cache(&clock, &credential);
+    assert!(cache.token().await.is_err());
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_credential_times_out() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Hang]));
+    let cache = cache(&clock, &credential);
+    let error = cache.token().await.unwrap_err();
+    let cause = std::error::Error::source(&error).unwrap().to_string();
+    assert!(cause.contains("did not answer within"), "{cause}");
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    assert!(cache.token().await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_cache() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, []));
+    let cache = TokenCache::builder(Arc::clone(&credential) as Arc<dyn TokenCredential>)
+        .clock(Arc::new(clock.clone()))
+        .refresh_jitter(Duration::ZERO)
+        .background_refresh(true)
+        .build()
+        .unwrap();
+    settle(&cache, &credential, 1).await;
+    while cache.cached().is_none() {
+        tokio::task::yield_now().await;
+    }
+
+    clock.advance(HOUR - DEFAULT_REFRESH_MARGIN);
+    tokio::time::sleep(BACKGROUND_MAX_SLEEP).await;
+    settle(&cache, &credential, 2).await;
+    while secret(&cache.cached().unwrap()) != "token-1" {
+        tokio::task::yield_now().await;
+    }
+    // The caller never had to trigger anything: the token it gets is fresh.
+    assert_eq!(secret(&cache.token().now_or_never().unwrap().unwrap()), "token-1");
+
+    drop(cache);
+    clock.advance(10 * HOUR);
+    tokio::time::sleep(10 * BACKGROUND_MAX_SLEEP).await;
+    assert_eq!(credential.calls(), 2);
+    assert_eq!(Arc::strong_count(&credential), 1, "the task let go of the cache");
+}
+
+#[tokio::test]
+async fn the_fresh_path_takes_no_lock() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, []));
+    let cache = cache(&clock, &credential);
+    cache.token().await.unwrap();
+    let _held = cache.inner.state.lock().unwrap();
+    let token = cache.token().now_or_never().expect("no wait").unwrap();
+    assert_eq!(secret(&token), "token-0");
+}
+
+#[test]
+fn schedule_for_long_and_short_tokens() {
+    let policy = TokenCacheBuilder::new(Arc::new(ScriptedCredential::new(
+        &ManualClock::starting_now(),
+        [],
+    )))
+    .policy;
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+
+    let (refresh_at, usable_until) = policy.schedule(now + 24 * HOUR, now, 0.5);
+    assert_eq!(refresh_at, now + 24 * HOUR - Duration::from_secs(5 * 60 + 30));
+    assert_eq!(usable_until, now + 24 * HOUR - DEFAULT_EXPIRY_MARGIN);
+
+    let minute = Duration::from_secs(60);
+    let (refresh_at, usable_until) = policy.schedule(now + minute, now, 0.9);
+    assert_eq!(refresh_at, now + minute / 2);
+    assert_eq!(usable_until, now + minute - minute / 4);
+}
+
+#[test]
+fn backoff_doubles_and_caps() {
+    let policy = TokenCacheBuilder::new(Arc::new(ScriptedCredential::new(
+        &ManualClock::starting_now(),
+        [],
+    )))
+    .policy;
+    let top = |n| policy.backoff(n, 0.999_999);
+    assert!(top(1) <= Duration::from_secs(1));
+    assert!(top(2) > Duration::from_millis(1990) && top(2) <= Duration::from_secs(2));
+    assert!(top(10) <= DEFAULT_MAX_BACKOFF);
+    assert_eq!(policy.backoff(3, 0.0), Duration::from_secs(2));
+}
+
+#[test]
+fn builder_refuses_margins_that_would_block_callers() {
+    let credential: Arc<dyn TokenCredential> =
+        Arc::new(ScriptedCredential::new(&ManualClock::starting_now(), []));
+    let error = TokenCache::builder(credential)
+        .refresh_margin(Duration::from_secs(10))
+        .build()
+        .unwrap_err();
+    assert!(matches!(error, Error::Config { .. }));
+}
+
+/// Waits until the credential has been called `calls` times and no refresh is in flight.
+async fn settle(cache: &TokenCache, credential: &ScriptedCredential, calls: usize) {
+    while credential.calls() < calls || cache.inner.lock_state().in_flight.is_some() {
+        tokio::task::yield_now().await;
+    }
+}

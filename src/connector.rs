@@ -1,0 +1,429 @@
+//! From settings and a credential to verified TLS connections with the token as password.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::credentials::TokenCredential;
+use postgres_native_tls::{MakeTlsConnector, TlsStream};
+use tokio_postgres::{Client, Socket};
+
+use crate::cache::TokenCache;
+use crate::cloud::Cloud;
+use crate::conninfo::Settings;
+use crate::credential::ImdsCredential;
+use crate::environment::Environment;
+use crate::error::Error;
+use crate::tls::{SslMode, make_tls_connector};
+
+/// Azure Database for PostgreSQL listens here.
+pub const DEFAULT_PORT: u16 = 5432;
+/// Entra roles are created in `postgres`; connecting to a database named after the role (the
+/// libpq default) fails on a new server.
+pub const DEFAULT_DBNAME: &str = "postgres";
+
+/// The connection half of [`Connector::connect_with_connection`]: poll it (usually by spawning
+/// it) to drive the session.
+pub type Connection = tokio_postgres::Connection<Socket, TlsStream<Socket>>;
+
+/// Opens verified TLS connections to PostgreSQL with a cached Entra token as the password.
+///
+/// Built once, cloned cheaply (clones share the token cache). Each [`connect`](Self::connect)
+/// or [`config`](Self::config) takes the current token from the cache, which refreshes it ahead
+/// of expiry; a fresh token costs no I/O.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), pg_entra::Error> {
+/// // PGHOST, PGUSER, ... from the environment; token from the managed identity.
+/// let connector = pg_entra::Connector::from_env()?;
+/// let client = connector.connect().await?;
+/// let row = client.query_one("select current_user", &[]).await
+///     .map_err(|e| pg_entra::Error::Postgres { source: e })?;
+/// let user: String = row.get(0);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<ConnectorInner>,
+}
+
+struct ConnectorInner {
+    /// Everything but the password (and the user, when it comes from the token).
+    base: tokio_postgres::Config,
+    user_from_token: bool,
+    tokens: TokenCache,
+    tls: MakeTlsConnector,
+    ssl_mode: SslMode,
+}
+
+impl Connector {
+    /// A builder. It falls back on the process's libpq environment variables (`PGHOST`,
+    /// `PGPORT`, `PGDATABASE`, `PGUSER`, `PGSSLMODE`, `PGSSLROOTCERT`, `PGAPPNAME`,
+    /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`) for anything not set on it; see
+    /// [`ConnectorBuilder::environment`].
+    pub fn builder() -> ConnectorBuilder {
+        ConnectorBuilder::default()
+    }
+
+    /// A connector configured entirely by the environment: libpq variables for the server,
+    /// `AZURE_CLIENT_ID` / `AZURE_POD_IDENTITY_AUTHORITY_HOST` for the managed identity.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::builder().build()
+    }
+
+    /// A tokio-postgres configuration with the current token as password, for callers that
+    /// connect themselves. Use it with [`tls_connector`](Self::tls_connector): its TLS mode is
+    /// `require`, which only that connector makes verifying.
+    pub async fn config(&self) -> Result<tokio_postgres::Config, Error> {
+        let token = self.inner.tokens.token().await?;
+        let mut config = self.inner.base.clone();
+        if self.inner.user_from_token {
+            config.user(token.require_username()?);
+        }
+        config.password(token.secret());
+        Ok(config)
+    }
+
+    /// Connects and spawns the connection task on the current Tokio runtime. Connection errors
+    /// after the handshake are logged with `tracing`.
+    pub async fn connect(&self) -> Result<Client, Error> {
+        let (client, connection) = self.connect_with_connection().await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "PostgreSQL connection ended with an error");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Connects and returns the connection for the caller to drive.
+    pub async fn connect_with_connection(&self) -> Result<(Client, Connection), Error> {
+        let config = self.config().await?;
+        tracing::debug!(
+            hosts = ?config.get_hosts(),
+            user = config.get_user().unwrap_or("-"),
+            "connecting to PostgreSQL with an access token"
+        );
+        config
+            .connect(self.inner.tls.clone())
+            .await
+            .map_err(Error::from_postgres)
+    }
+
+    /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`).
+    pub fn tls_connector(&self) -> MakeTlsConnector {
+        self.inner.tls.clone()
+    }
+
+    /// The token cache, shared by all clones of this connector.
+    pub fn token_cache(&self) -> &TokenCache {
+        &self.inner.tokens
+    }
+
+    /// The TLS mode asked for (all of them verify; see [`SslMode`]).
+    pub fn ssl_mode(&self) -> SslMode {
+        self.inner.ssl_mode
+    }
+}
+
+impl fmt::Debug for Connector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // tokio_postgres::Config's Debug redacts the password; the base has none anyway.
+        f.debug_struct("Connector")
+            .field("config", &self.inner.base)
+            .field("user_from_token", &self.inner.user_from_token)
+            .field("ssl_mode", &self.inner.ssl_mode)
+            .field("tokens", &self.inner.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Connector`]. Values set here beat the connection string, which beats the
+/// environment.
+#[derive(Debug, Default)]
+pub struct ConnectorBuilder {
+    explicit: Settings,
+    conninfo: Option<String>,
+    environment: Environment,
+    credential: Option<Arc<dyn TokenCredential>>,
+    token_cache: Option<TokenCache>,
+    scope: Option<String>,
+    cloud: Option<Cloud>,
+}
+
+impl ConnectorBuilder {
+    /// A `postgresql://` URL or libpq `key=value` string; parsed by [`build`](Self::build).
+    pub fn connection_string(mut self, conninfo: impl Into<String>) -> Self {
+        self.conninfo = Some(conninfo.into());
+        self
+    }
+
+    /// The server's host name (one; for several, use a connection string).
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.explicit.hosts = Some(vec![host.into()]);
+        self
+    }
+
+    /// The server's port (default 5432).
+    pub fn port(mut self, port: u16) -> Self {
+        self.explicit.ports = Some(vec![port]);
+        self
+    }
+
+    /// The database (default `postgres`).
+    pub fn dbname(mut self, dbname: impl Into<String>) -> Self {
+        self.explicit.dbname = Some(dbname.into());
+        self
+    }
+
+    /// The PostgreSQL role: the Entra principal's name. Without it (here, in the connection
+    /// string or in `PGUSER`) the name is derived from each token's claims.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.explicit.user = Some(user.into());
+        self
+    }
+
+    /// The TLS mode (default [`SslMode::VerifyFull`]).
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.explicit.ssl_mode = Some(mode);
+        self
+    }
+
+    /// An extra trusted root certificate file (PEM bundle or DER), like `PGSSLROOTCERT`;
+    /// `system` for the system roots only.
+    pub fn ssl_root_cert(mut self, path: impl Into<String>) -> Self {
+        self.explicit.ssl_root_cert = Some(path.into());
+        self
+    }
+
+    /// The `application_name` the server shows in `pg_stat_activity`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.explicit.application_name = Some(name.into());
+        self
+    }
+
+    /// The limit on establishing one connection (DNS, TCP, TLS, login).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.explicit.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Where libpq variables and the default credential's variables are read (default: the
+    /// process environment). [`Environment::empty`] ignores the environment.
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.environment = environment;
+        self
+    }
+
+    /// The credential to get tokens from (default: [`ImdsCredential`] from the environment).
+    pub fn credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
+        self.credential = Some(credential);
+        self
+    }
+
+    /// A token cache to use (and share with other connectors) instead of a new one. Its
+    /// credential and scope are used as they are.
+    pub fn token_cache(mut self, cache: TokenCache) -> Self {
+        self.token_cache = Some(cache);
+        self
+    }
+
+    /// The token scope. Default: the scope of the cloud the host name belongs to
+    /// ([`Cloud::from_host`]), else the public cloud's.
+    pub fn scope(mut self, scope: impl Into<String>) -> Self {
+        self.scope = Some(scope.into());
+        self
+    }
+
+    /// The cloud whose scope to use, when the host name does not tell (a custom DNS name).
+    pub fn cloud(mut self, cloud: Cloud) -> Self {
+        self.cloud = Some(cloud);
+        self
+    }
+
+    /// Checks the settings and builds the connector. Reads the root certificate file; does
+    /// no network I/O.
+    pub fn build(self) -> Result<Connector, Error> {
+        let from_conninfo = match &self.conninfo {
+            Some(conninfo) => Settings::parse(conninfo)?,
+            None => Settings::default(),
+        };
+        let settings = self
+            .explicit
+            .over(from_conninfo)
+            .over(Settings::from_env(&self.environment)?);
+
+        let mut base = tokio_postgres::Config::from_str(&settings.passthrough_conninfo())
+            .map_err(|e| Error::config(format!("connection option not understood: {e}")))?;
+        let hosts = settings.hosts.clone().unwrap_or_default();
+        if hosts.is_empty() || hosts.iter().any(|h| h.is_empty()) {
+            return Err(Error::config(
+                "no server host: set PGHOST, a host in the connection string, or the builder's host",
+            ));
+        }
+        for host in &hosts {
+            if host.starts_with('/') || host.starts_with('@') {
+                return Err(Error::config(format!(
+                    "{host:?} is a Unix-domain socket, which cannot carry TLS; use the server's \
+                     host name"
+                )));
+            }
+            base.host(host);
+        }
+        let ports = settings.ports.unwrap_or_else(|| vec![DEFAULT_PORT]);
+        if ports.len() != 1 && ports.len() != hosts.len() {
+            return Err(Error::config(format!(
+                "{} ports for {} hosts: give one port, or one per host",
+                ports.len(),
+                hosts.len()
+            )));
+        }
+        for port in ports {
+            base.port(port);
+        }
+        base.dbname(settings.dbname.as_deref().unwrap_or(DEFAULT_DBNAME));
+        if let Some(user) = &settings.user {
+            base.user(user);
+        }
+        if let Some(name) = &settings.application_name {
+            base.application_name(name);
+        }
+        if let Some(timeout) = settings.connect_timeout {
+            base.connect_timeout(timeout);
+        }
+        if let Some(options) = &settings.options {
+            base.options(options);
+        }
+        // Verification happens in the TLS connector; `require` makes tokio-postgres refuse a
+        // server that will not do TLS, before anything else is sent.
+        base.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let ssl_mode = settings.ssl_mode.unwrap_or_default();
+        let tls = make_tls_connector(settings.ssl_root_cert.as_deref())?;
+
+        let tokens = match (self.token_cache, self.credential) {
+            (Some(_), Some(_)) => {
+                return Err(Error::config(
+                    "give either a credential or a token cache, not both",
+                ));
+            }
+            (Some(cache), None) => cache,
+            (None, credential) => {
+                let credential = match credential {
+                    Some(credential) => credential,
+                    None => Arc::new(
+                        ImdsCredential::builder()
+                            .environment(self.environment.clone())
+                            .build()?,
+                    ),
+                };
+                let scope = self.scope.unwrap_or_else(|| {
+                    self.cloud
+                        .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
+                        .unwrap_or_default()
+                        .scope()
+                        .to_owned()
+                });
+                TokenCache::builder(credential).scope(scope).build()?
+            }
+        };
+
+        Ok(Connector {
+            inner: Arc::new(ConnectorInner {
+                base,
+                user_from_token: settings.user.is_none(),
+                tokens,
+                tls,
+                ssl_mode,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::{CHINA_SCOPE, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
+
+    fn build(env: &[(&str, &str)], configure: impl FnOnce(ConnectorBuilder) -> ConnectorBuilder) -> Result<Connector, Error> {
+        configure(Connector::builder().environment(Environment::from_vars(env.iter().copied())))
+            .build()
+    }
+
+    #[test]
+    fn builder_beats_connection_string_beats_environment() {
+        let connector = build(
+            &[("PGHOST", "env.postgres.database.azure.com"), ("PGUSER", "env-user"), ("PGDATABASE", "envdb")],
+            |b| b.connection_string("user=url-user port=6432").user("explicit"),
+        )
+        .unwrap();
+        let base = &connector.inner.base;
+        assert_eq!(base.get_user(), Some("explicit"));
+        assert_eq!(base.get_ports(), [6432]);
+        assert_eq!(base.get_dbname(), Some("envdb"));
+        assert!(!connector.inner.user_from_token);
+        assert_eq!(base.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+    }
+
+    #[test]
+    fn defaults_and_user_from_token() {
+        let connector = build(&[("PGHOST", "srv.postgres.database.azure.com")], |b| b).unwrap();
+        assert_eq!(connector.inner.base.get_dbname(), Some(DEFAULT_DBNAME));
+        assert_eq!(connector.inner.base.get_ports(), [DEFAULT_PORT]);
+        assert!(connector.inner.user_from_token);
+        assert_eq!(connector.ssl_mode(), SslMode::VerifyFull);
+    }
+
+    #[test]
+    fn missing_host_and_unix_sockets_are_explained() {
+        let none = build(&[], |b| b).unwrap_err();
+        assert!(none.to_string().contains("PGHOST"), "{none}");
+        let socket = build(&[("PGHOST", "/var/run/postgresql")], |b| b).unwrap_err();
+        assert!(socket.to_string().contains("cannot carry TLS"), "{socket}");
+    }
+
+    #[test]
+    fn plaintext_is_refused_from_every_source() {
+        assert!(matches!(
+            build(&[("PGHOST", "h"), ("PGSSLMODE", "disable")], |b| b).unwrap_err(),
+            Error::TlsRequired { .. }
+        ));
+        assert!(matches!(
+            build(&[("PGHOST", "h")], |b| b.connection_string("sslmode=prefer")).unwrap_err(),
+            Error::TlsRequired { .. }
+        ));
+    }
+
+    #[test]
+    fn scope_follows_the_cloud_of_the_host_unless_set() {
+        let scope_for = |host: &str| {
+            build(&[("PGHOST", host)], |b| b)
+                .unwrap()
+                .token_cache()
+                .scope()
+                .to_owned()
+        };
+        assert_eq!(scope_for("a.postgres.database.azure.com"), PUBLIC_SCOPE);
+        assert_eq!(scope_for("a.postgres.database.usgovcloudapi.net"), US_GOVERNMENT_SCOPE);
+        assert_eq!(scope_for("a.postgres.database.chinacloudapi.cn"), CHINA_SCOPE);
+        assert_eq!(scope_for("db.internal.example"), PUBLIC_SCOPE);
+        let explicit = build(&[("PGHOST", "a.postgres.database.usgovcloudapi.net")], |b| {
+            b.scope("api://custom/.default")
+        })
+        .unwrap();
+        assert_eq!(explicit.token_cache().scope(), "api://custom/.default");
+        let by_cloud = build(&[("PGHOST", "db.internal.example")], |b| b.cloud(Cloud::China)).unwrap();
+        assert_eq!(by_cloud.token_cache().scope(), CHINA_SCOPE);
+    }
+
+    #[test]
+    fn passthrough_options_reach_tokio_postgres() {
+        let connector = build(&[("PGHOST", "h")], |b| {
+            b.connection_string("keepalives_idle=45 target_session_attrs=read-write")
+        })
+        .unwrap();
+        assert_eq!(connector.inner.base.get_keepalives_idle(), Duration::from_secs(45));
+        let unknown = build(&[("PGHOST", "h")], |b| b.connection_string("frobnicate=1")).unwrap_err();
+        assert!(unknown.to_string().contains("not understood"), "{unknown}");
+    }
+}

@@ -1,0 +1,121 @@
+//! Why a managed identity credential could not produce a token.
+
+use std::time::Duration;
+
+/// A managed identity endpoint's failure, in words that say what to do.
+///
+/// Carried inside the `azure_core::Error` that [`TokenCredential::get_token`] returns; reach it
+/// with `error.downcast_ref::<ManagedIdentityError>()`. Never contains a token or a response
+/// body.
+///
+/// [`TokenCredential::get_token`]: azure_core::credentials::TokenCredential::get_token
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagedIdentityError {
+    /// Nothing answered: connections were refused or timed out on every attempt.
+    #[error(
+        "no managed identity endpoint answered at {endpoint} after {attempts} attempt(s) ({last}); \
+         on an Azure VM enable a managed identity, set AZURE_CLIENT_ID for a user-assigned one or \
+         run `az login` and use a developer credential; set AZURE_POD_IDENTITY_AUTHORITY_HOST to \
+         reach a local endpoint"
+    )]
+    Unreachable {
+        /// The endpoint that was tried.
+        endpoint: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure, described.
+        last: String,
+    },
+
+    /// The endpoint answered with a status that is not retried (400, 401, 403, other 4xx).
+    #[error("the managed identity endpoint at {endpoint} refused with HTTP {status}{}: {}",
+        code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(),
+        description.as_deref().unwrap_or(refusal_hint(*status)))]
+    Refused {
+        /// The endpoint.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The endpoint's `error` code.
+        code: Option<String>,
+        /// The endpoint's `error_description`.
+        description: Option<String>,
+    },
+
+    /// The endpoint kept answering with a transient status until the retries ran out.
+    #[error("the managed identity endpoint at {endpoint} kept failing: HTTP {status}{} after {attempts} attempt(s)",
+        code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Failing {
+        /// The endpoint.
+        endpoint: String,
+        /// The last HTTP status.
+        status: u16,
+        /// The endpoint's last `error` code.
+        code: Option<String>,
+        /// Attempts made.
+        attempts: u32,
+    },
+
+    /// The endpoint answered 200 with something that is not a usable token response.
+    #[error("the managed identity endpoint at {endpoint} sent an unusable token response: {problem}")]
+    InvalidResponse {
+        /// The endpoint.
+        endpoint: String,
+        /// What was wrong (never the body itself).
+        problem: String,
+    },
+
+    /// The overall deadline passed before a token arrived.
+    #[error(
+        "no token from the managed identity endpoint at {endpoint} within {deadline:?} \
+         ({attempts} attempt(s); last: {last})"
+    )]
+    DeadlineExceeded {
+        /// The endpoint.
+        endpoint: String,
+        /// The deadline.
+        deadline: Duration,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure, described.
+        last: String,
+    },
+
+    /// A managed identity token is for exactly one resource.
+    #[error("a managed identity token is requested for exactly one scope; {count} were given")]
+    ScopeCount {
+        /// Scopes given.
+        count: usize,
+    },
+}
+
+impl ManagedIdentityError {
+    /// True when the endpoint answered and said no (as opposed to not answering usefully).
+    pub fn is_rejection(&self) -> bool {
+        matches!(
+            self,
+            ManagedIdentityError::Refused { .. } | ManagedIdentityError::ScopeCount { .. }
+        )
+    }
+
+    /// The last HTTP status the endpoint answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ManagedIdentityError::Refused { status, .. }
+            | ManagedIdentityError::Failing { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        400 => {
+            "the identity is not assigned to this resource, or the request named one it does not \
+             have (check AZURE_CLIENT_ID)"
+        }
+        401 | 403 => "not authorized to get a token for this identity",
+        _ => "the request was not accepted",
+    }
+}

@@ -1,0 +1,16 @@
+//! Token credentials this crate ships. Each implements
+//! [`azure_core::credentials::TokenCredential`], so any of them, or any credential from
+//! `azure_identity`, plugs into the [`TokenCache`](crate::TokenCache) and the
+//! [`Connector`](crate::Connector).
+
+mod imds;
+mod managed_identity_error;
+mod retry;
+mod token_response;
+
+pub use imds::{
+    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ImdsCredential, ImdsCredentialBuilder, ManagedIdentityId,
+    POD_IDENTITY_AUTHORITY_HOST_VAR,
+};
+pub use managed_identity_error::ManagedIdentityError;
+pub use retry::RetryOptions;

@@ -1,0 +1,195 @@
+//! The crate's one error type.
+//!
+//! Every variant is something a caller can act on. No variant carries a token: errors from
+//! credentials are kept as their source, and credential errors written by this crate never
+//! echo a response body that could hold one.
+
+use std::sync::Arc;
+
+use azure_core::time::OffsetDateTime;
+
+use crate::credential::ManagedIdentityError;
+
+/// SQLSTATE `28P01` (invalid password) and `28000` (invalid authorization specification):
+/// what PostgreSQL answers when it does not accept the token.
+const AUTH_FAILURE_SQLSTATES: [&str; 2] = ["28P01", "28000"];
+
+/// A convenient alias for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between an Azure identity and a PostgreSQL session.
+///
+/// Branch on the variant; print it with its [`source`](std::error::Error::source) chain and
+/// [`hint`](Error::hint) to tell a person what to do next. No variant, `Display` or `Debug`
+/// output contains an access token.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid or incomplete; the message says which setting to change.
+    #[error("invalid configuration: {message}")]
+    Config {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A TLS mode that would let the token travel unverified (`disable`, `allow`, `prefer`).
+    #[error(
+        "sslmode={mode} is refused: the password is a bearer access token and may only travel \
+         inside verified TLS; use sslmode=verify-full (the default), verify-ca or require"
+    )]
+    TlsRequired {
+        /// The refused mode, as given.
+        mode: String,
+    },
+
+    /// TLS could not be set up on this side (an unreadable root certificate, say), or the
+    /// server could not be verified during the handshake. Nothing was sent to the server.
+    #[error("TLS failed: {message}")]
+    Tls {
+        /// What failed.
+        message: String,
+        /// The underlying TLS or PostgreSQL error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+
+    /// The credential could not get a token here: no identity endpoint answered, it kept
+    /// failing, or it is not configured in this environment.
+    #[error("the credential could not get an access token")]
+    CredentialUnavailable {
+        /// The credential's error (shared: the token cache hands it to every waiting caller).
+        #[source]
+        source: Arc<azure_core::Error>,
+    },
+
+    /// The identity endpoint answered and refused: the identity is not assigned to this
+    /// resource, or the caller is not authorized.
+    #[error("the identity endpoint refused to issue an access token")]
+    CredentialRejected {
+        /// The credential's error.
+        #[source]
+        source: Arc<azure_core::Error>,
+    },
+
+    /// The cached token has expired and refreshing it keeps failing. Returned at once while
+    /// the cache backs off, so that callers do not storm the identity endpoint.
+    #[error("the access token expired at {expired_at} and could not be refreshed")]
+    TokenExpired {
+        /// When the last good token expired.
+        expired_at: OffsetDateTime,
+        /// Why the last refresh failed, when one was attempted.
+        #[source]
+        last_cause: Option<Arc<azure_core::Error>>,
+    },
+
+    /// No user name was given and the token carries no claim to derive one from.
+    #[error(
+        "no PostgreSQL user name: none was configured and the token has none of the claims \
+         xms_mirid, upn, preferred_username, unique_name (claims present: {})",
+        if claims_present.is_empty() { "none".to_owned() } else { claims_present.join(", ") }
+    )]
+    UnknownUser {
+        /// Names (never values) of the claims the token did carry.
+        claims_present: Vec<String>,
+    },
+
+    /// PostgreSQL refused the connection or the session failed.
+    #[error("PostgreSQL error")]
+    Postgres {
+        /// The tokio-postgres error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+        }
+    }
+
+    /// Sorts a credential's error into unavailable or rejected.
+    pub(crate) fn from_credential(error: Arc<azure_core::Error>) -> Self {
+        if credential_error_is_rejection(&error) {
+            Error::CredentialRejected { source: error }
+        } else {
+            Error::CredentialUnavailable { source: error }
+        }
+    }
+
+    /// Wraps a tokio-postgres error, lifting TLS failures into [`Error::Tls`].
+    pub(crate) fn from_postgres(error: tokio_postgres::Error) -> Self {
+        // tokio-postgres has no public accessor for its error kind; every TLS failure (including
+        // "server does not support TLS") displays with this prefix.
+        if error.to_string().starts_with("error performing TLS handshake") {
+            let detail = std::error::Error::source(&error)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "the server did not complete a verified TLS handshake".into());
+            return Error::Tls {
+                message: format!("could not verify the server: {detail}"),
+                source: Some(Box::new(error)),
+            };
+        }
+        Error::Postgres { source: error }
+    }
+
+    /// True when PostgreSQL refused the login (SQLSTATE `28P01` or `28000`): the token was not
+    /// accepted, or the role does not exist or is not an Entra principal.
+    pub fn is_auth_failure(&self) -> bool {
+        match self {
+            Error::Postgres { source } => source
+                .code()
+                .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code.code())),
+            _ => false,
+        }
+    }
+
+    /// What to try next, when there is a general answer.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Error::CredentialUnavailable { .. } => Some(
+                "on Azure, enable a managed identity on this resource (and set AZURE_CLIENT_ID for a \
+                 user-assigned one); off Azure, use a developer credential; for a local test endpoint \
+                 set AZURE_POD_IDENTITY_AUTHORITY_HOST",
+            ),
+            Error::CredentialRejected { .. } => Some(
+                "check that the managed identity is assigned to this resource and that \
+                 AZURE_CLIENT_ID (or the identity chosen in code) names it",
+            ),
+            Error::TokenExpired { .. } => Some(
+                "the identity endpoint has been failing since before the token expired; the cause \
+                 says why; the cache keeps retrying with backoff",
+            ),
+            Error::UnknownUser { .. } => Some(
+                "set PGUSER (or the connector's user) to the Entra principal's name; a service \
+                 principal's token never carries it",
+            ),
+            Error::Postgres { .. } if self.is_auth_failure() => Some(
+                "an Entra admin must create the role in the postgres database with \
+                 `select * from pgaadauth_create_principal('<name>', false, false);` and the user \
+                 name must be that principal's name (for a managed identity: its name in Azure)",
+            ),
+            Error::Tls { .. } => Some(
+                "the server's certificate must chain to a trusted root; set PGSSLROOTCERT to an \
+                 extra root certificate file if the system roots lack it",
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a credential's error means "the endpoint answered and said no" rather than
+/// "could not get an answer".
+fn credential_error_is_rejection(error: &azure_core::Error) -> bool {
+    if let Some(managed) = error.downcast_ref::<ManagedIdentityError>() {
+        return managed.is_rejection();
+    }
+    match error.http_status() {
+        Some(status) => {
+            let code = u16::from(status);
+            (400..500).contains(&code) && !matches!(code, 404 | 408 | 410 | 429)
+        }
+        None => false,
+    }
+}

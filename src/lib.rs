@@ -1,0 +1,71 @@
+//! Connect to **Azure Database for PostgreSQL** with a **Microsoft Entra ID access token** as
+//! the password, from a managed identity or any `azure_core` credential.
+//!
+//! The token is cached and refreshed ahead of expiry, so a connect almost never waits on the
+//! identity endpoint; TLS is always on and always verified, because the password is a bearer
+//! token.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), pg_entra::Error> {
+//! // PGHOST=myserver.postgres.database.azure.com PGUSER=my-identity-name
+//! let connector = pg_entra::Connector::from_env()?;
+//! let client = connector.connect().await?;
+//! let row = client
+//!     .query_one("select version()", &[])
+//!     .await
+//!     .map_err(|source| pg_entra::Error::Postgres { source })?;
+//! let version: String = row.get(0);
+//! # Ok(()) }
+//! ```
+//!
+//! # Pieces
+//! - [`ImdsCredential`]: the managed identity of an Azure VM through IMDS, with Microsoft's
+//!   retry guidance. Any [`TokenCredential`] (for example from `azure_identity`) works too.
+//! - [`TokenCache`]: fresh tokens without I/O, one refresh in flight at most, callers served
+//!   during refresh, typed errors and backoff when the identity endpoint fails.
+//! - [`Connector`]: libpq-style configuration (`PG*` variables, URLs, `key=value`), verified
+//!   TLS, the user name from the token when none is given.
+//!
+//! # Features
+//! | feature   | adds |
+//! |-----------|------|
+//! | `testing` | `testing`: a local TLS PostgreSQL configured like Flexible Server and a mock IMDS endpoint that mints tokens and sets them as role passwords, for tests without Azure |
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+#![forbid(unsafe_code)]
+
+mod cache;
+mod clock;
+mod cloud;
+mod conninfo;
+mod connector;
+mod credential;
+mod environment;
+mod error;
+mod jitter;
+mod tls;
+mod token;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+pub use cache::{
+    DEFAULT_EXPIRY_MARGIN, DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF, DEFAULT_REFRESH_JITTER,
+    DEFAULT_REFRESH_MARGIN, DEFAULT_REFRESH_TIMEOUT, TokenCache, TokenCacheBuilder,
+};
+pub use clock::{Clock, SystemClock};
+pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
+pub use connector::{Connection, Connector, ConnectorBuilder, DEFAULT_DBNAME, DEFAULT_PORT};
+pub use credential::{
+    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ImdsCredential, ImdsCredentialBuilder,
+    ManagedIdentityError, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions,
+};
+pub use environment::Environment;
+pub use error::{Error, Result};
+pub use tls::SslMode;
+pub use token::Token;

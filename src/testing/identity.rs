@@ -1,0 +1,103 @@
+//! Test identities: what a managed identity looks like to Entra and to PostgreSQL.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use crate::credential::ManagedIdentityId;
+
+const TEST_SUBSCRIPTION: &str = "00000000-0000-4000-8000-0000000000aa";
+const TEST_RESOURCE_GROUP: &str = "pg-entra-test";
+
+/// A managed identity known to the mock identity endpoint. Its PostgreSQL role has its name,
+/// as on Flexible Server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    name: String,
+    system_assigned: bool,
+    client_id: String,
+    object_id: String,
+    resource_id: String,
+}
+
+impl Principal {
+    /// The system-assigned identity of a VM named `vm_name` (the role is the VM's name).
+    pub fn system_assigned(vm_name: &str) -> Self {
+        Self::new(
+            vm_name,
+            true,
+            format!("providers/Microsoft.Compute/virtualMachines/{vm_name}"),
+        )
+    }
+
+    /// A user-assigned identity named `name`.
+    pub fn user_assigned(name: &str) -> Self {
+        Self::new(
+            name,
+            false,
+            format!("providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"),
+        )
+    }
+
+    fn new(name: &str, system_assigned: bool, provider_path: String) -> Self {
+        Self {
+            name: name.to_owned(),
+            system_assigned,
+            client_id: uuid_from(name, "client"),
+            object_id: uuid_from(name, "object"),
+            resource_id: format!(
+                "/subscriptions/{TEST_SUBSCRIPTION}/resourcegroups/{TEST_RESOURCE_GROUP}/{provider_path}"
+            ),
+        }
+    }
+
+    /// The name, which is also the PostgreSQL role.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this is a resource's own identity.
+    pub fn is_system_assigned(&self) -> bool {
+        self.system_assigned
+    }
+
+    /// The client (application) id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// The object (principal) id.
+    pub fn object_id(&self) -> &str {
+        &self.object_id
+    }
+
+    /// The Azure resource id (`xms_mirid` in its tokens).
+    pub fn resource_id(&self) -> &str {
+        &self.resource_id
+    }
+
+    /// How a credential selects this identity: system-assigned, or by client id.
+    pub fn managed_identity_id(&self) -> ManagedIdentityId {
+        if self.system_assigned {
+            ManagedIdentityId::SystemAssigned
+        } else {
+            ManagedIdentityId::ClientId(self.client_id.clone())
+        }
+    }
+}
+
+/// A stable UUID-shaped id derived from a name, so test output is reproducible.
+fn uuid_from(name: &str, salt: &str) -> String {
+    let half = |extra: u8| {
+        let mut hasher = DefaultHasher::new();
+        (name, salt, extra).hash(&mut hasher);
+        hasher.finish()
+    };
+    let hex = format!("{:016x}{:016x}", half(0), half(1));
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[17..20],
+        &hex[20..32]
+    )
+}

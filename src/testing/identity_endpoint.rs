@@ -1,0 +1,462 @@
+//! A real HTTP server on 127.0.0.1 that speaks the IMDS token protocol, mints JWT-shaped
+//! tokens, sets each one as its role's password (`VALID UNTIL` its expiry), and misbehaves on
+//! request.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::identity::Principal;
+use super::jwt::mint;
+use super::postgres::PasswordSetter;
+use super::TestBedError;
+use crate::credential::{ImdsCredential, RetryOptions};
+use crate::environment::Environment;
+
+const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// Managed identity tokens live up to 24 h; an hour keeps test tokens realistic.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// How the endpoint writes `expires_on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum ExpiresOnFormat {
+    /// `"expires_on": "1506484173"` (what IMDS sends).
+    #[default]
+    EpochString,
+    /// `"expires_on": 1506484173`.
+    EpochNumber,
+    /// No `expires_on`; only `expires_in`.
+    Absent,
+    /// `"expires_on": "06/20/2019 02:57:58 +00:00"` (legacy App Service).
+    LegacyDate,
+}
+
+/// One scripted answer. Requests consume scripted replies in order; when the script is empty
+/// the endpoint answers normally.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    kind: ReplyKind,
+    delay: Duration,
+    retry_after: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+enum ReplyKind {
+    Token,
+    Status(u16),
+    MalformedJson,
+    MissingToken,
+}
+
+impl Reply {
+    /// A normal token answer (useful after a delay).
+    pub fn token() -> Self {
+        Self::of(ReplyKind::Token)
+    }
+
+    /// An error status with an IMDS-style JSON error body.
+    pub fn status(status: u16) -> Self {
+        Self::of(ReplyKind::Status(status))
+    }
+
+    /// 200 with a body that is not JSON (but does hold a token-like string).
+    pub fn malformed_json() -> Self {
+        Self::of(ReplyKind::MalformedJson)
+    }
+
+    /// 200 with JSON that lacks `access_token`.
+    pub fn missing_token() -> Self {
+        Self::of(ReplyKind::MissingToken)
+    }
+
+    /// Waits this long before answering.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+
+    /// Sends `Retry-After: <seconds>`.
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.to_string());
+        self
+    }
+
+    fn of(kind: ReplyKind) -> Self {
+        Self {
+            kind,
+            delay: Duration::ZERO,
+            retry_after: None,
+        }
+    }
+}
+
+/// What the endpoint saw of one request.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// The request method.
+    pub method: String,
+    /// The path.
+    pub path: String,
+    /// The query parameters, decoded.
+    pub query: Vec<(String, String)>,
+    /// Whether `Metadata: true` was present.
+    pub metadata_header: bool,
+}
+
+impl RecordedRequest {
+    /// A query parameter's value.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct EndpointState {
+    principals: Vec<Principal>,
+    lifetime: Mutex<Duration>,
+    expires_on_format: Mutex<ExpiresOnFormat>,
+    script: Mutex<VecDeque<Reply>>,
+    requests: AtomicUsize,
+    tokens_issued: AtomicUsize,
+    recorded: Mutex<Vec<RecordedRequest>>,
+    held: watch::Sender<bool>,
+    password_setter: Option<PasswordSetter>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The mock managed identity endpoint. Stops when dropped.
+pub struct IdentityEndpoint {
+    address: SocketAddr,
+    state: Arc<EndpointState>,
+    server: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for IdentityEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityEndpoint")
+            .field("address", &self.address)
+            .field("principals", &self.state.principals)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`IdentityEndpoint`].
+#[derive(Debug, Default)]
+pub struct IdentityEndpointBuilder {
+    principals: Vec<Principal>,
+    lifetime: Option<Duration>,
+    password_setter: Option<PasswordSetter>,
+}
+
+impl IdentityEndpointBuilder {
+    /// An identity the endpoint issues tokens for. A request naming no identity gets the
+    /// system-assigned one, if there is one.
+    pub fn principal(mut self, principal: Principal) -> Self {
+        self.principals.push(principal);
+        self
+    }
+
+    /// The lifetime of issued tokens (default one hour).
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Sets each issued token as the password of the principal's role, valid until the token
+    /// expires, before the token is returned: PostgreSQL then accepts exactly the tokens that
+    /// Azure would.
+    pub fn password_setter(mut self, setter: PasswordSetter) -> Self {
+        self.password_setter = Some(setter);
+        self
+    }
+
+    /// Binds 127.0.0.1 on a free port and starts serving on the current Tokio runtime.
+    pub async fn start(self) -> Result<IdentityEndpoint, TestBedError> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let address = listener.local_addr()?;
+        let state = Arc::new(EndpointState {
+            principals: self.principals,
+            lifetime: Mutex::new(self.lifetime.unwrap_or(DEFAULT_TOKEN_LIFETIME)),
+            expires_on_format: Mutex::new(ExpiresOnFormat::default()),
+            script: Mutex::new(VecDeque::new()),
+            requests: AtomicUsize::new(0),
+            tokens_issued: AtomicUsize::new(0),
+            recorded: Mutex::new(Vec::new()),
+            held: watch::Sender::new(false),
+            password_setter: self.password_setter,
+        });
+        let serving = Arc::clone(&state);
+        let server = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let state = Arc::clone(&serving);
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                    });
+                    // A client that hangs up mid-request is not the endpoint's problem.
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(IdentityEndpoint {
+            address,
+            state,
+            server,
+        })
+    }
+}
+
+impl IdentityEndpoint {
+    /// A builder.
+    pub fn builder() -> IdentityEndpointBuilder {
+        IdentityEndpointBuilder::default()
+    }
+
+    /// The base URL to use as `AZURE_POD_IDENTITY_AUTHORITY_HOST`, e.g. `http://127.0.0.1:41234`.
+    pub fn authority_host(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// An [`ImdsCredential`] for `principal` pointed at this endpoint, with test-speed backoff
+    /// (10 ms doubling) and no environment.
+    pub fn credential_for(&self, principal: &Principal) -> ImdsCredential {
+        ImdsCredential::builder()
+            .environment(Environment::empty())
+            .authority_host(self.authority_host())
+            .identity(principal.managed_identity_id())
+            .retry(RetryOptions {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(100),
+                ..RetryOptions::default()
+            })
+            .build()
+            .expect("the endpoint's own URL is valid")
+    }
+
+    /// Queues scripted replies.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        locked(&self.state.script).extend(replies);
+    }
+
+    /// Requests received so far (any path, any outcome).
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Tokens issued so far.
+    pub fn tokens_issued(&self) -> usize {
+        self.state.tokens_issued.load(Ordering::SeqCst)
+    }
+
+    /// Every request received so far.
+    pub fn recorded(&self) -> Vec<RecordedRequest> {
+        locked(&self.state.recorded).clone()
+    }
+
+    /// Changes the lifetime of tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        *locked(&self.state.lifetime) = lifetime;
+    }
+
+    /// Changes how `expires_on` is written.
+    pub fn set_expires_on_format(&self, format: ExpiresOnFormat) {
+        *locked(&self.state.expires_on_format) = format;
+    }
+
+    /// Holds every request (already received or not) until the guard is dropped: a
+    /// deterministic "slow endpoint".
+    pub fn hold(&self) -> HoldGuard {
+        self.state.held.send_replace(true);
+        HoldGuard {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl Drop for IdentityEndpoint {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Releases held requests when dropped.
+#[must_use = "requests are released when the guard is dropped"]
+pub struct HoldGuard {
+    state: Arc<EndpointState>,
+}
+
+impl std::fmt::Debug for HoldGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HoldGuard")
+    }
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.state.held.send_replace(false);
+    }
+}
+
+async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let query: Vec<(String, String)> = request
+        .uri()
+        .query()
+        .map(|q| {
+            reqwest::Url::parse(&format!("http://x/?{q}"))
+                .map(|u| u.query_pairs().into_owned().collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let recorded = RecordedRequest {
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        query,
+        metadata_header: request
+            .headers()
+            .get("metadata")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
+    };
+    locked(&state.recorded).push(recorded.clone());
+
+    let mut held = state.held.subscribe();
+    // Ends at once when not held; an error means the endpoint is gone, so answer anyway.
+    let _ = held.wait_for(|held| !*held).await;
+
+    let reply = locked(&state.script).pop_front().unwrap_or_else(Reply::token);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut response = match reply.kind {
+        ReplyKind::Status(status) => error_response(status, "scripted fault"),
+        ReplyKind::MalformedJson => json_response(
+            StatusCode::OK,
+            r#"{"access_token":"eyJmalformed.eyJbody.c2ln","expires_in":"#.to_owned(),
+        ),
+        ReplyKind::MissingToken => json_response(
+            StatusCode::OK,
+            r#"{"expires_in":"3599","token_type":"Bearer"}"#.to_owned(),
+        ),
+        ReplyKind::Token => issue(state, &recorded).await,
+    };
+    if let Some(after) = reply.retry_after {
+        if let Ok(value) = after.parse() {
+            response.headers_mut().insert("retry-after", value);
+        }
+    }
+    response
+}
+
+/// Validates the request as IMDS does, then mints a token.
+async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Full<Bytes>> {
+    if request.method != "GET" || request.path != TOKEN_PATH {
+        return error_response(404, "unknown path");
+    }
+    if !request.metadata_header {
+        return error_response(400, "Required metadata header not specified");
+    }
+    if request.param("api-version").is_none() {
+        return error_response(400, "Required query variable 'api-version' is missing");
+    }
+    let Some(resource) = request.param("resource") else {
+        return error_response(400, "Required query variable 'resource' is missing");
+    };
+    let principal = state.principals.iter().find(|p| {
+        match (
+            request.param("client_id"),
+            request.param("object_id"),
+            request.param("msi_res_id"),
+        ) {
+            (Some(id), _, _) => p.client_id() == id,
+            (_, Some(id), _) => p.object_id() == id,
+            (_, _, Some(id)) => p.resource_id().eq_ignore_ascii_case(id),
+            (None, None, None) => p.is_system_assigned(),
+        }
+    });
+    let Some(principal) = principal else {
+        return error_response(400, "Identity not found");
+    };
+
+    let lifetime = *locked(&state.lifetime);
+    let issued = OffsetDateTime::now_utc();
+    let expires = issued + lifetime;
+    let token = mint(principal, resource, issued, expires);
+    if let Some(setter) = &state.password_setter {
+        if let Err(error) = setter.set_password(principal.name(), &token, expires).await {
+            tracing::error!(%error, role = principal.name(), "test bed could not set the role password");
+            return error_response(500, "the test bed could not set the role's password");
+        }
+    }
+    state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+
+    let expires_in = lifetime.as_secs();
+    let epoch = expires.unix_timestamp();
+    let mut body = serde_json::json!({
+        "access_token": token,
+        "client_id": principal.client_id(),
+        "expires_in": expires_in.to_string(),
+        "ext_expires_in": expires_in.to_string(),
+        "not_before": issued.unix_timestamp().to_string(),
+        "resource": resource,
+        "token_type": "Bearer",
+    });
+    let expires_on = match *locked(&state.expires_on_format) {
+        ExpiresOnFormat::EpochString => Some(serde_json::json!(epoch.to_string())),
+        ExpiresOnFormat::EpochNumber => Some(serde_json::json!(epoch)),
+        ExpiresOnFormat::Absent => None,
+        ExpiresOnFormat::LegacyDate => {
+            let format = time::macros::format_description!(
+                "[month]/[day]/[year] [hour]:[minute]:[second] +00:00"
+            );
+            expires.format(format).ok().map(serde_json::Value::from)
+        }
+    };
+    if let Some(expires_on) = expires_on {
+        body["expires_on"] = expires_on;
+    }
+    json_response(StatusCode::OK, body.to_string())
+}
+
+fn error_response(status: u16, description: &str) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = match status.as_u16() {
+        400 => "invalid_request",
+        401 | 403 => "unauthorized_client",
+        _ => "server_error",
+    };
+    let body = serde_json::json!({"error": code, "error_description": description});
+    json_response(status, body.to_string())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,106 @@
+//! A test bed that runs the whole flow without Azure (feature `testing`).
+//!
+//! - [`LocalPostgres`]: a real PostgreSQL started from the system's server binaries,
+//!   configured like Flexible Server: TLS only (a throwaway CA, a certificate for
+//!   `localhost`/`127.0.0.1`), cleartext password authentication inside TLS, no plaintext
+//!   host line. Run as root, it runs the server as the `postgres` account.
+//! - [`IdentityEndpoint`]: a real HTTP server on 127.0.0.1 speaking the IMDS token protocol.
+//!   It mints JWT-shaped tokens and, before returning each, sets it as the password of the
+//!   principal's role `VALID UNTIL` its expiry, so PostgreSQL refuses expired tokens as
+//!   Azure does. Faults are scripted ([`Reply`]), requests counted and recorded.
+//! - [`TestBed`]: both, wired together, with one system-assigned identity.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use pg_entra::testing::TestBed;
+//!
+//! let bed = TestBed::start().await?;
+//! let connector = bed.connector_builder().build()?;
+//! let client = connector.connect().await?;
+//! let row = client.query_one("select current_user", &[]).await?;
+//! assert_eq!(row.get::<_, String>(0), bed.principal().name());
+//! # Ok(()) }
+//! ```
+
+mod bed;
+mod certs;
+mod identity;
+mod identity_endpoint;
+mod jwt;
+mod postgres;
+
+use std::fmt;
+
+pub use crate::clock::ManualClock;
+pub use bed::TestBed;
+pub use certs::{ServerCertificate, TestCa};
+pub use identity::Principal;
+pub use identity_endpoint::{
+    ExpiresOnFormat, HoldGuard, IdentityEndpoint, IdentityEndpointBuilder, RecordedRequest, Reply,
+};
+pub use postgres::{BINDIR_VAR, LocalPostgres, PasswordSetter, TEST_HOST};
+
+/// Why the test bed could not do what was asked.
+#[derive(Debug)]
+pub struct TestBedError {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl TestBedError {
+    pub(crate) fn new(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    pub(crate) fn message(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+impl fmt::Display for TestBedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for TestBedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as _)
+    }
+}
+
+impl From<std::io::Error> for TestBedError {
+    fn from(error: std::io::Error) -> Self {
+        Self::new("I/O error", error)
+    }
+}
+
+impl From<openssl::error::ErrorStack> for TestBedError {
+    fn from(error: openssl::error::ErrorStack) -> Self {
+        Self::new("certificate generation failed", error)
+    }
+}
+
+impl From<tokio_postgres::Error> for TestBedError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Self::new("test PostgreSQL error", error)
+    }
+}
+
+impl From<crate::Error> for TestBedError {
+    fn from(error: crate::Error) -> Self {
+        Self::new("pg-entra error", error)
+    }
+}

@@ -1,0 +1,160 @@
+//! TLS policy: always on, always verified.
+//!
+//! The password is a bearer token, so a connection that is not verified TLS would hand it to
+//! whoever answers. tokio-postgres' default (`prefer`) silently falls back to plaintext; this
+//! crate only ever asks tokio-postgres for `require` and gives it a connector that verifies the
+//! chain and the host name.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use native_tls::{Certificate, Protocol, TlsConnector};
+use postgres_native_tls::MakeTlsConnector;
+
+use crate::error::Error;
+
+/// `PGSSLROOTCERT=system` means "the system roots only", as in libpq 16.
+const SYSTEM_ROOTS: &str = "system";
+const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+const PEM_END: &str = "-----END CERTIFICATE-----";
+
+/// The TLS modes this crate accepts. All three verify the certificate chain against the
+/// system roots (plus `PGSSLROOTCERT`) **and** the host name: unlike libpq, `require` and
+/// `verify-ca` are not weaker, because the password is a bearer token. `disable`, `allow` and
+/// `prefer` are refused with [`Error::TlsRequired`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SslMode {
+    /// libpq's `require`; verified here all the same.
+    Require,
+    /// libpq's `verify-ca`; the host name is verified here all the same.
+    VerifyCa,
+    /// libpq's `verify-full` (the default).
+    #[default]
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = Error;
+
+    /// Parses a libpq `sslmode`; the modes that allow plaintext are refused.
+    fn from_str(mode: &str) -> Result<Self, Error> {
+        match mode.trim().to_ascii_lowercase().as_str() {
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            refused @ ("disable" | "allow" | "prefer") => Err(Error::TlsRequired {
+                mode: refused.to_owned(),
+            }),
+            _ => Err(Error::config(format!(
+                "unknown sslmode {mode:?}; use verify-full, verify-ca or require"
+            ))),
+        }
+    }
+}
+
+/// A verifying TLS connector for tokio-postgres: system roots, plus the certificates in
+/// `root_cert` (a PEM bundle or one DER certificate) unless it is `system`.
+pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConnector, Error> {
+    let mut builder = TlsConnector::builder();
+    builder.min_protocol_version(Some(Protocol::Tlsv12));
+    if let Some(path) = root_cert.filter(|p| *p != SYSTEM_ROOTS) {
+        for certificate in read_certificates(Path::new(path))? {
+            builder.add_root_certificate(certificate);
+        }
+    }
+    let connector = builder.build().map_err(|e| Error::Tls {
+        message: "cannot create a TLS connector".into(),
+        source: Some(Box::new(e)),
+    })?;
+    Ok(MakeTlsConnector::new(connector))
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::config(format!(
+            "cannot read the root certificate file {shown} (PGSSLROOTCERT / sslrootcert): {e}"
+        ))
+    })?;
+    let unreadable = |e: native_tls::Error| Error::Tls {
+        message: format!("the root certificate file {shown} holds no usable certificate"),
+        source: Some(Box::new(e)),
+    };
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        return Ok(vec![Certificate::from_der(&bytes).map_err(unreadable)?]);
+    };
+    let mut certificates = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(PEM_BEGIN) {
+        let Some(len) = rest[start..].find(PEM_END) else {
+            break;
+        };
+        let block = &rest[start..start + len + PEM_END.len()];
+        certificates.push(Certificate::from_pem(block.as_bytes()).map_err(unreadable)?);
+        rest = &rest[start + len + PEM_END.len()..];
+    }
+    if certificates.is_empty() {
+        return Err(Error::config(format!(
+            "the root certificate file {shown} has no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    Ok(certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_modes_are_refused_with_the_reason() {
+        for mode in ["disable", "allow", "prefer", "PREFER"] {
+            let error = mode.parse::<SslMode>().unwrap_err();
+            assert!(matches!(error, Error::TlsRequired { .. }), "{mode}");
+            assert!(error.to_string().contains("bearer access token"), "{error}");
+        }
+    }
+
+    #[test]
+    fn verifying_modes_parse() {
+        assert_eq!("require".parse::<SslMode>().unwrap(), SslMode::Require);
+        assert_eq!("verify-ca".parse::<SslMode>().unwrap(), SslMode::VerifyCa);
+        assert_eq!(" verify-full ".parse::<SslMode>().unwrap(), SslMode::VerifyFull);
+        assert!(matches!(
+            "sometimes".parse::<SslMode>().unwrap_err(),
+            Error::Config { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_root_file_names_the_file() {
+        let Err(error) = make_tls_connector(Some("/nonexistent/root.crt")) else {
+            panic!("a missing file must fail");
+        };
+        assert!(error.to_string().contains("/nonexistent/root.crt"), "{error}");
+    }
+
+    #[test]
+    fn system_keyword_needs_no_file() {
+        assert!(make_tls_connector(Some("system")).is_ok());
+        assert!(make_tls_connector(None).is_ok());
+    }
+}

@@ -1,0 +1,246 @@
+//! An access token, and the PostgreSQL user name its claims imply.
+
+use std::fmt;
+use std::sync::Arc;
+
+use azure_core::credentials::{AccessToken, Secret};
+use azure_core::time::OffsetDateTime;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+use crate::error::Error;
+
+/// Claims that name the principal, in the order they are tried.
+const USERNAME_CLAIMS: [&str; 4] = ["xms_mirid", "upn", "preferred_username", "unique_name"];
+
+/// An Entra access token: the secret and its expiry.
+///
+/// Cheap to clone (reference counted). `Debug` shows the expiry and the derived user name,
+/// never the secret; there is no `Display`.
+#[derive(Clone)]
+pub struct Token {
+    inner: Arc<TokenInner>,
+}
+
+struct TokenInner {
+    secret: Secret,
+    expires_on: OffsetDateTime,
+    claims: PrincipalClaims,
+}
+
+impl Token {
+    /// A token from its secret and expiry. The claims are decoded once, here.
+    pub fn new(secret: impl Into<String>, expires_on: OffsetDateTime) -> Self {
+        let secret = secret.into();
+        let claims = PrincipalClaims::decode(&secret);
+        Self {
+            inner: Arc::new(TokenInner {
+                secret: Secret::new(secret),
+                expires_on,
+                claims,
+            }),
+        }
+    }
+
+    /// The token itself, to be sent as the PostgreSQL password. Keep it out of logs.
+    pub fn secret(&self) -> &str {
+        self.inner.secret.secret()
+    }
+
+    /// When the token stops being accepted.
+    pub fn expires_on(&self) -> OffsetDateTime {
+        self.inner.expires_on
+    }
+
+    /// The PostgreSQL user name the token's claims imply: the last path segment of
+    /// `xms_mirid` (a managed identity's name, for system- and user-assigned identities alike),
+    /// else `upn`, `preferred_username` or `unique_name`. `None` for service principals and
+    /// for tokens that are not JWTs.
+    pub fn username(&self) -> Option<&str> {
+        self.inner.claims.username.as_deref()
+    }
+
+    /// The derived user name, or an error naming the claims that were present.
+    pub(crate) fn require_username(&self) -> Result<&str, Error> {
+        self.username().ok_or_else(|| Error::UnknownUser {
+            claims_present: self.inner.claims.present.clone(),
+        })
+    }
+
+    /// The `aud` claim, when the token is a JWT that has one.
+    pub(crate) fn audience(&self) -> Option<&str> {
+        self.inner.claims.audience.as_deref()
+    }
+}
+
+impl From<AccessToken> for Token {
+    fn from(token: AccessToken) -> Self {
+        let AccessToken { token, expires_on } = token;
+        Token::new(token.secret().to_owned(), expires_on)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("expires_on", &self.inner.expires_on)
+            .field("username", &self.inner.claims.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the token says about who it belongs to. Only non-secret claims are kept.
+#[derive(Debug, Default)]
+struct PrincipalClaims {
+    username: Option<String>,
+    audience: Option<String>,
+    /// Names of all claims, for error messages.
+    present: Vec<String>,
+}
+
+impl PrincipalClaims {
+    /// Reads the payload of a JWT without checking its signature: the server checks the token;
+    /// here it only names the principal.
+    fn decode(token: &str) -> Self {
+        let mut parts = token.split('.');
+        let (Some(_header), Some(payload), Some(_signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Self::default();
+        };
+        let Ok(bytes) = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')) else {
+            return Self::default();
+        };
+        let Ok(serde_json::Value::Object(claims)) = serde_json::from_slice(&bytes) else {
+            return Self::default();
+        };
+        let text = |name: &str| {
+            claims
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+        };
+        let username = USERNAME_CLAIMS.iter().find_map(|&name| {
+            let value = text(name)?;
+            if name == "xms_mirid" {
+                value
+                    .trim_end_matches('/')
+                    .rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+            } else {
+                Some(value.to_owned())
+            }
+        });
+        let mut present: Vec<String> = claims.keys().cloned().collect();
+        present.sort();
+        Self {
+            username,
+            audience: text("aud").map(str::to_owned),
+            present,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jwt(payload: serde_json::Value) -> String {
+        let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256"}"#);
+        let body = URL_SAFE_NO_PAD.encode(payload.to_string());
+        format!("{header}.{body}.c2lnbmF0dXJl")
+    }
+
+    fn expiry() -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH
+    }
+
+    #[test]
+    fn system_assigned_identity_is_named_after_its_resource() {
+        let token = Token::new(
+            jwt(serde_json::json!({
+                "oid": "1111",
+                "xms_mirid": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.Compute/virtualMachines/my-vm"
+            })),
+            expiry(),
+        );
+        assert_eq!(token.username(), Some("my-vm"));
+    }
+
+    #[test]
+    fn user_assigned_identity_is_named_after_itself() {
+        let token = Token::new(
+            jwt(serde_json::json!({
+                "xms_mirid": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/orders-api/",
+                "upn": "ignored@example.com"
+            })),
+            expiry(),
+        );
+        assert_eq!(token.username(), Some("orders-api"));
+    }
+
+    #[test]
+    fn user_claims_in_order() {
+        let upn = Token::new(
+            jwt(serde_json::json!({"upn": "Ada@Contoso.com", "preferred_username": "x"})),
+            expiry(),
+        );
+        assert_eq!(upn.username(), Some("Ada@Contoso.com"));
+        let preferred = Token::new(
+            jwt(serde_json::json!({"preferred_username": "bob@contoso.com", "unique_name": "x"})),
+            expiry(),
+        );
+        assert_eq!(preferred.username(), Some("bob@contoso.com"));
+        let unique = Token::new(
+            jwt(serde_json::json!({"unique_name": "live.com#eve@contoso.com"})),
+            expiry(),
+        );
+        assert_eq!(unique.username(), Some("live.com#eve@contoso.com"));
+    }
+
+    #[test]
+    fn service_principal_error_names_claims_not_values() {
+        let token = Token::new(
+            jwt(serde_json::json!({"oid": "secret-oid-value", "appid": "app-value", "aud": "a"})),
+            expiry(),
+        );
+        let err = token.require_username().unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("appid, aud, oid"), "{text}");
+        assert!(!text.contains("secret-oid-value"), "{text}");
+        assert!(!text.contains(token.secret()));
+    }
+
+    #[test]
+    fn opaque_token_has_no_claims() {
+        let token = Token::new("not-a-jwt", expiry());
+        assert_eq!(token.username(), None);
+        assert!(
+            token
+                .require_username()
+                .unwrap_err()
+                .to_string()
+                .contains("claims present: none")
+        );
+    }
+
+    #[test]
+    fn padded_payload_is_accepted() {
+        let mut token = jwt(serde_json::json!({"upn": "a@b.c"}));
+        let dot = token.rfind('.').unwrap();
+        token.insert_str(dot, "==");
+        assert_eq!(Token::new(token, expiry()).username(), Some("a@b.c"));
+    }
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let secret = jwt(serde_json::json!({"upn": "a@b.c"}));
+        let token = Token::new(secret.clone(), expiry());
+        let shown = format!("{token:?}");
+        assert!(!shown.contains(&secret));
+        assert!(shown.contains("a@b.c"));
+    }
+}
