@@ -1,0 +1,129 @@
+//! From a managed identity to `current_user`, for each kind of identity.
+
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use pg_entra::testing::{IdentityEndpoint, LocalPostgres, Principal};
+
+use super::{bed, current_user};
+
+#[tokio::test]
+async fn system_assigned_identity_logs_in_as_its_vm_name() {
+    let bed = bed().await;
+    let connector = bed.connector_builder().build().unwrap();
+    assert_eq!(current_user(&connector).await.unwrap(), "pg-entra-test-vm");
+    let recorded = bed.identity().recorded();
+    assert_eq!(recorded.len(), 1);
+    assert!(recorded[0].metadata_header);
+    assert_eq!(recorded[0].param("api-version"), Some("2018-02-01"));
+    assert_eq!(
+        recorded[0].param("resource"),
+        Some("https://ossrdbms-aad.database.windows.net")
+    );
+    assert_eq!(recorded[0].param("client_id"), None);
+}
+
+#[tokio::test]
+async fn user_assigned_identity_selected_by_azure_client_id() {
+    let postgres = LocalPostgres::start().await.unwrap();
+    let vm = Principal::system_assigned("orders-vm");
+    let uami = Principal::user_assigned("orders-api");
+    for principal in [&vm, &uami] {
+        postgres.create_role(principal.name()).await.unwrap();
+    }
+    let endpoint = IdentityEndpoint::builder()
+        .principal(vm.clone())
+        .principal(uami.clone())
+        .password_setter(postgres.password_setter())
+        .start()
+        .await
+        .unwrap();
+
+    // As a service would be configured on Azure: only environment variables.
+    let mut vars = postgres.libpq_vars();
+    vars.push(("AZURE_POD_IDENTITY_AUTHORITY_HOST".into(), endpoint.authority_host()));
+    vars.push(("AZURE_CLIENT_ID".into(), uami.client_id().into()));
+    let connector = pg_entra::Connector::builder()
+        .environment(pg_entra::Environment::from_vars(vars))
+        .build()
+        .unwrap();
+    assert_eq!(current_user(&connector).await.unwrap(), "orders-api");
+    assert_eq!(
+        endpoint.recorded()[0].param("client_id"),
+        Some(uami.client_id())
+    );
+
+    // The same endpoint, system-assigned: the VM's role.
+    let connector = postgres
+        .connector_builder()
+        .credential(Arc::new(endpoint.credential_for(&vm)))
+        .build()
+        .unwrap();
+    assert_eq!(current_user(&connector).await.unwrap(), "orders-vm");
+}
+
+#[tokio::test]
+async fn explicit_user_always_wins_over_the_token() {
+    let bed = bed().await;
+    // The token names pg-entra-test-vm; an explicit (wrong) user is used as given, and the
+    // server, not this crate, says no.
+    let connector = bed.connector_builder().user("someone-else").build().unwrap();
+    let error = current_user(&connector).await.unwrap_err();
+    assert!(error.is_auth_failure(), "{error:?}");
+    assert!(error.hint().unwrap().contains("pgaadauth_create_principal"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_configs_on_a_cold_cache_make_one_request() {
+    let bed = bed().await;
+    let connector = bed.connector_builder().build().unwrap();
+    let hold = bed.identity().hold();
+    let configs = join_all((0..1000).map(|_| {
+        let connector = connector.clone();
+        tokio::spawn(async move { connector.config().await })
+    }));
+    let release = async {
+        while bed.identity().requests() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(hold);
+    };
+    let (configs, ()) = tokio::join!(configs, release);
+    for config in configs {
+        let config = config.unwrap().unwrap();
+        assert_eq!(config.get_user(), Some("pg-entra-test-vm"));
+    }
+    assert_eq!(bed.identity().requests(), 1);
+    assert_eq!(current_user(&connector).await.unwrap(), "pg-entra-test-vm");
+    assert_eq!(bed.identity().requests(), 1);
+}
+
+#[tokio::test]
+async fn a_user_the_token_cannot_name_is_a_clear_error() {
+    let bed = bed().await;
+    // An opaque (non-JWT) token, as a service principal's would lack the name claims.
+    let credential = Arc::new(StaticCredential("opaque-token-value".into()));
+    let connector = bed.postgres().connector_builder().credential(credential).build().unwrap();
+    let error = connector.config().await.unwrap_err();
+    assert!(matches!(error, pg_entra::Error::UnknownUser { .. }), "{error:?}");
+    assert!(error.hint().unwrap().contains("PGUSER"));
+    assert!(!format!("{error} {error:?}").contains("opaque-token-value"));
+}
+
+/// A credential that always returns the same token, valid for an hour.
+#[derive(Debug)]
+struct StaticCredential(String);
+
+#[async_trait::async_trait]
+impl pg_entra::TokenCredential for StaticCredential {
+    async fn get_token(
+        &self,
+        _: &[&str],
+        _: Option<pg_entra::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<pg_entra::AccessToken> {
+        Ok(pg_entra::AccessToken::new(
+            self.0.clone(),
+            azure_core::time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600),
+        ))
+    }
+}

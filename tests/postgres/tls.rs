@@ -1,0 +1,105 @@
+//! TLS cannot be turned off, and an unverified server never sees the token.
+
+use std::sync::Arc;
+
+use pg_entra::Error;
+use pg_entra::testing::TestCa;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::bed;
+
+#[tokio::test]
+async fn plaintext_modes_are_refused_before_any_token_is_fetched() {
+    let bed = bed().await;
+    for mode in ["disable", "allow", "prefer"] {
+        let mut vars = bed.postgres().libpq_vars();
+        vars.push(("PGSSLMODE".into(), mode.into()));
+        let error = pg_entra::Connector::builder()
+            .environment(pg_entra::Environment::from_vars(vars))
+            .credential(Arc::new(bed.credential()))
+            .build()
+            .unwrap_err();
+        assert!(matches!(error, Error::TlsRequired { .. }), "{mode}: {error:?}");
+    }
+    assert_eq!(bed.identity().requests(), 0);
+}
+
+#[tokio::test]
+async fn an_untrusted_server_certificate_fails_before_authentication() {
+    let bed = bed().await;
+    // System roots only: the bed's CA is not among them.
+    let connector = bed.connector_builder().ssl_root_cert("system").build().unwrap();
+    let error = connector.connect().await.unwrap_err();
+    assert!(matches!(error, Error::Tls { .. }), "{error:?}");
+    let log = bed.postgres().log();
+    let role = bed.principal().name();
+    assert!(!log.contains(&format!("connection authorized: user={role}")), "{log}");
+    assert!(!log.contains("password authentication"), "{log}");
+}
+
+#[tokio::test]
+async fn a_host_name_the_certificate_does_not_cover_fails() {
+    let bed = bed().await;
+    let connector = bed
+        .connector_builder()
+        .host("db.example.invalid")
+        .connection_string("hostaddr=127.0.0.1")
+        .build()
+        .unwrap();
+    let error = connector.connect().await.unwrap_err();
+    assert!(matches!(error, Error::Tls { .. }), "{error:?}");
+    let role = bed.principal().name();
+    assert!(!bed.postgres().log().contains(&format!("connection authorized: user={role}")));
+}
+
+/// Records every byte a client sends, answering the TLS request with `reply`, then (for `S`)
+/// a TLS handshake with a certificate from a CA the client does not trust. The task returns
+/// the bytes and, for `S`, whether the handshake completed.
+async fn recording_server(reply: u8) -> (u16, JoinHandle<(Vec<u8>, Option<bool>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let untrusted = TestCa::generate("not trusted").unwrap().issue_server_certificate().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut bytes = vec![0u8; 8];
+        stream.read_exact(&mut bytes).await.unwrap();
+        stream.write_all(&[reply]).await.unwrap();
+        if reply != b'S' {
+            let _ = stream.read_to_end(&mut bytes).await;
+            return (bytes, None);
+        }
+        let identity =
+            native_tls::Identity::from_pkcs8(&untrusted.certificate_pem, &untrusted.key_pem).unwrap();
+        let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
+        match acceptor.accept(stream).await {
+            Ok(mut tls) => {
+                let _ = tls.read_to_end(&mut bytes).await;
+                (bytes, Some(true))
+            }
+            Err(_) => (bytes, Some(false)),
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn no_token_reaches_a_server_that_fails_verification_or_refuses_tls() {
+    let bed = bed().await;
+    for reply in [b'S', b'N'] {
+        let (port, server) = recording_server(reply).await;
+        let connector = bed.connector_builder().port(port).build().unwrap();
+        let error = connector.connect().await.unwrap_err();
+        assert!(matches!(error, Error::Tls { .. }), "{error:?}");
+        let token = connector.token_cache().cached().unwrap();
+        let (bytes, handshake_ok) = server.await.unwrap();
+        // Only the 8-byte SSLRequest arrived in the clear; no startup message, no password.
+        assert_eq!(&bytes[..8], &[0, 0, 0, 8, 4, 210, 22, 47]);
+        assert_eq!(bytes.len(), 8, "bytes after the SSLRequest: {:?}", &bytes[8..]);
+        assert!(!bytes.windows(16).any(|w| token.secret().as_bytes().starts_with(w)));
+        if reply == b'S' {
+            assert_eq!(handshake_ok, Some(false), "the client aborted the handshake");
+        }
+    }
+}
