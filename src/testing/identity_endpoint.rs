@@ -116,6 +116,8 @@ pub struct RecordedRequest {
     pub query: Vec<(String, String)>,
     /// Whether `Metadata: true` was present.
     pub metadata_header: bool,
+    /// When the request arrived.
+    pub received_at: std::time::Instant,
 }
 
 impl RecordedRequest {
@@ -339,6 +341,7 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
             .headers()
             .get("metadata")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
+        received_at: std::time::Instant::now(),
     };
     locked(&state.recorded).push(recorded.clone());
 
