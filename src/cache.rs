@@ -122,7 +122,12 @@ impl RefreshPolicy {
     /// [0, 1) places the refresh point within the jitter. Short-lived tokens scale the margins
     /// down (refresh no earlier than half-way, stop handing out in the last quarter), so that
     /// a five-minute token is not refreshed on every call.
-    fn schedule(&self, expires: SystemTime, now: SystemTime, random: f64) -> (SystemTime, SystemTime) {
+    fn schedule(
+        &self,
+        expires: SystemTime,
+        now: SystemTime,
+        random: f64,
+    ) -> (SystemTime, SystemTime) {
         let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
         let safety = self.expiry_margin.min(lifetime / 4);
         let ahead = (self.margin + self.jitter.mul_f64(random))
@@ -196,7 +201,10 @@ impl fmt::Debug for TokenCache {
         f.debug_struct("TokenCache")
             .field("scope", &self.inner.scope)
             .field("credential", &self.inner.credential)
-            .field("expires_on", &current.as_deref().map(|e| e.token.expires_on()))
+            .field(
+                "expires_on",
+                &current.as_deref().map(|e| e.token.expires_on()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -229,10 +237,10 @@ impl Inner {
             let mut state = self.lock_state();
             let now = self.clock.now();
             // A refresh may have landed between the caller's look and this lock.
-            if let Some(entry) = self.current.load().as_deref() {
-                if now < entry.usable_until {
-                    return Ok(entry.token.clone());
-                }
+            if let Some(entry) = self.current.load().as_deref()
+                && now < entry.usable_until
+            {
+                return Ok(entry.token.clone());
             }
             match &state.in_flight {
                 Some(in_flight) => in_flight.clone(),
@@ -355,20 +363,24 @@ impl Inner {
 
     /// Stores a newer token; refuses one that is expired on arrival; reports a token that is no
     /// newer than the cached one as no progress (a refresh must not loop on it).
-    fn accept(&self, access: AccessToken, now: SystemTime) -> Result<Accepted, Arc<azure_core::Error>> {
+    fn accept(
+        &self,
+        access: AccessToken,
+        now: SystemTime,
+    ) -> Result<Accepted, Arc<azure_core::Error>> {
         let token = Token::from(access);
         let current = self.current.load_full();
-        if let Some(entry) = &current {
-            if token.expires_on() <= entry.token.expires_on() {
-                return if now < entry.usable_until {
-                    Ok(Accepted::NoProgress(entry.token.clone()))
-                } else {
-                    Err(Arc::new(azure_core::Error::with_message(
-                        ErrorKind::Credential,
-                        "the credential returned no token newer than the expired one",
-                    )))
-                };
-            }
+        if let Some(entry) = &current
+            && token.expires_on() <= entry.token.expires_on()
+        {
+            return if now < entry.usable_until {
+                Ok(Accepted::NoProgress(entry.token.clone()))
+            } else {
+                Err(Arc::new(azure_core::Error::with_message(
+                    ErrorKind::Credential,
+                    "the credential returned no token newer than the expired one",
+                )))
+            };
         }
         let expires = SystemTime::from(token.expires_on());
         let (refresh_at, usable_until) = self.policy.schedule(expires, now, unit_random());
@@ -432,7 +444,10 @@ async fn keep_fresh(cache: Weak<Inner>, mut stop: watch::Receiver<()>) {
             let mut state = inner.lock_state();
             let due = inner.next_due(&state, now);
             if due > now {
-                Err(due.duration_since(now).unwrap_or_default().min(BACKGROUND_MAX_SLEEP))
+                Err(due
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .min(BACKGROUND_MAX_SLEEP))
             } else {
                 match &state.in_flight {
                     Some(refresh) => Ok(refresh.clone()),

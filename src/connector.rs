@@ -345,7 +345,10 @@ mod tests {
     use super::*;
     use crate::cloud::{CHINA_SCOPE, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
 
-    fn build(env: &[(&str, &str)], configure: impl FnOnce(ConnectorBuilder) -> ConnectorBuilder) -> Result<Connector, Error> {
+    fn build(
+        env: &[(&str, &str)],
+        configure: impl FnOnce(ConnectorBuilder) -> ConnectorBuilder,
+    ) -> Result<Connector, Error> {
         configure(Connector::builder().environment(Environment::from_vars(env.iter().copied())))
             .build()
     }
@@ -353,8 +356,15 @@ mod tests {
     #[test]
     fn builder_beats_connection_string_beats_environment() {
         let connector = build(
-            &[("PGHOST", "env.postgres.database.azure.com"), ("PGUSER", "env-user"), ("PGDATABASE", "envdb")],
-            |b| b.connection_string("user=url-user port=6432").user("explicit"),
+            &[
+                ("PGHOST", "env.postgres.database.azure.com"),
+                ("PGUSER", "env-user"),
+                ("PGDATABASE", "envdb"),
+            ],
+            |b| {
+                b.connection_string("user=url-user port=6432")
+                    .user("explicit")
+            },
         )
         .unwrap();
         let base = &connector.inner.base;
@@ -362,7 +372,10 @@ mod tests {
         assert_eq!(base.get_ports(), [6432]);
         assert_eq!(base.get_dbname(), Some("envdb"));
         assert!(!connector.inner.user_from_token);
-        assert_eq!(base.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(
+            base.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
     }
 
     #[test]
@@ -389,7 +402,9 @@ mod tests {
             Error::TlsRequired { .. }
         ));
         assert!(matches!(
-            build(&[("PGHOST", "h")], |b| b.connection_string("sslmode=prefer")).unwrap_err(),
+            build(&[("PGHOST", "h")], |b| b
+                .connection_string("sslmode=prefer"))
+            .unwrap_err(),
             Error::TlsRequired { .. }
         ));
     }
@@ -404,15 +419,25 @@ mod tests {
                 .to_owned()
         };
         assert_eq!(scope_for("a.postgres.database.azure.com"), PUBLIC_SCOPE);
-        assert_eq!(scope_for("a.postgres.database.usgovcloudapi.net"), US_GOVERNMENT_SCOPE);
-        assert_eq!(scope_for("a.postgres.database.chinacloudapi.cn"), CHINA_SCOPE);
+        assert_eq!(
+            scope_for("a.postgres.database.usgovcloudapi.net"),
+            US_GOVERNMENT_SCOPE
+        );
+        assert_eq!(
+            scope_for("a.postgres.database.chinacloudapi.cn"),
+            CHINA_SCOPE
+        );
         assert_eq!(scope_for("db.internal.example"), PUBLIC_SCOPE);
-        let explicit = build(&[("PGHOST", "a.postgres.database.usgovcloudapi.net")], |b| {
-            b.scope("api://custom/.default")
-        })
+        let explicit = build(
+            &[("PGHOST", "a.postgres.database.usgovcloudapi.net")],
+            |b| b.scope("api://custom/.default"),
+        )
         .unwrap();
         assert_eq!(explicit.token_cache().scope(), "api://custom/.default");
-        let by_cloud = build(&[("PGHOST", "db.internal.example")], |b| b.cloud(Cloud::China)).unwrap();
+        let by_cloud = build(&[("PGHOST", "db.internal.example")], |b| {
+            b.cloud(Cloud::China)
+        })
+        .unwrap();
         assert_eq!(by_cloud.token_cache().scope(), CHINA_SCOPE);
     }
 
@@ -422,8 +447,12 @@ mod tests {
             b.connection_string("keepalives_idle=45 target_session_attrs=read-write")
         })
         .unwrap();
-        assert_eq!(connector.inner.base.get_keepalives_idle(), Duration::from_secs(45));
-        let unknown = build(&[("PGHOST", "h")], |b| b.connection_string("frobnicate=1")).unwrap_err();
+        assert_eq!(
+            connector.inner.base.get_keepalives_idle(),
+            Duration::from_secs(45)
+        );
+        let unknown =
+            build(&[("PGHOST", "h")], |b| b.connection_string("frobnicate=1")).unwrap_err();
         assert!(unknown.to_string().contains("not understood"), "{unknown}");
     }
 }

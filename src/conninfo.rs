@@ -298,7 +298,10 @@ mod tests {
         assert_eq!(settings.ssl_mode, Some(SslMode::VerifyFull));
         assert_eq!(settings.application_name.as_deref(), Some("app"));
         assert_eq!(settings.connect_timeout, Some(Duration::from_secs(10)));
-        assert_eq!(settings.passthrough, vec![("keepalives_idle".into(), "30".into())]);
+        assert_eq!(
+            settings.passthrough,
+            vec![("keepalives_idle".into(), "30".into())]
+        );
     }
 
     #[test]
@@ -307,7 +310,10 @@ mod tests {
             r"host=srv.postgres.database.azure.com port = 5432 dbname='my \'db\'' user=ada\ lovelace sslrootcert=/etc/ssl/root.pem",
         )
         .unwrap();
-        assert_eq!(settings.hosts, Some(vec!["srv.postgres.database.azure.com".into()]));
+        assert_eq!(
+            settings.hosts,
+            Some(vec!["srv.postgres.database.azure.com".into()])
+        );
         assert_eq!(settings.ports, Some(vec![5432]));
         assert_eq!(settings.dbname.as_deref(), Some("my 'db'"));
         assert_eq!(settings.user.as_deref(), Some("ada lovelace"));
@@ -359,8 +365,9 @@ mod tests {
 
     #[test]
     fn higher_layer_wins_field_by_field() {
-        let env = Settings::parse("host=env-host port=1 user=env-user keepalives=0 keepalives_idle=9")
-            .unwrap();
+        let env =
+            Settings::parse("host=env-host port=1 user=env-user keepalives=0 keepalives_idle=9")
+                .unwrap();
         let explicit = Settings::parse("user=explicit keepalives=1").unwrap();
         let merged = explicit.over(env);
         assert_eq!(merged.hosts, Some(vec!["env-host".into()]));
@@ -374,6 +381,9 @@ mod tests {
     #[test]
     fn unsupported_client_certificates_are_explained() {
         let error = Settings::parse("host=h sslcert=/c.pem").unwrap_err();
-        assert!(error.to_string().contains("sslcert is not supported"), "{error}");
+        assert!(
+            error.to_string().contains("sslcert is not supported"),
+            "{error}"
+        );
     }
 }

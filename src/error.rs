@@ -122,7 +122,10 @@ impl Error {
     pub(crate) fn from_postgres(error: tokio_postgres::Error) -> Self {
         // tokio-postgres has no public accessor for its error kind; every TLS failure (including
         // "server does not support TLS") displays with this prefix.
-        if error.to_string().starts_with("error performing TLS handshake") {
+        if error
+            .to_string()
+            .starts_with("error performing TLS handshake")
+        {
             let detail = std::error::Error::source(&error)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "the server did not complete a verified TLS handshake".into());
@@ -150,8 +153,9 @@ impl Error {
         match self {
             Error::CredentialUnavailable { .. } => Some(
                 "on Azure, enable a managed identity on this resource (and set AZURE_CLIENT_ID for a \
-                 user-assigned one); off Azure, use a developer credential; for a local test endpoint \
-                 set AZURE_POD_IDENTITY_AUTHORITY_HOST",
+                 user-assigned one); off Azure, give the connector another credential (any \
+                 azure_identity credential fits); for a local endpoint set \
+                 AZURE_POD_IDENTITY_AUTHORITY_HOST",
             ),
             Error::CredentialRejected { .. } => Some(
                 "check that the managed identity is assigned to this resource and that \

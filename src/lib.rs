@@ -41,8 +41,8 @@
 mod cache;
 mod clock;
 mod cloud;
-mod conninfo;
 mod connector;
+mod conninfo;
 mod credential;
 mod environment;
 mod error;

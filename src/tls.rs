@@ -137,7 +137,10 @@ mod tests {
     fn verifying_modes_parse() {
         assert_eq!("require".parse::<SslMode>().unwrap(), SslMode::Require);
         assert_eq!("verify-ca".parse::<SslMode>().unwrap(), SslMode::VerifyCa);
-        assert_eq!(" verify-full ".parse::<SslMode>().unwrap(), SslMode::VerifyFull);
+        assert_eq!(
+            " verify-full ".parse::<SslMode>().unwrap(),
+            SslMode::VerifyFull
+        );
         assert!(matches!(
             "sometimes".parse::<SslMode>().unwrap_err(),
             Error::Config { .. }
@@ -149,7 +152,10 @@ mod tests {
         let Err(error) = make_tls_connector(Some("/nonexistent/root.crt")) else {
             panic!("a missing file must fail");
         };
-        assert!(error.to_string().contains("/nonexistent/root.crt"), "{error}");
+        assert!(
+            error.to_string().contains("/nonexistent/root.crt"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -53,7 +53,9 @@ impl TokenCredential for HourLongTokens {
 
 #[tokio::test]
 async fn reading_a_fresh_token_allocates_nothing() {
-    let cache = TokenCache::builder(Arc::new(HourLongTokens)).build().unwrap();
+    let cache = TokenCache::builder(Arc::new(HourLongTokens))
+        .build()
+        .unwrap();
     cache.token().await.unwrap();
     // Warm this thread's arc-swap slot.
     cache.token().now_or_never().unwrap().unwrap();
@@ -65,5 +67,8 @@ async fn reading_a_fresh_token_allocates_nothing() {
         std::hint::black_box(token);
     }
     let allocations = ALLOCATIONS.with(Cell::get) - before;
-    assert_eq!(allocations, 0, "{allocations} allocations in 10,000 fresh reads");
+    assert_eq!(
+        allocations, 0,
+        "{allocations} allocations in 10,000 fresh reads"
+    );
 }

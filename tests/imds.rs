@@ -44,7 +44,9 @@ async fn fetch(credential: &ImdsCredential) -> azure_core::Result<pg_entra::Acce
 }
 
 fn managed(error: &azure_core::Error) -> &ManagedIdentityError {
-    error.downcast_ref::<ManagedIdentityError>().expect("a ManagedIdentityError")
+    error
+        .downcast_ref::<ManagedIdentityError>()
+        .expect("a ManagedIdentityError")
 }
 
 #[tokio::test]
@@ -54,7 +56,9 @@ async fn transient_statuses_are_retried_until_success() {
     for status in [404, 408, 429, 500, 502, 503, 504] {
         let before = endpoint.requests();
         endpoint.script([Reply::status(status), Reply::status(status)]);
-        fetch(&credential).await.unwrap_or_else(|e| panic!("{status}: {e}"));
+        fetch(&credential)
+            .await
+            .unwrap_or_else(|e| panic!("{status}: {e}"));
         assert_eq!(endpoint.requests() - before, 3, "status {status}");
     }
 }
@@ -62,17 +66,39 @@ async fn transient_statuses_are_retried_until_success() {
 #[tokio::test]
 async fn retries_run_out_with_a_failing_error() {
     let (endpoint, _) = endpoint().await;
-    let credential = fast(&endpoint, RetryOptions { max_retries: 2, ..fast_retry() });
+    let credential = fast(
+        &endpoint,
+        RetryOptions {
+            max_retries: 2,
+            ..fast_retry()
+        },
+    );
     endpoint.script(std::iter::repeat_n(Reply::status(503), 5));
     let error = fetch(&credential).await.unwrap_err();
-    assert!(matches!(managed(&error), ManagedIdentityError::Failing { status: 503, attempts: 3, .. }), "{error}");
+    assert!(
+        matches!(
+            managed(&error),
+            ManagedIdentityError::Failing {
+                status: 503,
+                attempts: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert_eq!(endpoint.requests(), 3);
 }
 
 #[tokio::test]
 async fn gone_is_retried_beyond_the_retry_count_within_its_window() {
     let (endpoint, _) = endpoint().await;
-    let credential = fast(&endpoint, RetryOptions { max_retries: 2, ..fast_retry() });
+    let credential = fast(
+        &endpoint,
+        RetryOptions {
+            max_retries: 2,
+            ..fast_retry()
+        },
+    );
     endpoint.script(std::iter::repeat_n(Reply::status(410), 6));
     fetch(&credential).await.unwrap();
     assert_eq!(endpoint.requests(), 7);
@@ -106,15 +132,23 @@ async fn refusals_are_not_retried_and_say_why() {
     let stranger = ImdsCredential::builder()
         .environment(Environment::empty())
         .authority_host(endpoint.authority_host())
-        .identity(ManagedIdentityId::ClientId("00000000-0000-0000-0000-000000000000".into()))
+        .identity(ManagedIdentityId::ClientId(
+            "00000000-0000-0000-0000-000000000000".into(),
+        ))
         .build()
         .unwrap();
     let error = fetch(&stranger).await.unwrap_err();
     let text = error.to_string();
-    assert!(text.contains("HTTP 400 (invalid_request): Identity not found"), "{text}");
+    assert!(
+        text.contains("HTTP 400 (invalid_request): Identity not found"),
+        "{text}"
+    );
     // Through the cache, it is a rejection the caller can match on.
     let cache = TokenCache::builder(Arc::new(stranger)).build().unwrap();
-    assert!(matches!(cache.token().await.unwrap_err(), Error::CredentialRejected { .. }));
+    assert!(matches!(
+        cache.token().await.unwrap_err(),
+        Error::CredentialRejected { .. }
+    ));
 }
 
 #[tokio::test]
@@ -127,7 +161,10 @@ async fn unusable_success_bodies_are_typed_errors_that_do_not_echo_the_body() {
     ] {
         endpoint.script([reply]);
         let error = fetch(&credential).await.unwrap_err();
-        assert!(matches!(managed(&error), ManagedIdentityError::InvalidResponse { .. }));
+        assert!(matches!(
+            managed(&error),
+            ManagedIdentityError::InvalidResponse { .. }
+        ));
         let text = format!("{error} {error:?}");
         assert!(text.contains(expected), "{text}");
         assert!(!text.contains("eyJmalformed"), "{text}");
@@ -166,10 +203,17 @@ async fn a_slow_endpoint_runs_into_the_deadline() {
             ..fast_retry()
         },
     );
-    endpoint.script(std::iter::repeat_n(Reply::token().delay(Duration::from_secs(30)), 20));
+    endpoint.script(std::iter::repeat_n(
+        Reply::token().delay(Duration::from_secs(30)),
+        20,
+    ));
     let error = fetch(&credential).await.unwrap_err();
     assert!(
-        matches!(managed(&error), ManagedIdentityError::DeadlineExceeded { .. } | ManagedIdentityError::Unreachable { .. }),
+        matches!(
+            managed(&error),
+            ManagedIdentityError::DeadlineExceeded { .. }
+                | ManagedIdentityError::Unreachable { .. }
+        ),
         "{error}"
     );
     assert!(endpoint.requests() >= 2, "timeouts are retried");
@@ -177,17 +221,30 @@ async fn a_slow_endpoint_runs_into_the_deadline() {
 
 #[tokio::test]
 async fn nothing_listening_is_unreachable_with_a_hint() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let credential = ImdsCredential::builder()
         .environment(Environment::from_vars([(
             "AZURE_POD_IDENTITY_AUTHORITY_HOST",
             format!("http://127.0.0.1:{port}"),
         )]))
-        .retry(RetryOptions { max_retries: 2, ..fast_retry() })
+        .retry(RetryOptions {
+            max_retries: 2,
+            ..fast_retry()
+        })
         .build()
         .unwrap();
     let error = fetch(&credential).await.unwrap_err();
-    assert!(matches!(managed(&error), ManagedIdentityError::Unreachable { attempts: 3, .. }), "{error}");
+    assert!(
+        matches!(
+            managed(&error),
+            ManagedIdentityError::Unreachable { attempts: 3, .. }
+        ),
+        "{error}"
+    );
     assert!(error.to_string().contains("AZURE_CLIENT_ID"), "{error}");
     let cache = TokenCache::builder(Arc::new(credential)).build().unwrap();
     let error = cache.token().await.unwrap_err();
@@ -200,9 +257,21 @@ async fn user_assigned_selectors_reach_the_endpoint() {
     let (endpoint, _) = endpoint().await;
     let uami = Principal::user_assigned("imds-uami");
     for (id, param, value) in [
-        (ManagedIdentityId::ClientId(uami.client_id().into()), "client_id", uami.client_id()),
-        (ManagedIdentityId::ObjectId(uami.object_id().into()), "object_id", uami.object_id()),
-        (ManagedIdentityId::ResourceId(uami.resource_id().into()), "msi_res_id", uami.resource_id()),
+        (
+            ManagedIdentityId::ClientId(uami.client_id().into()),
+            "client_id",
+            uami.client_id(),
+        ),
+        (
+            ManagedIdentityId::ObjectId(uami.object_id().into()),
+            "object_id",
+            uami.object_id(),
+        ),
+        (
+            ManagedIdentityId::ResourceId(uami.resource_id().into()),
+            "msi_res_id",
+            uami.resource_id(),
+        ),
     ] {
         let credential = ImdsCredential::builder()
             .environment(Environment::empty())
@@ -212,7 +281,10 @@ async fn user_assigned_selectors_reach_the_endpoint() {
             .unwrap();
         let token = pg_entra::Token::from(fetch(&credential).await.unwrap());
         assert_eq!(token.username(), Some("imds-uami"));
-        assert_eq!(endpoint.recorded().last().unwrap().param(param), Some(value));
+        assert_eq!(
+            endpoint.recorded().last().unwrap().param(param),
+            Some(value)
+        );
     }
 }
 
@@ -220,7 +292,13 @@ async fn user_assigned_selectors_reach_the_endpoint() {
 async fn exactly_one_scope_is_required() {
     let (endpoint, _) = endpoint().await;
     let credential = fast(&endpoint, fast_retry());
-    let error = credential.get_token(&[PUBLIC_SCOPE, "x"], None).await.unwrap_err();
-    assert!(matches!(managed(&error), ManagedIdentityError::ScopeCount { count: 2 }));
+    let error = credential
+        .get_token(&[PUBLIC_SCOPE, "x"], None)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        managed(&error),
+        ManagedIdentityError::ScopeCount { count: 2 }
+    ));
     assert_eq!(endpoint.requests(), 0);
 }

@@ -160,7 +160,11 @@ async fn stale_window_answers_at_once_while_one_refresh_runs() {
     clock.advance(HOUR - DEFAULT_REFRESH_MARGIN + Duration::from_secs(1));
     for _ in 0..100 {
         // `now_or_never`: the answer must be ready on the first poll, without waiting.
-        let token = cache.token().now_or_never().expect("answered at once").unwrap();
+        let token = cache
+            .token()
+            .now_or_never()
+            .expect("answered at once")
+            .unwrap();
         assert_eq!(secret(&token), "token-0");
     }
     // Let the spawned refresh reach the gate: exactly one is waiting there.
@@ -254,7 +258,10 @@ async fn first_failure_is_a_credential_error_and_is_not_retried_during_backoff()
     let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Fail]));
     let cache = cache(&clock, &credential);
     let error = cache.token().await.unwrap_err();
-    assert!(matches!(error, Error::CredentialUnavailable { .. }), "{error:?}");
+    assert!(
+        matches!(error, Error::CredentialUnavailable { .. }),
+        "{error:?}"
+    );
     assert!(matches!(
         cache.token().await.unwrap_err(),
         Error::CredentialUnavailable { .. }
@@ -302,7 +309,10 @@ async fn a_caller_that_gives_up_does_not_cancel_the_refresh() {
 #[tokio::test]
 async fn a_token_expired_on_arrival_is_refused() {
     let clock = ManualClock::starting_now();
-    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Token(Duration::ZERO)]));
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(Duration::ZERO)],
+    ));
     let cache = cache(&clock, &credential);
     let error = cache.token().await.unwrap_err();
     let text = format!("{:?}", std::error::Error::source(&error));
@@ -354,13 +364,20 @@ async fn background_refresh_keeps_the_token_fresh_and_stops_with_the_cache() {
         tokio::task::yield_now().await;
     }
     // The caller never had to trigger anything: the token it gets is fresh.
-    assert_eq!(secret(&cache.token().now_or_never().unwrap().unwrap()), "token-1");
+    assert_eq!(
+        secret(&cache.token().now_or_never().unwrap().unwrap()),
+        "token-1"
+    );
 
     drop(cache);
     clock.advance(10 * HOUR);
     tokio::time::sleep(10 * BACKGROUND_MAX_SLEEP).await;
     assert_eq!(credential.calls(), 2);
-    assert_eq!(Arc::strong_count(&credential), 1, "the task let go of the cache");
+    assert_eq!(
+        Arc::strong_count(&credential),
+        1,
+        "the task let go of the cache"
+    );
 }
 
 #[tokio::test]
@@ -384,7 +401,10 @@ fn schedule_for_long_and_short_tokens() {
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
 
     let (refresh_at, usable_until) = policy.schedule(now + 24 * HOUR, now, 0.5);
-    assert_eq!(refresh_at, now + 24 * HOUR - Duration::from_secs(5 * 60 + 30));
+    assert_eq!(
+        refresh_at,
+        now + 24 * HOUR - Duration::from_secs(5 * 60 + 30)
+    );
     assert_eq!(usable_until, now + 24 * HOUR - DEFAULT_EXPIRY_MARGIN);
 
     let minute = Duration::from_secs(60);

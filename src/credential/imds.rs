@@ -142,15 +142,21 @@ impl ImdsCredential {
                     status,
                     retry_after,
                     body,
-                } => (AttemptFailure::Status(status), retry_after, StatusOrCause::Status(status, body)),
+                } => (
+                    AttemptFailure::Status(status),
+                    retry_after,
+                    StatusOrCause::Status(status, body),
+                ),
                 Attempt::Timeout => (
                     AttemptFailure::Timeout,
                     None,
                     StatusOrCause::Cause(format!("no answer within {budget:?}")),
                 ),
-                Attempt::Connection(cause) => {
-                    (AttemptFailure::Connection, None, StatusOrCause::Cause(cause))
-                }
+                Attempt::Connection(cause) => (
+                    AttemptFailure::Connection,
+                    None,
+                    StatusOrCause::Cause(cause),
+                ),
             };
             if failure == AttemptFailure::Status(410) {
                 first_gone.get_or_insert(now);
@@ -453,7 +459,11 @@ mod tests {
             .build()
             .unwrap();
         let url = credential.request_url("r");
-        assert!(url.as_str().ends_with("msi_res_id=%2Fsubscriptions%2Fx%2Fid"), "{url}");
+        assert!(
+            url.as_str()
+                .ends_with("msi_res_id=%2Fsubscriptions%2Fx%2Fid"),
+            "{url}"
+        );
         let system = ImdsCredential::builder()
             .environment(Environment::from_vars([(CLIENT_ID_VAR, "from-env")]))
             .identity(ManagedIdentityId::SystemAssigned)

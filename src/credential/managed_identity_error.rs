@@ -15,9 +15,9 @@ pub enum ManagedIdentityError {
     /// Nothing answered: connections were refused or timed out on every attempt.
     #[error(
         "no managed identity endpoint answered at {endpoint} after {attempts} attempt(s) ({last}); \
-         on an Azure VM enable a managed identity, set AZURE_CLIENT_ID for a user-assigned one or \
-         run `az login` and use a developer credential; set AZURE_POD_IDENTITY_AUTHORITY_HOST to \
-         reach a local endpoint"
+         on an Azure VM enable a managed identity (and set AZURE_CLIENT_ID for a user-assigned one); \
+         off Azure, give the connector another credential (any azure_identity credential fits); \
+         set AZURE_POD_IDENTITY_AUTHORITY_HOST to reach a local endpoint"
     )]
     Unreachable {
         /// The endpoint that was tried.
@@ -58,7 +58,9 @@ pub enum ManagedIdentityError {
     },
 
     /// The endpoint answered 200 with something that is not a usable token response.
-    #[error("the managed identity endpoint at {endpoint} sent an unusable token response: {problem}")]
+    #[error(
+        "the managed identity endpoint at {endpoint} sent an unusable token response: {problem}"
+    )]
     InvalidResponse {
         /// The endpoint.
         endpoint: String,

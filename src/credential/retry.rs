@@ -115,16 +115,13 @@ impl RetryOptions {
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date (RFC 7231), relative to `now`.
-pub(crate) fn parse_retry_after(
-    value: &str,
-    now: time::OffsetDateTime,
-) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str, now: time::OffsetDateTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
     }
-    let date = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822)
-        .ok()?;
+    let date =
+        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
     Some((date - now).try_into().unwrap_or(Duration::ZERO))
 }
 

@@ -147,15 +147,16 @@ mod tests {
             format!(r#"{{"access_token":"t","expires_on":"{epoch}"}}"#),
             format!(r#"{{"access_token":"t","expires_on":{epoch}}}"#),
             format!(r#"{{"access_token":"t","expires_on":{epoch}.0}}"#),
-            r#"{"access_token":"t","expires_on":"2027-01-15T08:00:00Z"}"#.replace(
-                "2027-01-15T08:00:00Z",
-                &expected.format(&Rfc3339).unwrap(),
-            ),
+            r#"{"access_token":"t","expires_on":"2027-01-15T08:00:00Z"}"#
+                .replace("2027-01-15T08:00:00Z", &expected.format(&Rfc3339).unwrap()),
         ] {
             assert_eq!(parse(&body).unwrap().expires_on, expected, "{body}");
         }
         let legacy = parse(r#"{"access_token":"t","expires_on":"06/20/2019 02:57:58 +00:00"}"#);
-        assert_eq!(legacy.unwrap().expires_on, datetime!(2019-06-20 02:57:58 UTC));
+        assert_eq!(
+            legacy.unwrap().expires_on,
+            datetime!(2019-06-20 02:57:58 UTC)
+        );
     }
 
     #[test]

@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use super::TestBedError;
 use super::identity::Principal;
 use super::identity_endpoint::IdentityEndpoint;
 use super::postgres::LocalPostgres;
-use super::TestBedError;
 use crate::connector::ConnectorBuilder;
 use crate::credential::{ImdsCredential, POD_IDENTITY_AUTHORITY_HOST_VAR};
 use crate::environment::Environment;

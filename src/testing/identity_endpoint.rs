@@ -20,10 +20,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::TestBedError;
 use super::identity::Principal;
 use super::jwt::mint;
 use super::postgres::PasswordSetter;
-use super::TestBedError;
 use crate::credential::{ImdsCredential, RetryOptions};
 use crate::environment::Environment;
 
@@ -143,7 +143,9 @@ struct EndpointState {
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The mock managed identity endpoint. Stops when dropped.
@@ -349,7 +351,9 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
     // Ends at once when not held; an error means the endpoint is gone, so answer anyway.
     let _ = held.wait_for(|held| !*held).await;
 
-    let reply = locked(&state.script).pop_front().unwrap_or_else(Reply::token);
+    let reply = locked(&state.script)
+        .pop_front()
+        .unwrap_or_else(Reply::token);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
@@ -365,10 +369,10 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
         ),
         ReplyKind::Token => issue(state, &recorded).await,
     };
-    if let Some(after) = reply.retry_after {
-        if let Ok(value) = after.parse() {
-            response.headers_mut().insert("retry-after", value);
-        }
+    if let Some(after) = reply.retry_after
+        && let Ok(value) = after.parse()
+    {
+        response.headers_mut().insert("retry-after", value);
     }
     response
 }
@@ -404,14 +408,16 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
     };
 
     let lifetime = *locked(&state.lifetime);
-    let issued = OffsetDateTime::now_utc();
+    // Whole seconds, as Entra issues them: the expiry the response states is exactly the one
+    // PostgreSQL enforces.
+    let issued = OffsetDateTime::now_utc().truncate_to_second();
     let expires = issued + lifetime;
     let token = mint(principal, resource, issued, expires);
-    if let Some(setter) = &state.password_setter {
-        if let Err(error) = setter.set_password(principal.name(), &token, expires).await {
-            tracing::error!(%error, role = principal.name(), "test bed could not set the role password");
-            return error_response(500, "the test bed could not set the role's password");
-        }
+    if let Some(setter) = &state.password_setter
+        && let Err(error) = setter.set_password(principal.name(), &token, expires).await
+    {
+        tracing::error!(%error, role = principal.name(), "test bed could not set the role password");
+        return error_response(500, "the test bed could not set the role's password");
     }
     state.tokens_issued.fetch_add(1, Ordering::SeqCst);
 

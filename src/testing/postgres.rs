@@ -66,7 +66,9 @@ impl LocalPostgres {
         std::fs::write(tls.join("server.crt"), &server.certificate_pem)?;
         write_private(&tls.join("server.key"), &server.key_pem)?;
         if as_server_account {
-            run(Command::new("chown").args(["-R", &format!("{SERVER_ACCOUNT}:")]).arg(dir.path()))?;
+            run(Command::new("chown")
+                .args(["-R", &format!("{SERVER_ACCOUNT}:")])
+                .arg(dir.path()))?;
         }
 
         let mut postgres = Self {
@@ -228,7 +230,14 @@ impl LocalPostgres {
         };
         command.args(args);
         // The tools must not pick up the caller's libpq settings.
-        for var in ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGDATA", "PGSSLMODE"] {
+        for var in [
+            "PGHOST",
+            "PGPORT",
+            "PGUSER",
+            "PGDATABASE",
+            "PGDATA",
+            "PGSSLMODE",
+        ] {
             command.env_remove(var);
         }
         run(&mut command).map_err(|e| {
@@ -337,10 +346,10 @@ fn find_bindir() -> Result<PathBuf, TestBedError> {
             return Ok(dir);
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|d| has_initdb(d)) {
-            return Ok(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|d| has_initdb(d))
+    {
+        return Ok(dir);
     }
     let mut versioned: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()

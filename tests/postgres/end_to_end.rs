@@ -41,7 +41,10 @@ async fn user_assigned_identity_selected_by_azure_client_id() {
 
     // As a service would be configured on Azure: only environment variables.
     let mut vars = postgres.libpq_vars();
-    vars.push(("AZURE_POD_IDENTITY_AUTHORITY_HOST".into(), endpoint.authority_host()));
+    vars.push((
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
+        endpoint.authority_host(),
+    ));
     vars.push(("AZURE_CLIENT_ID".into(), uami.client_id().into()));
     let connector = pg_entra::Connector::builder()
         .environment(pg_entra::Environment::from_vars(vars))
@@ -67,7 +70,11 @@ async fn explicit_user_always_wins_over_the_token() {
     let bed = bed().await;
     // The token names pg-entra-test-vm; an explicit (wrong) user is used as given, and the
     // server, not this crate, says no.
-    let connector = bed.connector_builder().user("someone-else").build().unwrap();
+    let connector = bed
+        .connector_builder()
+        .user("someone-else")
+        .build()
+        .unwrap();
     let error = current_user(&connector).await.unwrap_err();
     assert!(error.is_auth_failure(), "{error:?}");
     assert!(error.hint().unwrap().contains("pgaadauth_create_principal"));
@@ -103,9 +110,17 @@ async fn a_user_the_token_cannot_name_is_a_clear_error() {
     let bed = bed().await;
     // An opaque (non-JWT) token, as a service principal's would lack the name claims.
     let credential = Arc::new(StaticCredential("opaque-token-value".into()));
-    let connector = bed.postgres().connector_builder().credential(credential).build().unwrap();
+    let connector = bed
+        .postgres()
+        .connector_builder()
+        .credential(credential)
+        .build()
+        .unwrap();
     let error = connector.config().await.unwrap_err();
-    assert!(matches!(error, pg_entra::Error::UnknownUser { .. }), "{error:?}");
+    assert!(
+        matches!(error, pg_entra::Error::UnknownUser { .. }),
+        "{error:?}"
+    );
     assert!(error.hint().unwrap().contains("PGUSER"));
     assert!(!format!("{error} {error:?}").contains("opaque-token-value"));
 }

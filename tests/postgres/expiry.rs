@@ -9,7 +9,11 @@ use pg_entra::testing::TestBed;
 
 use super::bed;
 
-async fn login_with_password(bed: &TestBed, connector: &pg_entra::Connector, password: &str) -> Result<(), tokio_postgres::Error> {
+async fn login_with_password(
+    bed: &TestBed,
+    connector: &pg_entra::Connector,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(bed.postgres().host())
@@ -38,9 +42,18 @@ async fn postgres_rejects_an_expired_token() {
 
     let wait = (token.expires_on - azure_core::time::OffsetDateTime::now_utc()).unsigned_abs();
     tokio::time::sleep(wait + Duration::from_millis(500)).await;
-    let error = login_with_password(&bed, &connector, secret).await.unwrap_err();
-    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
-    assert!(bed.postgres().log().contains("expired password"), "{}", bed.postgres().log());
+    let error = login_with_password(&bed, &connector, secret)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+    );
+    assert!(
+        bed.postgres().log().contains("expired password"),
+        "{}",
+        bed.postgres().log()
+    );
 }
 
 #[tokio::test]
@@ -63,7 +76,11 @@ async fn refresh_ahead_keeps_connections_working_across_token_lifetimes() {
         let config = connector.config().await.unwrap();
         let (client, connection) = config.connect(connector.tls_connector()).await.unwrap();
         tokio::spawn(connection);
-        let user: String = client.query_one("select current_user", &[]).await.unwrap().get(0);
+        let user: String = client
+            .query_one("select current_user", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(user, bed.principal().name());
         connects += 1;
         let issued_before = endpoint.tokens_issued();
@@ -71,7 +88,12 @@ async fn refresh_ahead_keeps_connections_working_across_token_lifetimes() {
         // Let a refresh that reached the endpoint finish and land in the cache.
         while endpoint.requests() != endpoint.tokens_issued()
             || (endpoint.tokens_issued() > issued_before
-                && connector.token_cache().cached().unwrap().secret().as_bytes()
+                && connector
+                    .token_cache()
+                    .cached()
+                    .unwrap()
+                    .secret()
+                    .as_bytes()
                     == config.get_password().unwrap())
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -79,8 +101,17 @@ async fn refresh_ahead_keeps_connections_working_across_token_lifetimes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(connects > 20, "{connects}");
-    assert!(endpoint.tokens_issued() >= 3, "{} tokens", endpoint.tokens_issued());
+    assert!(
+        endpoint.tokens_issued() >= 3,
+        "{} tokens",
+        endpoint.tokens_issued()
+    );
     // The first token, used as a fixed password, has long stopped working.
-    let error = login_with_password(&bed, &connector, &first_password).await.unwrap_err();
-    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD));
+    let error = login_with_password(&bed, &connector, &first_password)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+    );
 }

@@ -47,20 +47,37 @@ async fn tokens_stay_out_of_logs_debug_display_and_errors() {
     let mut shown = Vec::new();
 
     // Success.
-    assert_eq!(current_user(&connector).await.unwrap(), bed.principal().name());
+    assert_eq!(
+        current_user(&connector).await.unwrap(),
+        bed.principal().name()
+    );
     let token = connector.token_cache().cached().unwrap();
     tokens.push(token.secret().to_owned());
-    shown.push(format!("{token:?} {connector:?} {:?}", connector.token_cache()));
+    shown.push(format!(
+        "{token:?} {connector:?} {:?}",
+        connector.token_cache()
+    ));
     shown.push(format!("{:?}", connector.config().await.unwrap()));
 
     // Login refused by the server (wrong user): error Display, Debug and source chain.
     let wrong_user = bed.connector_builder().user("nobody").build().unwrap();
     let error = wrong_user.connect().await.unwrap_err();
-    tokens.push(wrong_user.token_cache().cached().unwrap().secret().to_owned());
+    tokens.push(
+        wrong_user
+            .token_cache()
+            .cached()
+            .unwrap()
+            .secret()
+            .to_owned(),
+    );
     shown.push(describe(&error));
 
     // Endpoint failures, including a malformed body that holds a token-shaped string.
-    for reply in [Reply::malformed_json(), Reply::status(400), Reply::missing_token()] {
+    for reply in [
+        Reply::malformed_json(),
+        Reply::status(400),
+        Reply::missing_token(),
+    ] {
         bed.identity().script([reply]);
         let failing = bed.connector_builder().build().unwrap();
         shown.push(describe(&failing.connect().await.unwrap_err()));
@@ -68,7 +85,10 @@ async fn tokens_stay_out_of_logs_debug_display_and_errors() {
     tokens.push("eyJmalformed.eyJbody.c2ln".to_owned());
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("access token refreshed"), "tracing was captured");
+    assert!(
+        logs.contains("access token refreshed"),
+        "tracing was captured"
+    );
     for token in &tokens {
         let needle = &token[..token.len().min(24)];
         assert!(!logs.contains(needle), "a token reached the logs");

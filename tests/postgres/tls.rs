@@ -21,7 +21,10 @@ async fn plaintext_modes_are_refused_before_any_token_is_fetched() {
             .credential(Arc::new(bed.credential()))
             .build()
             .unwrap_err();
-        assert!(matches!(error, Error::TlsRequired { .. }), "{mode}: {error:?}");
+        assert!(
+            matches!(error, Error::TlsRequired { .. }),
+            "{mode}: {error:?}"
+        );
     }
     assert_eq!(bed.identity().requests(), 0);
 }
@@ -30,12 +33,19 @@ async fn plaintext_modes_are_refused_before_any_token_is_fetched() {
 async fn an_untrusted_server_certificate_fails_before_authentication() {
     let bed = bed().await;
     // System roots only: the bed's CA is not among them.
-    let connector = bed.connector_builder().ssl_root_cert("system").build().unwrap();
+    let connector = bed
+        .connector_builder()
+        .ssl_root_cert("system")
+        .build()
+        .unwrap();
     let error = connector.connect().await.unwrap_err();
     assert!(matches!(error, Error::Tls { .. }), "{error:?}");
     let log = bed.postgres().log();
     let role = bed.principal().name();
-    assert!(!log.contains(&format!("connection authorized: user={role}")), "{log}");
+    assert!(
+        !log.contains(&format!("connection authorized: user={role}")),
+        "{log}"
+    );
     assert!(!log.contains("password authentication"), "{log}");
 }
 
@@ -51,7 +61,11 @@ async fn a_host_name_the_certificate_does_not_cover_fails() {
     let error = connector.connect().await.unwrap_err();
     assert!(matches!(error, Error::Tls { .. }), "{error:?}");
     let role = bed.principal().name();
-    assert!(!bed.postgres().log().contains(&format!("connection authorized: user={role}")));
+    assert!(
+        !bed.postgres()
+            .log()
+            .contains(&format!("connection authorized: user={role}"))
+    );
 }
 
 /// Records every byte a client sends, answering the TLS request with `reply`, then (for `S`)
@@ -60,7 +74,10 @@ async fn a_host_name_the_certificate_does_not_cover_fails() {
 async fn recording_server(reply: u8) -> (u16, JoinHandle<(Vec<u8>, Option<bool>)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let untrusted = TestCa::generate("not trusted").unwrap().issue_server_certificate().unwrap();
+    let untrusted = TestCa::generate("not trusted")
+        .unwrap()
+        .issue_server_certificate()
+        .unwrap();
     let task = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
         let mut bytes = vec![0u8; 8];
@@ -71,8 +88,10 @@ async fn recording_server(reply: u8) -> (u16, JoinHandle<(Vec<u8>, Option<bool>)
             return (bytes, None);
         }
         let identity =
-            native_tls::Identity::from_pkcs8(&untrusted.certificate_pem, &untrusted.key_pem).unwrap();
-        let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
+            native_tls::Identity::from_pkcs8(&untrusted.certificate_pem, &untrusted.key_pem)
+                .unwrap();
+        let acceptor =
+            tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
         match acceptor.accept(stream).await {
             Ok(mut tls) => {
                 let _ = tls.read_to_end(&mut bytes).await;
@@ -96,10 +115,23 @@ async fn no_token_reaches_a_server_that_fails_verification_or_refuses_tls() {
         let (bytes, handshake_ok) = server.await.unwrap();
         // Only the 8-byte SSLRequest arrived in the clear; no startup message, no password.
         assert_eq!(&bytes[..8], &[0, 0, 0, 8, 4, 210, 22, 47]);
-        assert_eq!(bytes.len(), 8, "bytes after the SSLRequest: {:?}", &bytes[8..]);
-        assert!(!bytes.windows(16).any(|w| token.secret().as_bytes().starts_with(w)));
+        assert_eq!(
+            bytes.len(),
+            8,
+            "bytes after the SSLRequest: {:?}",
+            &bytes[8..]
+        );
+        assert!(
+            !bytes
+                .windows(16)
+                .any(|w| token.secret().as_bytes().starts_with(w))
+        );
         if reply == b'S' {
-            assert_eq!(handshake_ok, Some(false), "the client aborted the handshake");
+            assert_eq!(
+                handshake_ok,
+                Some(false),
+                "the client aborted the handshake"
+            );
         }
     }
 }

@@ -1,0 +1,39 @@
+//! The flow of Microsoft's C# sample, shared by `connect` and `quickstart`: get a token,
+//! connect with it, print the server version.
+
+use pg_entra::{Connector, Error};
+
+/// Runs the flow and prints what the C# sample prints.
+pub async fn run(connector: &Connector) -> Result<(), Error> {
+    println!("Getting access token...");
+    let token = connector.token_cache().token().await?;
+    eprintln!(
+        "token from {:?}, for user {:?}, valid until {}",
+        connector.token_cache(),
+        token.username().unwrap_or("(not in the token)"),
+        token.expires_on()
+    );
+    println!("Opening connection using access token...");
+    let client = connector.connect().await?;
+    println!("Connected!");
+    let version: String = client
+        .query_one("select version()", &[])
+        .await
+        .map_err(|source| Error::Postgres { source })?
+        .get(0);
+    println!("Postgres version: {version}");
+    Ok(())
+}
+
+/// Prints an error with its causes and a hint, for a person to act on.
+pub fn report(error: &Error) {
+    eprintln!("error: {error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+    if let Some(hint) = error.hint() {
+        eprintln!("  hint: {hint}");
+    }
+}

@@ -1,0 +1,43 @@
+//! Print the managed identity's access token for PostgreSQL, and nothing else, on stdout:
+//!
+//! ```sh
+//! export PGPASSWORD=$(cargo run -q --example token)
+//! psql "host=myserver.postgres.database.azure.com user=my-vm-name dbname=postgres sslmode=verify-full"
+//! ```
+//!
+//! Diagnostics go to stderr. The scope follows the cloud of `PGHOST`, if set.
+
+use std::process::ExitCode;
+
+use pg_entra::{Cloud, Environment, ImdsCredential, TokenCredential};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let scope = Environment::process()
+        .var("PGHOST")
+        .and_then(|host| Cloud::from_host(&host))
+        .unwrap_or_default()
+        .scope();
+    let credential = match ImdsCredential::from_env() {
+        Ok(credential) => credential,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match credential.get_token(&[scope], None).await {
+        Ok(token) => {
+            println!("{}", token.token.secret());
+            eprintln!("token for {scope}, valid until {}", token.expires_on);
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
