@@ -14,19 +14,6 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
-    let outcome = match pg_entra::Connector::from_env() {
-        Ok(connector) => connect_flow::run(&connector).await,
-        Err(error) => Err(error),
-    };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            connect_flow::report(&error);
-            ExitCode::FAILURE
-        }
-    }
+    connect_flow::init_tracing();
+    connect_flow::run_and_report(pg_entra::Connector::from_env).await
 }

@@ -18,10 +18,7 @@ use pg_entra::testing::TestBed;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    connect_flow::init_tracing();
     eprintln!("Starting a local PostgreSQL with TLS and a mock managed identity endpoint...");
     let bed = match TestBed::start().await {
         Ok(bed) => bed,
@@ -38,18 +35,10 @@ async fn main() -> ExitCode {
         bed.principal().name()
     );
     // The environment a service on an Azure VM would have, pointed at the local bed.
-    let outcome = match pg_entra::Connector::builder()
-        .environment(bed.environment())
-        .build()
-    {
-        Ok(connector) => connect_flow::run(&connector).await,
-        Err(error) => Err(error),
-    };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            connect_flow::report(&error);
-            ExitCode::FAILURE
-        }
-    }
+    connect_flow::run_and_report(|| {
+        pg_entra::Connector::builder()
+            .environment(bed.environment())
+            .build()
+    })
+    .await
 }

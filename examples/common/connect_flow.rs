@@ -1,10 +1,35 @@
 //! The flow of Microsoft's C# sample, shared by `connect` and `quickstart`: get a token,
 //! connect with it, print the server version.
 
+use std::process::ExitCode;
+
 use pg_entra::{Connector, Error};
 
+/// Diagnostics on stderr (`RUST_LOG=pg_entra=debug` for more); stdout stays the sample's.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Builds the connector with `build`, runs the flow, and reports a failure.
+pub async fn run_and_report(build: impl FnOnce() -> Result<Connector, Error>) -> ExitCode {
+    let outcome = match build() {
+        Ok(connector) => run(&connector).await,
+        Err(error) => Err(error),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            report(&error);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the flow and prints what the C# sample prints.
-pub async fn run(connector: &Connector) -> Result<(), Error> {
+async fn run(connector: &Connector) -> Result<(), Error> {
     println!("Getting access token...");
     let token = connector.token_cache().token().await?;
     eprintln!(
@@ -26,7 +51,7 @@ pub async fn run(connector: &Connector) -> Result<(), Error> {
 }
 
 /// Prints an error with its causes and a hint, for a person to act on.
-pub fn report(error: &Error) {
+fn report(error: &Error) {
     eprintln!("error: {error}");
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
