@@ -31,6 +31,16 @@ fn fast(endpoint: &IdentityEndpoint, retry: RetryOptions) -> ImdsCredential {
         .unwrap()
 }
 
+/// A credential for `identity` at the endpoint, reading no environment.
+fn for_identity(endpoint: &IdentityEndpoint, identity: ManagedIdentityId) -> ImdsCredential {
+    ImdsCredential::builder()
+        .environment(Environment::empty())
+        .authority_host(endpoint.authority_host())
+        .identity(identity)
+        .build()
+        .unwrap()
+}
+
 fn fast_retry() -> RetryOptions {
     RetryOptions {
         initial_backoff: Duration::from_millis(5),
@@ -129,14 +139,10 @@ async fn refusals_are_not_retried_and_say_why() {
         assert_eq!(managed.status(), Some(status));
     }
     // An identity the resource does not have: the endpoint's own words reach the user.
-    let stranger = ImdsCredential::builder()
-        .environment(Environment::empty())
-        .authority_host(endpoint.authority_host())
-        .identity(ManagedIdentityId::ClientId(
-            "00000000-0000-0000-0000-000000000000".into(),
-        ))
-        .build()
-        .unwrap();
+    let stranger = for_identity(
+        &endpoint,
+        ManagedIdentityId::ClientId("00000000-0000-0000-0000-000000000000".into()),
+    );
     let error = fetch(&stranger).await.unwrap_err();
     let text = error.to_string();
     assert!(
@@ -273,12 +279,7 @@ async fn user_assigned_selectors_reach_the_endpoint() {
             uami.resource_id(),
         ),
     ] {
-        let credential = ImdsCredential::builder()
-            .environment(Environment::empty())
-            .authority_host(endpoint.authority_host())
-            .identity(id)
-            .build()
-            .unwrap();
+        let credential = for_identity(&endpoint, id);
         let token = pg_entra::Token::from(fetch(&credential).await.unwrap());
         assert_eq!(token.username(), Some("imds-uami"));
         assert_eq!(
