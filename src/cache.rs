@@ -42,6 +42,9 @@ pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Default limit on one credential call, so that a hung credential cannot wedge the cache.
 pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default shortest time between two refreshes forced by the server refusing a token, so that
+/// a misconfigured role cannot turn every connect into an identity-endpoint call.
+pub const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The background task re-reads the wall clock at least this often (a suspended machine's
 /// monotonic timers do not notice the time it slept).
 const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -99,6 +102,8 @@ struct RefreshState {
     /// No new refresh before this (backoff after a failure or a refresh that made no progress).
     not_before: Option<SystemTime>,
     last_error: Option<Arc<azure_core::Error>>,
+    /// When the last refresh forced by a refused token started (for the rate limit).
+    last_forced: Option<SystemTime>,
 }
 
 impl RefreshState {
@@ -115,6 +120,15 @@ struct RefreshPolicy {
     min_backoff: Duration,
     max_backoff: Duration,
     refresh_timeout: Duration,
+    forced_interval: Duration,
+}
+
+/// Why a refresh runs: a forced one accepts any token other than the refused one, even if it
+/// expires no later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshKind {
+    Ahead,
+    Forced,
 }
 
 impl RefreshPolicy {
@@ -193,6 +207,50 @@ impl TokenCache {
             .as_deref()
             .map(|entry| entry.token.clone())
     }
+
+    /// After the server refused `rejected` at login: a different token to retry with, or
+    /// `None` when there is nothing better to try.
+    ///
+    /// If the cache already holds another usable token (someone else refreshed), that one is
+    /// returned without I/O. Otherwise one refresh is forced past the backoff, at most once per
+    /// [`forced_refresh_interval`](TokenCacheBuilder::forced_refresh_interval); concurrent
+    /// callers share it. `None` means the rate limit applies or the credential handed back the
+    /// refused token again: report the login failure instead of retrying.
+    ///
+    /// # Errors
+    /// [`Error::CredentialUnavailable`] or [`Error::CredentialRejected`] when the forced refresh
+    /// fails.
+    pub async fn refresh_rejected(&self, rejected: &Token) -> Result<Option<Token>, Error> {
+        let refresh = {
+            let mut state = self.inner.lock_state();
+            let now = self.inner.clock.now();
+            if let Some(entry) = self.inner.current.load().as_deref()
+                && entry.token.secret() != rejected.secret()
+                && now < entry.usable_until
+            {
+                return Ok(Some(entry.token.clone()));
+            }
+            match &state.in_flight {
+                Some(in_flight) => in_flight.clone(),
+                None => {
+                    let interval = self.inner.policy.forced_interval;
+                    if state.last_forced.is_some_and(|t| now < t + interval) {
+                        tracing::debug!("a forced token refresh ran recently; not forcing another");
+                        return Ok(None);
+                    }
+                    state.last_forced = Some(now);
+                    tracing::info!("the server refused the cached token; forcing a refresh");
+                    self.inner.start_refresh(&mut state, RefreshKind::Forced)?
+                }
+            }
+        };
+        match refresh.await {
+            Ok(token) if token.secret() != rejected.secret() => Ok(Some(token)),
+            Ok(_) => Ok(None),
+            // Not `failure()`: the refused token may still be far from expiry.
+            Err(cause) => Err(Error::from_credential(cause)),
+        }
+    }
 }
 
 impl fmt::Debug for TokenCache {
@@ -226,7 +284,7 @@ impl Inner {
         if state.in_flight.is_some() || state.backing_off(now) {
             return;
         }
-        if let Err(error) = self.start_refresh(&mut state) {
+        if let Err(error) = self.start_refresh(&mut state, RefreshKind::Ahead) {
             tracing::warn!(%error, "cannot start a background token refresh");
         }
     }
@@ -247,7 +305,7 @@ impl Inner {
                 None if state.backing_off(now) => {
                     return Err(self.failure(state.last_error.clone()));
                 }
-                None => self.start_refresh(&mut state)?,
+                None => self.start_refresh(&mut state, RefreshKind::Ahead)?,
             }
         };
         refresh.await.map_err(|cause| self.failure(Some(cause)))
@@ -270,12 +328,16 @@ impl Inner {
 
     /// Spawns the one refresh. The task, not the callers, owns the credential call, so a
     /// caller that times out or is dropped does not cancel it.
-    fn start_refresh(self: &Arc<Self>, state: &mut RefreshState) -> Result<SharedRefresh, Error> {
+    fn start_refresh(
+        self: &Arc<Self>,
+        state: &mut RefreshState,
+        kind: RefreshKind,
+    ) -> Result<SharedRefresh, Error> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| Error::config("the token cache must be used inside a Tokio runtime"))?;
         state.generation += 1;
         let generation = state.generation;
-        let task = runtime.spawn(Arc::clone(self).run_refresh(generation));
+        let task = runtime.spawn(Arc::clone(self).run_refresh(generation, kind));
         let weak = Arc::downgrade(self);
         let refresh = async move {
             match task.await {
@@ -304,8 +366,8 @@ impl Inner {
         }
     }
 
-    async fn run_refresh(self: Arc<Self>, generation: u64) -> RefreshOutcome {
-        tracing::debug!(scope = %self.scope, "refreshing access token");
+    async fn run_refresh(self: Arc<Self>, generation: u64, kind: RefreshKind) -> RefreshOutcome {
+        tracing::debug!(scope = %self.scope, ?kind, "refreshing access token");
         let scopes = [self.scope.as_str()];
         let call = AssertUnwindSafe(self.credential.get_token(&scopes, None));
         let result = tokio::time::timeout(self.policy.refresh_timeout, call.catch_unwind()).await;
@@ -327,7 +389,7 @@ impl Inner {
         let now = self.clock.now();
         let mut state = self.lock_state();
         self.finish_in_flight(&mut state, generation);
-        match result.and_then(|token| self.accept(token, now)) {
+        match result.and_then(|token| self.accept(token, now, kind)) {
             Ok(Accepted::New(token)) => {
                 state.consecutive_failures = 0;
                 state.not_before = None;
@@ -362,16 +424,21 @@ impl Inner {
     }
 
     /// Stores a newer token; refuses one that is expired on arrival; reports a token that is no
-    /// newer than the cached one as no progress (a refresh must not loop on it).
+    /// newer than the cached one as no progress (a refresh must not loop on it). A forced
+    /// refresh takes any token other than the cached one, since the server refused that.
     fn accept(
         &self,
         access: AccessToken,
         now: SystemTime,
+        kind: RefreshKind,
     ) -> Result<Accepted, Arc<azure_core::Error>> {
         let token = Token::from(access);
         let current = self.current.load_full();
         if let Some(entry) = &current
-            && token.expires_on() <= entry.token.expires_on()
+            && match kind {
+                RefreshKind::Ahead => token.expires_on() <= entry.token.expires_on(),
+                RefreshKind::Forced => token.secret() == entry.token.secret(),
+            }
         {
             return if now < entry.usable_until {
                 Ok(Accepted::NoProgress(entry.token.clone()))
@@ -451,7 +518,7 @@ async fn keep_fresh(cache: Weak<Inner>, mut stop: watch::Receiver<()>) {
             } else {
                 match &state.in_flight {
                     Some(refresh) => Ok(refresh.clone()),
-                    None => match inner.start_refresh(&mut state) {
+                    None => match inner.start_refresh(&mut state, RefreshKind::Ahead) {
                         Ok(refresh) => Ok(refresh),
                         Err(_) => return,
                     },
@@ -497,6 +564,7 @@ impl TokenCacheBuilder {
                 min_backoff: DEFAULT_MIN_BACKOFF,
                 max_backoff: DEFAULT_MAX_BACKOFF,
                 refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
+                forced_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
             },
             clock: Arc::new(SystemClock),
             background: false,
@@ -539,6 +607,13 @@ impl TokenCacheBuilder {
     /// The limit on one credential call (default 120 s).
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.policy.refresh_timeout = timeout;
+        self
+    }
+
+    /// The shortest time between two refreshes forced by refused logins (default 30 s); see
+    /// [`TokenCache::refresh_rejected`].
+    pub fn forced_refresh_interval(mut self, interval: Duration) -> Self {
+        self.policy.forced_interval = interval;
         self
     }
 

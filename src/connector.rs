@@ -16,6 +16,7 @@ use crate::credential::ImdsCredential;
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::tls::{SslMode, make_tls_connector};
+use crate::token::Token;
 
 /// Azure Database for PostgreSQL listens here.
 pub const DEFAULT_PORT: u16 = 5432;
@@ -77,16 +78,16 @@ impl Connector {
     /// `require`, which only that connector makes verifying.
     pub async fn config(&self) -> Result<tokio_postgres::Config, Error> {
         let token = self.inner.tokens.token().await?;
-        let mut config = self.inner.base.clone();
-        if self.inner.user_from_token {
-            config.user(token.require_username()?);
-        }
-        config.password(token.secret());
-        Ok(config)
+        self.config_with(&token)
     }
 
     /// Connects and spawns the connection task on the current Tokio runtime. Connection errors
     /// after the handshake are logged with `tracing`.
+    ///
+    /// If the server refuses the login (SQLSTATE `28P01` or `28000`), the token is treated as
+    /// revoked: the cache forces one refresh (rate-limited, see
+    /// [`TokenCache::refresh_rejected`]) and the connect is retried once with the new token.
+    /// No other error is retried.
     pub async fn connect(&self) -> Result<Client, Error> {
         let (client, connection) = self.connect_with_connection().await?;
         tokio::spawn(async move {
@@ -97,9 +98,41 @@ impl Connector {
         Ok(client)
     }
 
-    /// Connects and returns the connection for the caller to drive.
+    /// Connects and returns the connection for the caller to drive. Retries a refused login
+    /// once, as [`connect`](Self::connect) does.
     pub async fn connect_with_connection(&self) -> Result<(Client, Connection), Error> {
-        let config = self.config().await?;
+        let token = self.inner.tokens.token().await?;
+        let error = match self.connect_once(&token).await {
+            Err(error) if error.is_auth_failure() => error,
+            done => return done,
+        };
+        match self.inner.tokens.refresh_rejected(&token).await {
+            Ok(Some(next)) => {
+                tracing::info!(
+                    %error,
+                    "the server refused the token; retrying once with a new token"
+                );
+                self.connect_once(&next).await
+            }
+            Ok(None) => Err(error),
+            Err(refresh_error) => {
+                tracing::warn!(%refresh_error, "cannot refresh the token the server refused");
+                Err(error)
+            }
+        }
+    }
+
+    fn config_with(&self, token: &Token) -> Result<tokio_postgres::Config, Error> {
+        let mut config = self.inner.base.clone();
+        if self.inner.user_from_token {
+            config.user(token.require_username()?);
+        }
+        config.password(token.secret());
+        Ok(config)
+    }
+
+    async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
+        let config = self.config_with(token)?;
         tracing::debug!(
             hosts = ?config.get_hosts(),
             user = config.get_user().unwrap_or("-"),

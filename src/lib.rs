@@ -47,6 +47,8 @@ mod credential;
 mod environment;
 mod error;
 mod jitter;
+#[cfg(any(feature = "deadpool", feature = "bb8"))]
+pub mod pool;
 mod tls;
 mod token;
 
@@ -55,8 +57,9 @@ pub mod testing;
 
 pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 pub use cache::{
-    DEFAULT_EXPIRY_MARGIN, DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF, DEFAULT_REFRESH_JITTER,
-    DEFAULT_REFRESH_MARGIN, DEFAULT_REFRESH_TIMEOUT, TokenCache, TokenCacheBuilder,
+    DEFAULT_EXPIRY_MARGIN, DEFAULT_FORCED_REFRESH_INTERVAL, DEFAULT_MAX_BACKOFF,
+    DEFAULT_MIN_BACKOFF, DEFAULT_REFRESH_JITTER, DEFAULT_REFRESH_MARGIN, DEFAULT_REFRESH_TIMEOUT,
+    TokenCache, TokenCacheBuilder,
 };
 pub use clock::{Clock, SystemClock};
 pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
@@ -68,4 +71,12 @@ pub use credential::{
 pub use environment::Environment;
 pub use error::{Error, Result};
 pub use tls::SslMode;
+
+/// The bb8 version the `bb8` feature builds on, so that callers need not pin it themselves.
+#[cfg(feature = "bb8")]
+pub use bb8;
+/// The deadpool version the `deadpool` feature builds on, so that callers need not pin it
+/// themselves.
+#[cfg(feature = "deadpool")]
+pub use deadpool;
 pub use token::Token;

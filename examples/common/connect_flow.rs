@@ -51,7 +51,7 @@ async fn run(connector: &Connector) -> Result<(), Error> {
 }
 
 /// Prints an error with its causes and a hint, for a person to act on.
-fn report(error: &Error) {
+pub fn report(error: &Error) {
     eprintln!("error: {error}");
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

@@ -19,6 +19,8 @@ enum Step {
     Token(Duration),
     /// The same expiry as the previous token.
     SameExpiry,
+    /// The previous token again (a credential with its own cache).
+    Repeat,
     Fail,
     Panic,
     Hang,
@@ -79,6 +81,10 @@ impl TokenCredential for ScriptedCredential {
             panic!("scripted panic");
         }
         let mut last = self.last_expiry.lock().unwrap();
+        if matches!(step, Step::Repeat) {
+            let n = self.issued.load(Ordering::SeqCst) - 1;
+            return Ok(AccessToken::new(format!("token-{n}"), last.unwrap()));
+        }
         let expires_on = match step {
             Step::Token(lifetime) => {
                 azure_core::time::OffsetDateTime::from(self.clock.now() + lifetime)
@@ -90,7 +96,7 @@ impl TokenCredential for ScriptedCredential {
                     "scripted failure",
                 ));
             }
-            Step::Panic => unreachable!(),
+            Step::Panic | Step::Repeat => unreachable!(),
             Step::Hang => {
                 drop(last);
                 std::future::pending::<()>().await;
@@ -437,4 +443,117 @@ async fn settle(cache: &TokenCache, credential: &ScriptedCredential, calls: usiz
     while credential.calls() < calls || cache.inner.lock_state().in_flight.is_some() {
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn a_refused_token_forces_one_shared_refresh() {
+    let clock = ManualClock::starting_now();
+    let gate = Arc::new(Semaphore::new(1));
+    let credential = Arc::new(ScriptedCredential::new(&clock, []).gated(&gate));
+    let cache = cache(&clock, &credential);
+    let refused = cache.token().await.unwrap();
+
+    let retries: Vec<_> = (0..10)
+        .map(|_| {
+            let cache = cache.clone();
+            let refused = refused.clone();
+            tokio::spawn(async move { cache.refresh_rejected(&refused).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    gate.add_permits(1);
+    for retry in retries {
+        let token = retry.await.unwrap().unwrap().expect("a new token");
+        assert_eq!(secret(&token), "token-1");
+    }
+    assert_eq!(credential.calls(), 2);
+    // A latecomer still holding the refused token gets the new one without a call.
+    let late = cache.refresh_rejected(&refused).await.unwrap().unwrap();
+    assert_eq!(secret(&late), "token-1");
+    assert_eq!(credential.calls(), 2);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-1");
+}
+
+#[tokio::test]
+async fn forced_refreshes_are_rate_limited() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, []));
+    let cache = TokenCache::builder(Arc::clone(&credential) as Arc<dyn TokenCredential>)
+        .clock(Arc::new(clock.clone()))
+        .forced_refresh_interval(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let first = cache.token().await.unwrap();
+    let second = cache.refresh_rejected(&first).await.unwrap().unwrap();
+    assert_eq!(credential.calls(), 2);
+
+    // The new token is refused too (a misconfigured role): no second call within the interval.
+    assert!(cache.refresh_rejected(&second).await.unwrap().is_none());
+    clock.advance(Duration::from_secs(29));
+    assert!(cache.refresh_rejected(&second).await.unwrap().is_none());
+    assert_eq!(credential.calls(), 2);
+
+    clock.advance(Duration::from_secs(1));
+    let third = cache.refresh_rejected(&second).await.unwrap().unwrap();
+    assert_eq!(secret(&third), "token-2");
+    assert_eq!(credential.calls(), 3);
+}
+
+#[tokio::test]
+async fn a_credential_that_repeats_the_refused_token_gives_nothing_to_retry() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::Repeat],
+    ));
+    let cache = cache(&clock, &credential);
+    let refused = cache.token().await.unwrap();
+    assert!(cache.refresh_rejected(&refused).await.unwrap().is_none());
+    assert_eq!(credential.calls(), 2);
+    // The cache keeps serving the token it has; the caller reports the login failure.
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
+}
+
+#[tokio::test]
+async fn a_forced_refresh_takes_a_different_token_with_the_same_expiry() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::SameExpiry],
+    ));
+    let cache = cache(&clock, &credential);
+    let refused = cache.token().await.unwrap();
+    let next = cache.refresh_rejected(&refused).await.unwrap().unwrap();
+    assert_eq!(secret(&next), "token-1");
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-1");
+}
+
+#[tokio::test]
+async fn a_forced_refresh_ignores_the_backoff_and_reports_its_failure() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::Fail, Step::Fail, Step::Token(HOUR)],
+    ));
+    let cache = TokenCache::builder(Arc::clone(&credential) as Arc<dyn TokenCredential>)
+        .clock(Arc::new(clock.clone()))
+        .refresh_jitter(Duration::ZERO)
+        .forced_refresh_interval(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let refused = cache.token().await.unwrap();
+    // Stale: the background refresh fails and the cache backs off.
+    clock.advance(HOUR - Duration::from_secs(120));
+    cache.token().await.unwrap();
+    settle(&cache, &credential, 2).await;
+
+    let error = cache.refresh_rejected(&refused).await.unwrap_err();
+    assert!(
+        matches!(error, Error::CredentialUnavailable { .. }),
+        "{error:?}"
+    );
+    assert_eq!(credential.calls(), 3);
+    clock.advance(Duration::from_secs(1));
+    let next = cache.refresh_rejected(&refused).await.unwrap().unwrap();
+    assert_eq!(secret(&next), "token-1");
 }

@@ -3,6 +3,8 @@
 mod end_to_end;
 mod expiry;
 mod no_secrets;
+#[cfg(all(feature = "deadpool", feature = "bb8"))]
+mod pool;
 mod tls;
 
 use pg_entra::Connector;
