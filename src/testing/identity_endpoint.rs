@@ -1,5 +1,5 @@
-//! A real HTTP server on 127.0.0.1 that speaks the IMDS token protocol, mints JWT-shaped
-//! tokens, sets each one as its role's password (`VALID UNTIL` its expiry), and misbehaves on
+//! A real HTTP server on 127.0.0.1 that speaks the IMDS and App Service managed identity
+//! token protocols, mints JWT-shaped tokens, sets each one as its role's password (`VALID UNTIL` its expiry), and misbehaves on
 //! request.
 
 use std::collections::VecDeque;
@@ -28,6 +28,10 @@ use crate::credential::{ImdsCredential, RetryOptions};
 use crate::environment::Environment;
 
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
+/// Where the App Service protocol is served (`IDENTITY_ENDPOINT`).
+const APP_SERVICE_PATH: &str = "/msi/token";
+/// The api-version App Service's managed identity endpoint speaks.
+const APP_SERVICE_API_VERSION: &str = "2019-08-01";
 /// Managed identity tokens live up to 24 h; an hour keeps test tokens realistic.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -116,6 +120,8 @@ pub struct RecordedRequest {
     pub query: Vec<(String, String)>,
     /// Whether `Metadata: true` was present.
     pub metadata_header: bool,
+    /// The `X-IDENTITY-HEADER` value, if any (App Service).
+    pub identity_header: Option<String>,
     /// When the request arrived.
     pub received_at: std::time::Instant,
 }
@@ -140,6 +146,10 @@ struct EndpointState {
     recorded: Mutex<Vec<RecordedRequest>>,
     held: watch::Sender<bool>,
     password_setter: Option<PasswordSetter>,
+    /// Added before every answer.
+    latency: Mutex<Duration>,
+    /// The App Service protocol's shared secret (`IDENTITY_HEADER`).
+    identity_header: String,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -208,6 +218,12 @@ impl IdentityEndpointBuilder {
             recorded: Mutex::new(Vec::new()),
             held: watch::Sender::new(false),
             password_setter: self.password_setter,
+            latency: Mutex::new(Duration::ZERO),
+            identity_header: {
+                // A per-endpoint value, so that a request without it fails; not a real secret.
+                use std::hash::{BuildHasher, RandomState};
+                format!("{:016x}", RandomState::new().hash_one(()))
+            },
         });
         let serving = Arc::clone(&state);
         let server = tokio::spawn(async move {
@@ -242,6 +258,22 @@ impl IdentityEndpoint {
     /// The base URL to use as `AZURE_POD_IDENTITY_AUTHORITY_HOST`, e.g. `http://127.0.0.1:41234`.
     pub fn authority_host(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// The URL to use as `IDENTITY_ENDPOINT` for the App Service protocol (api-version
+    /// 2019-08-01, `X-IDENTITY-HEADER`), e.g. `http://127.0.0.1:41234/msi/token`.
+    pub fn app_service_endpoint(&self) -> String {
+        format!("http://{}{APP_SERVICE_PATH}", self.address)
+    }
+
+    /// The secret to use as `IDENTITY_HEADER`; App Service requests without it are refused.
+    pub fn identity_header(&self) -> &str {
+        &self.state.identity_header
+    }
+
+    /// Adds this much latency to every answer from now on (scripted delays come on top).
+    pub fn set_latency(&self, latency: Duration) {
+        *locked(&self.state.latency) = latency;
     }
 
     /// An [`ImdsCredential`] for `principal` pointed at this endpoint, with test-speed backoff
@@ -343,6 +375,11 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
             .headers()
             .get("metadata")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
+        identity_header: request
+            .headers()
+            .get("x-identity-header")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         received_at: std::time::Instant::now(),
     };
     locked(&state.recorded).push(recorded.clone());
@@ -354,8 +391,9 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
     let reply = locked(&state.script)
         .pop_front()
         .unwrap_or_else(Reply::token);
-    if !reply.delay.is_zero() {
-        tokio::time::sleep(reply.delay).await;
+    let delay = reply.delay + *locked(&state.latency);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     let mut response = match reply.kind {
         ReplyKind::Status(status) => error_response(status, "scripted fault"),
@@ -377,25 +415,41 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
     response
 }
 
-/// Validates the request as IMDS does, then mints a token.
+/// Validates the request as IMDS or App Service does, then mints a token.
 async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Full<Bytes>> {
-    if request.method != "GET" || request.path != TOKEN_PATH {
-        return error_response(404, "unknown path");
+    if request.method != "GET" {
+        return error_response(405, "method not allowed");
     }
-    if !request.metadata_header {
-        return error_response(400, "Required metadata header not specified");
-    }
-    if request.param("api-version").is_none() {
-        return error_response(400, "Required query variable 'api-version' is missing");
-    }
+    // The user-assigned parameter names differ between the two protocols.
+    let (object_param, resource_param) = match request.path.as_str() {
+        TOKEN_PATH => {
+            if !request.metadata_header {
+                return error_response(400, "Required metadata header not specified");
+            }
+            if request.param("api-version").is_none() {
+                return error_response(400, "Required query variable 'api-version' is missing");
+            }
+            ("object_id", "msi_res_id")
+        }
+        APP_SERVICE_PATH => {
+            if request.identity_header.as_deref() != Some(state.identity_header.as_str()) {
+                return error_response(401, "X-IDENTITY-HEADER is missing or wrong");
+            }
+            if request.param("api-version") != Some(APP_SERVICE_API_VERSION) {
+                return error_response(400, "api-version must be 2019-08-01");
+            }
+            ("principal_id", "mi_res_id")
+        }
+        _ => return error_response(404, "unknown path"),
+    };
     let Some(resource) = request.param("resource") else {
         return error_response(400, "Required query variable 'resource' is missing");
     };
     let principal = state.principals.iter().find(|p| {
         match (
             request.param("client_id"),
-            request.param("object_id"),
-            request.param("msi_res_id"),
+            request.param(object_param),
+            request.param(resource_param),
         ) {
             (Some(id), _, _) => p.client_id() == id,
             (_, Some(id), _) => p.object_id() == id,
