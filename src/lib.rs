@@ -65,8 +65,10 @@ pub use clock::{Clock, SystemClock};
 pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
 pub use connector::{Connection, Connector, ConnectorBuilder, DEFAULT_DBNAME, DEFAULT_PORT};
 pub use credential::{
-    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ImdsCredential, ImdsCredentialBuilder,
-    ManagedIdentityError, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions,
+    CLIENT_ID_VAR, IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_AUTHORITY_HOST,
+    IMDS_ENDPOINT_VAR, ImdsCredential, ImdsCredentialBuilder, MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
+    ManagedIdentityCredential, ManagedIdentityCredentialBuilder, ManagedIdentityError,
+    ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions,
 };
 pub use environment::Environment;
 pub use error::{Error, Result};

@@ -4,13 +4,19 @@
 //! [`Connector`](crate::Connector).
 
 mod imds;
+mod managed_identity;
 mod managed_identity_error;
 mod retry;
+mod source;
 mod token_response;
 
 pub use imds::{
     CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ImdsCredential, ImdsCredentialBuilder, ManagedIdentityId,
     POD_IDENTITY_AUTHORITY_HOST_VAR,
 };
+pub use managed_identity::{ManagedIdentityCredential, ManagedIdentityCredentialBuilder};
 pub use managed_identity_error::ManagedIdentityError;
 pub use retry::RetryOptions;
+pub use source::{
+    IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_ENDPOINT_VAR, MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
+};

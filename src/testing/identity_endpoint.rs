@@ -1,5 +1,5 @@
-//! A real HTTP server on 127.0.0.1 that speaks the IMDS and App Service managed identity
-//! token protocols, mints JWT-shaped tokens, sets each one as its role's password (`VALID UNTIL` its expiry), and misbehaves on
+//! A real HTTP server on 127.0.0.1 that speaks the managed identity token protocols (IMDS,
+//! App Service, Azure Arc with its key challenge, Cloud Shell, legacy App Service), mints JWT-shaped tokens, sets each one as its role's password (`VALID UNTIL` its expiry), and misbehaves on
 //! request.
 
 use std::collections::VecDeque;
@@ -32,6 +32,12 @@ const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 const APP_SERVICE_PATH: &str = "/msi/token";
 /// The api-version App Service's managed identity endpoint speaks.
 const APP_SERVICE_API_VERSION: &str = "2019-08-01";
+/// Where the Azure Arc protocol is served (`IDENTITY_ENDPOINT` with `IMDS_ENDPOINT`).
+const ARC_PATH: &str = "/arc/token";
+/// Where Cloud Shell's protocol is served (`MSI_ENDPOINT`).
+const CLOUD_SHELL_PATH: &str = "/cloudshell/token";
+/// Where the legacy App Service protocol is served (`MSI_ENDPOINT` with `MSI_SECRET`).
+const LEGACY_APP_SERVICE_PATH: &str = "/msi/legacy";
 /// Managed identity tokens live up to 24 h; an hour keeps test tokens realistic.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -122,15 +128,22 @@ pub struct RecordedRequest {
     pub metadata_header: bool,
     /// The `X-IDENTITY-HEADER` value, if any (App Service).
     pub identity_header: Option<String>,
+    /// The `secret` header, if any (legacy App Service).
+    pub secret_header: Option<String>,
+    /// The `Authorization` header, if any (Arc's challenge answer).
+    pub authorization: Option<String>,
+    /// The form fields of a form-encoded body (Cloud Shell).
+    pub form: Vec<(String, String)>,
     /// When the request arrived.
     pub received_at: std::time::Instant,
 }
 
 impl RecordedRequest {
-    /// A query parameter's value.
+    /// A query parameter's or form field's value.
     pub fn param(&self, name: &str) -> Option<&str> {
         self.query
             .iter()
+            .chain(&self.form)
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
@@ -148,8 +161,11 @@ struct EndpointState {
     password_setter: Option<PasswordSetter>,
     /// Added before every answer.
     latency: Mutex<Duration>,
-    /// The App Service protocol's shared secret (`IDENTITY_HEADER`).
+    /// The App Service protocol's shared secret (`IDENTITY_HEADER`, also `MSI_SECRET`).
     identity_header: String,
+    /// Holds the Arc agent's key file.
+    arc_keys: tempfile::TempDir,
+    arc_key_file: std::path::PathBuf,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -208,6 +224,9 @@ impl IdentityEndpointBuilder {
     pub async fn start(self) -> Result<IdentityEndpoint, TestBedError> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let address = listener.local_addr()?;
+        let arc_keys = tempfile::Builder::new().prefix("pg-entra-arc-").tempdir()?;
+        let arc_key_file = arc_keys.path().join("challenge.key");
+        std::fs::write(&arc_key_file, random_hex())?;
         let state = Arc::new(EndpointState {
             principals: self.principals,
             lifetime: Mutex::new(self.lifetime.unwrap_or(DEFAULT_TOKEN_LIFETIME)),
@@ -219,11 +238,9 @@ impl IdentityEndpointBuilder {
             held: watch::Sender::new(false),
             password_setter: self.password_setter,
             latency: Mutex::new(Duration::ZERO),
-            identity_header: {
-                // A per-endpoint value, so that a request without it fails; not a real secret.
-                use std::hash::{BuildHasher, RandomState};
-                format!("{:016x}", RandomState::new().hash_one(()))
-            },
+            identity_header: random_hex(),
+            arc_keys,
+            arc_key_file,
         });
         let serving = Arc::clone(&state);
         let server = tokio::spawn(async move {
@@ -269,6 +286,30 @@ impl IdentityEndpoint {
     /// The secret to use as `IDENTITY_HEADER`; App Service requests without it are refused.
     pub fn identity_header(&self) -> &str {
         &self.state.identity_header
+    }
+
+    /// The URL to use as `IDENTITY_ENDPOINT` (with `IMDS_ENDPOINT` set) for Azure Arc's
+    /// protocol: a first request gets a 401 naming a key file in
+    /// [`arc_key_directory`](Self::arc_key_directory).
+    pub fn arc_endpoint(&self) -> String {
+        format!("http://{}{ARC_PATH}", self.address)
+    }
+
+    /// The folder holding the Arc key file the challenge names.
+    pub fn arc_key_directory(&self) -> &std::path::Path {
+        self.state.arc_keys.path()
+    }
+
+    /// The URL to use as `MSI_ENDPOINT` for Cloud Shell's protocol (POST, form body).
+    pub fn cloud_shell_endpoint(&self) -> String {
+        format!("http://{}{CLOUD_SHELL_PATH}", self.address)
+    }
+
+    /// The URL to use as `MSI_ENDPOINT` (with `MSI_SECRET` =
+    /// [`identity_header`](Self::identity_header)) for the legacy App Service protocol, which
+    /// writes `expires_on` as a date such as `06/20/2019 02:57:58 +00:00`.
+    pub fn legacy_app_service_endpoint(&self) -> String {
+        format!("http://{}{LEGACY_APP_SERVICE_PATH}", self.address)
     }
 
     /// Adds this much latency to every answer from now on (scripted delays come on top).
@@ -357,9 +398,29 @@ impl Drop for HoldGuard {
 }
 
 async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let query: Vec<(String, String)> = request
-        .uri()
+    let (parts, body) = request.into_parts();
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let form = match body.collect().await {
+        Ok(body)
+            if header("content-type")
+                .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded")) =>
+        {
+            form_urlencoded::parse(&body.to_bytes())
+                .into_owned()
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let query: Vec<(String, String)> = parts
+        .uri
         .query()
         .map(|q| {
             reqwest::Url::parse(&format!("http://x/?{q}"))
@@ -368,18 +429,17 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
         })
         .unwrap_or_default();
     let recorded = RecordedRequest {
-        method: request.method().to_string(),
-        path: request.uri().path().to_owned(),
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
         query,
-        metadata_header: request
-            .headers()
+        metadata_header: parts
+            .headers
             .get("metadata")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true")),
-        identity_header: request
-            .headers()
-            .get("x-identity-header")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        identity_header: header("x-identity-header"),
+        secret_header: header("secret"),
+        authorization: header("authorization"),
+        form,
         received_at: std::time::Instant::now(),
     };
     locked(&state.recorded).push(recorded.clone());
@@ -415,12 +475,17 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
     response
 }
 
-/// Validates the request as IMDS or App Service does, then mints a token.
+/// Validates the request as the protocol's real endpoint does, then mints a token.
 async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Full<Bytes>> {
-    if request.method != "GET" {
+    let expected_method = if request.path == CLOUD_SHELL_PATH {
+        "POST"
+    } else {
+        "GET"
+    };
+    if request.method != expected_method {
         return error_response(405, "method not allowed");
     }
-    // The user-assigned parameter names differ between the two protocols.
+    // The user-assigned parameter names differ between the protocols.
     let (object_param, resource_param) = match request.path.as_str() {
         TOKEN_PATH => {
             if !request.metadata_header {
@@ -440,14 +505,49 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
             }
             ("principal_id", "mi_res_id")
         }
+        ARC_PATH => {
+            let key = std::fs::read_to_string(&state.arc_key_file).unwrap_or_default();
+            if request.authorization.as_deref() != Some(format!("Basic {key}").as_str()) {
+                let mut challenge = error_response(401, "answer the challenge with the key file");
+                let realm = format!("Basic realm={}", state.arc_key_file.display());
+                if let Ok(value) = realm.parse() {
+                    challenge.headers_mut().insert("www-authenticate", value);
+                }
+                return challenge;
+            }
+            if !request.metadata_header {
+                return error_response(400, "Required metadata header not specified");
+            }
+            ("-", "-")
+        }
+        CLOUD_SHELL_PATH => {
+            if !request.metadata_header {
+                return error_response(400, "Required metadata header not specified");
+            }
+            ("-", "-")
+        }
+        LEGACY_APP_SERVICE_PATH => {
+            if request.secret_header.as_deref() != Some(state.identity_header.as_str()) {
+                return error_response(401, "secret is missing or wrong");
+            }
+            if request.param("api-version") != Some("2017-09-01") {
+                return error_response(400, "api-version must be 2017-09-01");
+            }
+            ("-", "-")
+        }
         _ => return error_response(404, "unknown path"),
+    };
+    let client_param = if request.path == LEGACY_APP_SERVICE_PATH {
+        "clientid"
+    } else {
+        "client_id"
     };
     let Some(resource) = request.param("resource") else {
         return error_response(400, "Required query variable 'resource' is missing");
     };
     let principal = state.principals.iter().find(|p| {
         match (
-            request.param("client_id"),
+            request.param(client_param),
             request.param(object_param),
             request.param(resource_param),
         ) {
@@ -486,7 +586,12 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         "resource": resource,
         "token_type": "Bearer",
     });
-    let expires_on = match *locked(&state.expires_on_format) {
+    let format = if request.path == LEGACY_APP_SERVICE_PATH {
+        ExpiresOnFormat::LegacyDate
+    } else {
+        *locked(&state.expires_on_format)
+    };
+    let expires_on = match format {
         ExpiresOnFormat::EpochString => Some(serde_json::json!(epoch.to_string())),
         ExpiresOnFormat::EpochNumber => Some(serde_json::json!(epoch)),
         ExpiresOnFormat::Absent => None,
@@ -501,6 +606,12 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         body["expires_on"] = expires_on;
     }
     json_response(StatusCode::OK, body.to_string())
+}
+
+/// A per-endpoint value, so that a request without it fails; not a real secret.
+fn random_hex() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    format!("{:016x}", RandomState::new().hash_one(()))
 }
 
 fn error_response(status: u16, description: &str) -> Response<Full<Bytes>> {

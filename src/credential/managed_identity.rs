@@ -1,0 +1,420 @@
+//! The managed identity of whatever Azure host the process runs on: App Service / Functions /
+//! Container Apps, Azure Arc, Cloud Shell, the legacy App Service protocol, or IMDS on a VM.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::error::ErrorKind;
+use tokio::time::Instant;
+
+use super::imds::{
+    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR,
+};
+use super::managed_identity_error::ManagedIdentityError;
+use super::retry::{AttemptFailure, RetryOptions, RetryState, parse_retry_after};
+use super::source::{Source, imds_token_url};
+use super::token_response::{ErrorBody, parse_token_response};
+use crate::cloud::resource_for_scope;
+use crate::environment::Environment;
+use crate::error::Error;
+use crate::jitter::unit_random;
+
+/// A token credential for the managed identity of the Azure host the process runs on.
+///
+/// The source is chosen from the environment as the Azure SDKs choose it:
+/// `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` → App Service (also Functions and Container Apps);
+/// `IDENTITY_ENDPOINT` + `IMDS_ENDPOINT` → Azure Arc (answering the agent's key challenge);
+/// `MSI_ENDPOINT` + `MSI_SECRET` → the legacy App Service protocol; `MSI_ENDPOINT` alone →
+/// Cloud Shell; otherwise IMDS, as [`ImdsCredential`](crate::ImdsCredential). Every source gets
+/// the same retry policy and deadline ([`RetryOptions`]). It does not cache: wrap it in a
+/// [`TokenCache`](crate::TokenCache) (the [`Connector`](crate::Connector) does).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use pg_entra::{ManagedIdentityCredential, TokenCredential, PUBLIC_SCOPE};
+///
+/// let credential = ManagedIdentityCredential::from_env()?;
+/// println!("managed identity source: {}", credential.source_name());
+/// let token = credential.get_token(&[PUBLIC_SCOPE], None).await?;
+/// # Ok(()) }
+/// ```
+pub struct ManagedIdentityCredential {
+    source: Source,
+    identity: ManagedIdentityId,
+    retry: RetryOptions,
+    http: reqwest::Client,
+}
+
+impl ManagedIdentityCredential {
+    /// A builder; it reads the process environment unless told otherwise.
+    pub fn builder() -> ManagedIdentityCredentialBuilder {
+        ManagedIdentityCredentialBuilder::default()
+    }
+
+    /// The credential the process environment describes.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::builder().build()
+    }
+
+    /// The identity this credential asks for.
+    pub fn identity(&self) -> &ManagedIdentityId {
+        &self.identity
+    }
+
+    /// Which endpoint protocol was chosen: `IMDS`, `App Service`, `Azure Arc`, `Cloud Shell`
+    /// or `App Service (2017-09-01)`.
+    pub fn source_name(&self) -> &'static str {
+        self.source.name()
+    }
+
+    pub(crate) fn is_imds(&self) -> bool {
+        matches!(self.source, Source::Imds { .. })
+    }
+
+    fn endpoint(&self) -> String {
+        self.source.endpoint().to_string()
+    }
+
+    pub(crate) fn endpoint_str(&self) -> &str {
+        self.source.endpoint().as_str()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn request_url(&self, resource: &str) -> reqwest::Url {
+        self.source
+            .request(&self.http, resource, &self.identity, None)
+            .build()
+            .expect("a valid request")
+            .url()
+            .clone()
+    }
+
+    /// One token request, retried within the deadline.
+    async fn fetch(&self, resource: &str) -> Result<AccessToken, ManagedIdentityError> {
+        let started = Instant::now();
+        let deadline = started + self.retry.deadline;
+        let mut attempts = 0u32;
+        let mut transient_retries = 0u32;
+        let mut first_gone: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            attempts += 1;
+            let budget = self
+                .retry
+                .attempt_timeout
+                .min(deadline.saturating_duration_since(now));
+            let (failure, retry_after, last) = match self.attempt(resource, budget).await {
+                Attempt::Token(token) => {
+                    tracing::debug!(attempts, source = self.source.name(), endpoint = %self.source.endpoint(), "managed identity token received");
+                    return Ok(token);
+                }
+                Attempt::Invalid(problem) => {
+                    return Err(ManagedIdentityError::InvalidResponse {
+                        endpoint: self.endpoint(),
+                        problem: problem.to_string(),
+                    });
+                }
+                Attempt::Challenge(problem) => {
+                    return Err(ManagedIdentityError::InvalidResponse {
+                        endpoint: self.endpoint(),
+                        problem,
+                    });
+                }
+                Attempt::Status {
+                    status,
+                    retry_after,
+                    body,
+                } => (
+                    AttemptFailure::Status(status),
+                    retry_after,
+                    StatusOrCause::Status(status, body),
+                ),
+                Attempt::Timeout => (
+                    AttemptFailure::Timeout,
+                    None,
+                    StatusOrCause::Cause(format!("no answer within {budget:?}")),
+                ),
+                Attempt::Connection(cause) => (
+                    AttemptFailure::Connection,
+                    None,
+                    StatusOrCause::Cause(cause),
+                ),
+            };
+            if failure == AttemptFailure::Status(410) {
+                first_gone.get_or_insert(now);
+            }
+            let state = RetryState {
+                transient_retries,
+                total_retries: attempts - 1,
+                gone_for: first_gone.map(|t| now.saturating_duration_since(t)),
+                retry_after,
+                jitter: 0.8 + 0.4 * unit_random(),
+            };
+            let Some(delay) = self.retry.delay_before_retry(failure, state) else {
+                return Err(last.into_final_error(self.endpoint(), attempts));
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(ManagedIdentityError::DeadlineExceeded {
+                    endpoint: self.endpoint(),
+                    deadline: self.retry.deadline,
+                    attempts,
+                    last: last.describe(),
+                });
+            }
+            tracing::debug!(
+                attempts,
+                failure = %last.describe(),
+                delay_ms = delay.as_millis() as u64,
+                "managed identity request failed; retrying"
+            );
+            if failure != AttemptFailure::Status(410) {
+                transient_retries += 1;
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(&self, resource: &str, budget: Duration) -> Attempt {
+        let exchange = async {
+            let send = |key: Option<&str>| {
+                self.source
+                    .request(&self.http, resource, &self.identity, key)
+                    .send()
+            };
+            let mut response = send(None).await?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED
+                && matches!(self.source, Source::Arc { .. })
+            {
+                let challenge = response
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok());
+                match self.source.arc_key(challenge).await {
+                    Ok(key) => response = send(Some(key.trim_end())).await?,
+                    Err(problem) => return Ok(Err(problem)),
+                }
+            }
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()));
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>(Ok((status, retry_after, body)))
+        };
+        match tokio::time::timeout(budget, exchange).await {
+            Err(_) => Attempt::Timeout,
+            Ok(Ok(Err(problem))) => Attempt::Challenge(problem),
+            Ok(Err(error)) if error.is_timeout() => Attempt::Timeout,
+            Ok(Err(error)) => Attempt::Connection(innermost_cause(&error)),
+            Ok(Ok(Ok((200, _, body)))) => {
+                match parse_token_response(&body, time::OffsetDateTime::now_utc()) {
+                    Ok(token) => Attempt::Token(token),
+                    Err(problem) => Attempt::Invalid(problem),
+                }
+            }
+            Ok(Ok(Ok((status, retry_after, body)))) => Attempt::Status {
+                status,
+                retry_after,
+                body: ErrorBody::parse(&body),
+            },
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for ManagedIdentityCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let [scope] = scopes else {
+            return Err(azure_core::Error::new(
+                ErrorKind::Credential,
+                ManagedIdentityError::ScopeCount {
+                    count: scopes.len(),
+                },
+            ));
+        };
+        self.fetch(resource_for_scope(scope))
+            .await
+            .map_err(|e| azure_core::Error::new(ErrorKind::Credential, e))
+    }
+}
+
+impl fmt::Debug for ManagedIdentityCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The endpoint URL carries no secret; the App Service secrets are left out.
+        f.debug_struct("ManagedIdentityCredential")
+            .field("source", &self.source.name())
+            .field("endpoint", &self.source.endpoint().as_str())
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`ManagedIdentityCredential`].
+#[derive(Debug, Default)]
+pub struct ManagedIdentityCredentialBuilder {
+    identity: Option<ManagedIdentityId>,
+    imds_authority_host: Option<String>,
+    arc_key_directory: Option<PathBuf>,
+    retry: RetryOptions,
+    environment: Environment,
+    imds_only: bool,
+}
+
+impl ManagedIdentityCredentialBuilder {
+    /// The identity to ask for. Without this, `AZURE_CLIENT_ID` if set, else system-assigned.
+    pub fn identity(mut self, identity: ManagedIdentityId) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Where IMDS is, when IMDS is the source (see
+    /// [`ImdsCredentialBuilder::authority_host`](crate::ImdsCredentialBuilder::authority_host)).
+    pub fn imds_authority_host(mut self, url: impl Into<String>) -> Self {
+        self.imds_authority_host = Some(url.into());
+        self
+    }
+
+    /// The folder the Azure Arc agent writes its challenge keys to (default
+    /// `/var/opt/azcmagent/tokens`, or `C:\ProgramData\AzureConnectedMachineAgent\Tokens` on
+    /// Windows). A challenge naming a file elsewhere is refused.
+    pub fn arc_key_directory(mut self, directory: impl Into<PathBuf>) -> Self {
+        self.arc_key_directory = Some(directory.into());
+        self
+    }
+
+    /// How to retry (the defaults follow Microsoft's guidance for IMDS).
+    pub fn retry(mut self, retry: RetryOptions) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Where to read the variables (default: the process environment).
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.environment = environment;
+        self
+    }
+
+    /// Ignore every source but IMDS.
+    pub(crate) fn imds_only(mut self) -> Self {
+        self.imds_only = true;
+        self
+    }
+
+    /// Chooses the source, checks the settings and builds the credential.
+    pub fn build(self) -> Result<ManagedIdentityCredential, Error> {
+        let identity = match self.identity {
+            Some(identity) => identity,
+            None => self
+                .environment
+                .var(CLIENT_ID_VAR)
+                .map(ManagedIdentityId::ClientId)
+                .unwrap_or_default(),
+        };
+        let (authority, origin) = match self.imds_authority_host {
+            Some(url) => (url, "the authority host"),
+            None => match self.environment.var(POD_IDENTITY_AUTHORITY_HOST_VAR) {
+                Some(url) => (url, POD_IDENTITY_AUTHORITY_HOST_VAR),
+                None => (IMDS_AUTHORITY_HOST.to_owned(), "the IMDS address"),
+            },
+        };
+        let imds_url = imds_token_url(&authority).map_err(|problem| {
+            Error::config(format!(
+                "{origin} {authority:?} is not a usable base URL ({problem}); give one like http://169.254.169.254"
+            ))
+        })?;
+        let source = if self.imds_only {
+            Source::Imds { url: imds_url }
+        } else {
+            Source::detect(&self.environment, imds_url, self.arc_key_directory)?
+        };
+        source.check_identity(&identity)?;
+        let http = reqwest::Client::builder()
+            // Managed identity endpoints are local to the host: never through a proxy.
+            .no_proxy()
+            .build()
+            .map_err(|e| Error::config(format!("cannot create an HTTP client: {e}")))?;
+        tracing::debug!(source = source.name(), endpoint = %source.endpoint(), ?identity, "managed identity source chosen");
+        Ok(ManagedIdentityCredential {
+            source,
+            identity,
+            retry: self.retry,
+            http,
+        })
+    }
+}
+
+enum Attempt {
+    Token(AccessToken),
+    Invalid(super::token_response::ResponseProblem),
+    /// The Arc key challenge could not be answered.
+    Challenge(String),
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: ErrorBody,
+    },
+    Timeout,
+    Connection(String),
+}
+
+/// The last failure of a request, kept to word the final error.
+enum StatusOrCause {
+    Status(u16, ErrorBody),
+    Cause(String),
+}
+
+impl StatusOrCause {
+    fn describe(&self) -> String {
+        match self {
+            StatusOrCause::Status(status, body) => match &body.code {
+                Some(code) => format!("HTTP {status} ({code})"),
+                None => format!("HTTP {status}"),
+            },
+            StatusOrCause::Cause(cause) => cause.clone(),
+        }
+    }
+
+    fn into_final_error(self, endpoint: String, attempts: u32) -> ManagedIdentityError {
+        match self {
+            StatusOrCause::Status(status, body)
+                if (400..500).contains(&status) && !matches!(status, 404 | 408 | 410 | 429) =>
+            {
+                ManagedIdentityError::Refused {
+                    endpoint,
+                    status,
+                    code: body.code,
+                    description: body.description,
+                }
+            }
+            StatusOrCause::Status(status, body) => ManagedIdentityError::Failing {
+                endpoint,
+                status,
+                code: body.code,
+                attempts,
+            },
+            StatusOrCause::Cause(last) => ManagedIdentityError::Unreachable {
+                endpoint,
+                attempts,
+                last,
+            },
+        }
+    }
+}
+
+/// The most specific message in an error chain ("Connection refused" rather than "error
+/// sending request").
+pub(crate) fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}

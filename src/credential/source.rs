@@ -1,0 +1,269 @@
+//! Where a managed identity's tokens come from on each kind of Azure host, and how each one
+//! is asked.
+
+use std::path::{Path, PathBuf};
+
+use super::imds::{IMDS_TOKEN_PATH, ManagedIdentityId};
+use crate::environment::Environment;
+use crate::error::Error;
+
+/// App Service, Functions, Container Apps (and Arc, with `IMDS_ENDPOINT`).
+pub const IDENTITY_ENDPOINT_VAR: &str = "IDENTITY_ENDPOINT";
+/// App Service's shared secret, sent as `X-IDENTITY-HEADER`.
+pub const IDENTITY_HEADER_VAR: &str = "IDENTITY_HEADER";
+/// Present (with `IDENTITY_ENDPOINT`) on Azure Arc machines.
+pub const IMDS_ENDPOINT_VAR: &str = "IMDS_ENDPOINT";
+/// Cloud Shell, or the legacy App Service protocol (with `MSI_SECRET`).
+pub const MSI_ENDPOINT_VAR: &str = "MSI_ENDPOINT";
+/// The legacy App Service protocol's secret, sent as `secret`.
+pub const MSI_SECRET_VAR: &str = "MSI_SECRET";
+const IDENTITY_SERVER_THUMBPRINT_VAR: &str = "IDENTITY_SERVER_THUMBPRINT";
+
+/// Where the Azure Connected Machine agent writes its challenge keys.
+#[cfg(windows)]
+const ARC_KEY_DIRECTORY: &str = r"C:\ProgramData\AzureConnectedMachineAgent\Tokens";
+#[cfg(not(windows))]
+const ARC_KEY_DIRECTORY: &str = "/var/opt/azcmagent/tokens";
+/// The Arc agent's keys are small; anything larger is not one.
+const ARC_KEY_MAX_BYTES: u64 = 4096;
+
+/// One managed identity endpoint and its protocol.
+#[derive(Debug, Clone)]
+pub(crate) enum Source {
+    /// VM / VMSS Instance Metadata Service (api-version 2018-02-01).
+    Imds { url: reqwest::Url },
+    /// App Service, Functions, Container Apps (api-version 2019-08-01).
+    AppService { url: reqwest::Url, secret: String },
+    /// Azure Arc: a 401 challenge names a key file to prove local access.
+    Arc {
+        url: reqwest::Url,
+        key_directory: PathBuf,
+    },
+    /// Cloud Shell: POST with a form body.
+    CloudShell { url: reqwest::Url },
+    /// The retiring App Service protocol (api-version 2017-09-01).
+    LegacyAppService { url: reqwest::Url, secret: String },
+}
+
+impl Source {
+    /// Picks the source the environment describes, in the Azure SDKs' order; IMDS (at
+    /// `imds_url`) when nothing else is configured.
+    pub(crate) fn detect(
+        environment: &Environment,
+        imds_url: reqwest::Url,
+        arc_key_directory: Option<PathBuf>,
+    ) -> Result<Self, Error> {
+        let url = |name: &str, value: String| {
+            reqwest::Url::parse(&value).map_err(|e| {
+                Error::config(format!(
+                    "{name} is not a URL ({e}); it must look like http://host:port/path"
+                ))
+            })
+        };
+        let endpoint = environment.var(IDENTITY_ENDPOINT_VAR);
+        if let (Some(endpoint), Some(secret)) = (&endpoint, environment.var(IDENTITY_HEADER_VAR)) {
+            if environment.var(IDENTITY_SERVER_THUMBPRINT_VAR).is_some() {
+                return Err(Error::config(
+                    "Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT is set) is not \
+                     supported; use another credential",
+                ));
+            }
+            return Ok(Source::AppService {
+                url: url(IDENTITY_ENDPOINT_VAR, endpoint.clone())?,
+                secret,
+            });
+        }
+        if let (Some(endpoint), Some(_)) = (endpoint, environment.var(IMDS_ENDPOINT_VAR)) {
+            return Ok(Source::Arc {
+                url: url(IDENTITY_ENDPOINT_VAR, endpoint)?,
+                key_directory: arc_key_directory.unwrap_or_else(|| ARC_KEY_DIRECTORY.into()),
+            });
+        }
+        if let Some(endpoint) = environment.var(MSI_ENDPOINT_VAR) {
+            let url = url(MSI_ENDPOINT_VAR, endpoint)?;
+            return Ok(match environment.var(MSI_SECRET_VAR) {
+                Some(secret) => Source::LegacyAppService { url, secret },
+                None => Source::CloudShell { url },
+            });
+        }
+        Ok(Source::Imds { url: imds_url })
+    }
+
+    /// A name for logs and errors.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Source::Imds { .. } => "IMDS",
+            Source::AppService { .. } => "App Service",
+            Source::Arc { .. } => "Azure Arc",
+            Source::CloudShell { .. } => "Cloud Shell",
+            Source::LegacyAppService { .. } => "App Service (2017-09-01)",
+        }
+    }
+
+    /// The endpoint, for errors (no query, no secret).
+    pub(crate) fn endpoint(&self) -> &reqwest::Url {
+        match self {
+            Source::Imds { url }
+            | Source::AppService { url, .. }
+            | Source::Arc { url, .. }
+            | Source::CloudShell { url }
+            | Source::LegacyAppService { url, .. } => url,
+        }
+    }
+
+    /// Refuses identities the source cannot select.
+    pub(crate) fn check_identity(&self, identity: &ManagedIdentityId) -> Result<(), Error> {
+        let unsupported = match (self, identity) {
+            (_, ManagedIdentityId::SystemAssigned) => None,
+            (Source::Arc { .. } | Source::CloudShell { .. }, _) => Some("only system-assigned"),
+            (Source::LegacyAppService { .. }, ManagedIdentityId::ClientId(_)) => None,
+            (Source::LegacyAppService { .. }, _) => {
+                Some("a user-assigned identity only by client id")
+            }
+            _ => None,
+        };
+        match unsupported {
+            Some(what) => Err(Error::config(format!(
+                "the {} managed identity endpoint supports {what}; {identity:?} cannot be used there",
+                self.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The request for a token for `resource`. `arc_key` is the Arc challenge's answer.
+    pub(crate) fn request(
+        &self,
+        http: &reqwest::Client,
+        resource: &str,
+        identity: &ManagedIdentityId,
+        arc_key: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        match self {
+            Source::Imds { url } => {
+                let id = match identity {
+                    ManagedIdentityId::SystemAssigned => None,
+                    ManagedIdentityId::ClientId(id) => Some(("client_id", id)),
+                    ManagedIdentityId::ObjectId(id) => Some(("object_id", id)),
+                    ManagedIdentityId::ResourceId(id) => Some(("msi_res_id", id)),
+                };
+                http.get(with_query(url, "2018-02-01", resource, id))
+                    .header("Metadata", "true")
+            }
+            Source::AppService { url, secret } => {
+                let id = match identity {
+                    ManagedIdentityId::SystemAssigned => None,
+                    ManagedIdentityId::ClientId(id) => Some(("client_id", id)),
+                    ManagedIdentityId::ObjectId(id) => Some(("principal_id", id)),
+                    ManagedIdentityId::ResourceId(id) => Some(("mi_res_id", id)),
+                };
+                http.get(with_query(url, "2019-08-01", resource, id))
+                    .header("X-IDENTITY-HEADER", secret)
+            }
+            Source::Arc { url, .. } => {
+                let request = http
+                    .get(with_query(url, "2019-11-01", resource, None))
+                    .header("Metadata", "true");
+                match arc_key {
+                    Some(key) => request.header("Authorization", format!("Basic {key}")),
+                    None => request,
+                }
+            }
+            Source::CloudShell { url } => {
+                let mut form = form_urlencoded::Serializer::new(String::new());
+                form.append_pair("resource", resource);
+                http.post(url.clone())
+                    .header("Metadata", "true")
+                    .header("Content-Type", "application/x-www-form-urlencoded")
+                    .body(form.finish())
+            }
+            Source::LegacyAppService { url, secret } => {
+                let id = match identity {
+                    ManagedIdentityId::ClientId(id) => Some(("clientid", id)),
+                    _ => None,
+                };
+                http.get(with_query(url, "2017-09-01", resource, id))
+                    .header("secret", secret)
+            }
+        }
+    }
+
+    /// Answers the Arc agent's 401 challenge: reads the key file named by
+    /// `WWW-Authenticate: Basic realm=<path>` after checking that it is one of the agent's keys.
+    pub(crate) async fn arc_key(&self, challenge: Option<&str>) -> Result<String, String> {
+        let Source::Arc { key_directory, .. } = self else {
+            return Err("only Azure Arc sends a key challenge".into());
+        };
+        let path = challenge
+            .and_then(|value| value.trim().strip_prefix("Basic realm="))
+            .map(|path| PathBuf::from(path.trim().trim_matches('"')))
+            .ok_or("the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header")?;
+        check_arc_key_path(&path, key_directory)?;
+        let metadata = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| format!("cannot read the Arc key file {}: {e}", path.display()))?;
+        if metadata.len() > ARC_KEY_MAX_BYTES {
+            return Err(format!(
+                "the Arc key file {} is larger than {ARC_KEY_MAX_BYTES} bytes",
+                path.display()
+            ));
+        }
+        tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|e| format!("cannot read the Arc key file {}: {e}", path.display()))
+    }
+}
+
+/// The key must be a `.key` file directly in the agent's key folder (no other file on the
+/// machine may be sent to the endpoint).
+fn check_arc_key_path(path: &Path, directory: &Path) -> Result<(), String> {
+    if path.extension().and_then(|e| e.to_str()) != Some("key") {
+        return Err(format!(
+            "the Arc challenge names {}, which is not a .key file",
+            path.display()
+        ));
+    }
+    let parent = path.parent().and_then(|p| p.canonicalize().ok());
+    let expected = directory.canonicalize().ok();
+    if parent.is_none() || parent != expected {
+        return Err(format!(
+            "the Arc challenge names {}, which is not in the agent's key folder {}",
+            path.display(),
+            directory.display()
+        ));
+    }
+    Ok(())
+}
+
+fn with_query(
+    url: &reqwest::Url,
+    api_version: &str,
+    resource: &str,
+    identity: Option<(&str, &String)>,
+) -> reqwest::Url {
+    let mut url = url.clone();
+    {
+        let mut query = url.query_pairs_mut();
+        query.append_pair("api-version", api_version);
+        query.append_pair("resource", resource);
+        if let Some((name, value)) = identity {
+            query.append_pair(name, value);
+        }
+    }
+    url
+}
+
+/// The IMDS token URL under `authority` (a base URL such as `http://169.254.169.254`).
+pub(crate) fn imds_token_url(authority: &str) -> Result<reqwest::Url, String> {
+    let base = reqwest::Url::parse(authority.trim_end_matches('/')).map_err(|e| e.to_string())?;
+    if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+        return Err("it needs an http:// or https:// scheme and a host".into());
+    }
+    if base.query().is_some() {
+        return Err("it must not have a query".into());
+    }
+    let mut url = base;
+    let path = format!("{}{IMDS_TOKEN_PATH}", url.path().trim_end_matches('/'));
+    url.set_path(&path);
+    Ok(url)
+}

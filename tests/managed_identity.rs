@@ -1,0 +1,252 @@
+//! Every managed identity source against a real HTTP endpoint on 127.0.0.1: App Service (and
+//! its user-assigned parameters), Azure Arc with a real key file and challenge, Cloud Shell,
+//! the legacy App Service protocol with its date format, and source detection.
+
+use std::time::Duration;
+
+use pg_entra::testing::{IdentityEndpoint, Principal};
+use pg_entra::{
+    Environment, Error, ManagedIdentityCredential, ManagedIdentityError, ManagedIdentityId,
+    PUBLIC_SCOPE, RetryOptions, Token, TokenCredential,
+};
+
+async fn endpoint() -> (IdentityEndpoint, Principal, Principal) {
+    let app = Principal::system_assigned("my-web-app");
+    let uami = Principal::user_assigned("app-uami");
+    let endpoint = IdentityEndpoint::builder()
+        .principal(app.clone())
+        .principal(uami.clone())
+        .start()
+        .await
+        .unwrap();
+    (endpoint, app, uami)
+}
+
+fn credential(
+    vars: Vec<(&str, String)>,
+    identity: Option<ManagedIdentityId>,
+    endpoint: &IdentityEndpoint,
+) -> Result<ManagedIdentityCredential, Error> {
+    let mut builder = ManagedIdentityCredential::builder()
+        .environment(Environment::from_vars(vars))
+        .arc_key_directory(endpoint.arc_key_directory())
+        .retry(RetryOptions {
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            ..RetryOptions::default()
+        });
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    builder.build()
+}
+
+fn app_service_vars(endpoint: &IdentityEndpoint) -> Vec<(&'static str, String)> {
+    vec![
+        ("IDENTITY_ENDPOINT", endpoint.app_service_endpoint()),
+        ("IDENTITY_HEADER", endpoint.identity_header().to_owned()),
+    ]
+}
+
+async fn user_of(credential: &ManagedIdentityCredential) -> String {
+    let token = Token::from(credential.get_token(&[PUBLIC_SCOPE], None).await.unwrap());
+    token.username().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn app_service_system_and_user_assigned() {
+    let (endpoint, app, uami) = endpoint().await;
+    let system = credential(app_service_vars(&endpoint), None, &endpoint).unwrap();
+    assert_eq!(system.source_name(), "App Service");
+    assert_eq!(user_of(&system).await, app.name());
+    let request = &endpoint.recorded()[0];
+    assert_eq!(request.param("api-version"), Some("2019-08-01"));
+    assert_eq!(
+        request.identity_header.as_deref(),
+        Some(endpoint.identity_header())
+    );
+    assert!(!request.metadata_header);
+
+    for (identity, param) in [
+        (ManagedIdentityId::ClientId(uami.client_id().into()), "client_id"),
+        (ManagedIdentityId::ObjectId(uami.object_id().into()), "principal_id"),
+        (ManagedIdentityId::ResourceId(uami.resource_id().into()), "mi_res_id"),
+    ] {
+        let user_assigned =
+            credential(app_service_vars(&endpoint), Some(identity), &endpoint).unwrap();
+        assert_eq!(user_of(&user_assigned).await, uami.name());
+        assert!(endpoint.recorded().last().unwrap().param(param).is_some());
+    }
+
+    // AZURE_CLIENT_ID selects a user-assigned identity here too.
+    let mut vars = app_service_vars(&endpoint);
+    vars.push(("AZURE_CLIENT_ID", uami.client_id().to_owned()));
+    assert_eq!(
+        user_of(&credential(vars, None, &endpoint).unwrap()).await,
+        uami.name()
+    );
+}
+
+#[tokio::test]
+async fn app_service_with_the_wrong_secret_is_refused_without_retries() {
+    let (endpoint, _, _) = endpoint().await;
+    let vars = vec![
+        ("IDENTITY_ENDPOINT", endpoint.app_service_endpoint()),
+        ("IDENTITY_HEADER", "not-the-secret".to_owned()),
+    ];
+    let error = credential(vars, None, &endpoint)
+        .unwrap()
+        .get_token(&[PUBLIC_SCOPE], None)
+        .await
+        .unwrap_err();
+    let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
+    assert_eq!(managed.status(), Some(401));
+    assert!(managed.is_rejection());
+    assert_eq!(endpoint.requests(), 1);
+    assert!(!error.to_string().contains("not-the-secret"), "{error}");
+}
+
+#[tokio::test]
+async fn arc_answers_the_key_challenge() {
+    let (endpoint, app, _) = endpoint().await;
+    let vars = vec![
+        ("IDENTITY_ENDPOINT", endpoint.arc_endpoint()),
+        ("IMDS_ENDPOINT", "http://127.0.0.1:9".to_owned()),
+    ];
+    let arc = credential(vars.clone(), None, &endpoint).unwrap();
+    assert_eq!(arc.source_name(), "Azure Arc");
+    assert_eq!(user_of(&arc).await, app.name());
+    let recorded = endpoint.recorded();
+    assert_eq!(recorded.len(), 2, "a challenge, then the answer");
+    assert!(recorded[0].authorization.is_none());
+    assert!(recorded[1].authorization.as_deref().unwrap().starts_with("Basic "));
+    assert_eq!(recorded[1].param("api-version"), Some("2019-11-01"));
+
+    // A challenge naming a file outside the agent's key folder is not answered.
+    let elsewhere = ManagedIdentityCredential::builder()
+        .environment(Environment::from_vars(vars.clone()))
+        .arc_key_directory(std::env::temp_dir())
+        .build()
+        .unwrap();
+    let error = elsewhere
+        .get_token(&[PUBLIC_SCOPE], None)
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("not in the agent's key folder"),
+        "{error}"
+    );
+    assert_eq!(endpoint.requests(), 3);
+
+    // Arc has no user-assigned identities.
+    let error = credential(
+        vars,
+        Some(ManagedIdentityId::ClientId("x".into())),
+        &endpoint,
+    )
+    .unwrap_err();
+    assert!(matches!(error, Error::Config { .. }), "{error:?}");
+}
+
+#[tokio::test]
+async fn cloud_shell_posts_a_form() {
+    let (endpoint, app, _) = endpoint().await;
+    let shell = credential(
+        vec![("MSI_ENDPOINT", endpoint.cloud_shell_endpoint())],
+        None,
+        &endpoint,
+    )
+    .unwrap();
+    assert_eq!(shell.source_name(), "Cloud Shell");
+    assert_eq!(user_of(&shell).await, app.name());
+    let request = &endpoint.recorded()[0];
+    assert_eq!(request.method, "POST");
+    assert!(request.metadata_header);
+    assert_eq!(
+        request.form,
+        vec![(
+            "resource".to_owned(),
+            "https://ossrdbms-aad.database.windows.net".to_owned()
+        )]
+    );
+}
+
+#[tokio::test]
+async fn legacy_app_service_and_its_date_format() {
+    let (endpoint, _, uami) = endpoint().await;
+    let vars = vec![
+        ("MSI_ENDPOINT", endpoint.legacy_app_service_endpoint()),
+        ("MSI_SECRET", endpoint.identity_header().to_owned()),
+    ];
+    let legacy = credential(
+        vars,
+        Some(ManagedIdentityId::ClientId(uami.client_id().into())),
+        &endpoint,
+    )
+    .unwrap();
+    assert_eq!(legacy.source_name(), "App Service (2017-09-01)");
+    let token = legacy.get_token(&[PUBLIC_SCOPE], None).await.unwrap();
+    let lifetime = token.expires_on - azure_core::time::OffsetDateTime::now_utc();
+    assert!(
+        lifetime > time::Duration::minutes(59) && lifetime <= time::Duration::hours(1),
+        "{lifetime}"
+    );
+    assert_eq!(Token::from(token).username(), Some(uami.name()));
+    assert_eq!(
+        endpoint.recorded()[0].param("clientid"),
+        Some(uami.client_id())
+    );
+}
+
+#[tokio::test]
+async fn detection_order_and_refusals() {
+    let (endpoint, _, _) = endpoint().await;
+    let source = |vars: Vec<(&str, String)>| {
+        credential(vars, None, &endpoint).map(|c| c.source_name())
+    };
+    let url = endpoint.app_service_endpoint();
+    assert_eq!(source(vec![]).unwrap(), "IMDS");
+    // App Service wins over Arc and MSI_ENDPOINT.
+    assert_eq!(
+        source(vec![
+            ("IDENTITY_ENDPOINT", url.clone()),
+            ("IDENTITY_HEADER", "h".into()),
+            ("IMDS_ENDPOINT", url.clone()),
+            ("MSI_ENDPOINT", url.clone()),
+        ])
+        .unwrap(),
+        "App Service"
+    );
+    assert_eq!(
+        source(vec![
+            ("IDENTITY_ENDPOINT", url.clone()),
+            ("IMDS_ENDPOINT", url.clone()),
+            ("MSI_ENDPOINT", url.clone()),
+        ])
+        .unwrap(),
+        "Azure Arc"
+    );
+    // IDENTITY_ENDPOINT alone is not a source.
+    assert_eq!(source(vec![("IDENTITY_ENDPOINT", url.clone())]).unwrap(), "IMDS");
+    assert!(matches!(
+        source(vec![
+            ("IDENTITY_ENDPOINT", url.clone()),
+            ("IDENTITY_HEADER", "h".into()),
+            ("IDENTITY_SERVER_THUMBPRINT", "t".into()),
+        ]),
+        Err(Error::Config { .. })
+    ));
+    assert!(matches!(
+        source(vec![("MSI_ENDPOINT", "not a url".into())]),
+        Err(Error::Config { .. })
+    ));
+    // A user-assigned identity by object id is not possible on the legacy protocol.
+    assert!(matches!(
+        credential(
+            vec![("MSI_ENDPOINT", url.clone()), ("MSI_SECRET", "s".into())],
+            Some(ManagedIdentityId::ObjectId("o".into())),
+            &endpoint
+        ),
+        Err(Error::Config { .. })
+    ));
+}
