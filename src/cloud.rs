@@ -23,6 +23,16 @@ pub enum Cloud {
 }
 
 impl Cloud {
+    /// The Entra authority host that service principals and workload identities get tokens
+    /// from (`AZURE_AUTHORITY_HOST` overrides it).
+    pub fn authority_host(self) -> &'static str {
+        match self {
+            Cloud::Public => "https://login.microsoftonline.com",
+            Cloud::UsGovernment => "https://login.microsoftonline.us",
+            Cloud::China => "https://login.chinacloudapi.cn",
+        }
+    }
+
     /// The scope to request a PostgreSQL token for.
     pub fn scope(self) -> &'static str {
         match self {

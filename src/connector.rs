@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Socket};
 use crate::cache::TokenCache;
 use crate::cloud::Cloud;
 use crate::conninfo::Settings;
-use crate::credential::ImdsCredential;
+use crate::credential::DefaultAzureCredential;
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::tls::{SslMode, make_tls_connector};
@@ -67,8 +67,9 @@ impl Connector {
         ConnectorBuilder::default()
     }
 
-    /// A connector configured entirely by the environment: libpq variables for the server,
-    /// `AZURE_CLIENT_ID` / `AZURE_POD_IDENTITY_AUTHORITY_HOST` for the managed identity.
+    /// A connector configured entirely by the environment: libpq variables for the server, and
+    /// a [`DefaultAzureCredential`] (service principal, workload identity, managed identity,
+    /// Azure CLI, Azure Developer CLI) for the token.
     pub fn from_env() -> Result<Self, Error> {
         Self::builder().build()
     }
@@ -249,7 +250,9 @@ impl ConnectorBuilder {
         self
     }
 
-    /// The credential to get tokens from (default: [`ImdsCredential`] from the environment).
+    /// The credential to get tokens from (default: [`DefaultAzureCredential`] from the
+    /// builder's environment, for the server's cloud; pass an
+    /// [`ImdsCredential`](crate::ImdsCredential) to use IMDS alone).
     pub fn credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
         self.credential = Some(credential);
         self
@@ -342,21 +345,20 @@ impl ConnectorBuilder {
             }
             (Some(cache), None) => cache,
             (None, credential) => {
+                let cloud = self
+                    .cloud
+                    .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
+                    .unwrap_or_default();
                 let credential = match credential {
                     Some(credential) => credential,
                     None => Arc::new(
-                        ImdsCredential::builder()
+                        DefaultAzureCredential::builder()
                             .environment(self.environment.clone())
+                            .cloud(cloud)
                             .build()?,
                     ),
                 };
-                let scope = self.scope.unwrap_or_else(|| {
-                    self.cloud
-                        .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
-                        .unwrap_or_default()
-                        .scope()
-                        .to_owned()
-                });
+                let scope = self.scope.unwrap_or_else(|| cloud.scope().to_owned());
                 TokenCache::builder(credential).scope(scope).build()?
             }
         };

@@ -65,10 +65,14 @@ pub use clock::{Clock, SystemClock};
 pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
 pub use connector::{Connection, Connector, ConnectorBuilder, DEFAULT_DBNAME, DEFAULT_PORT};
 pub use credential::{
-    CLIENT_ID_VAR, IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_AUTHORITY_HOST,
+    AUTHORITY_HOST_VAR, AzureCliCredential, AzureCliCredentialBuilder, AzureDeveloperCliCredential,
+    AzureDeveloperCliCredentialBuilder, CLIENT_ID_VAR, CredentialUnavailable, DEFAULT_CLI_TIMEOUT,
+    DEFAULT_IMDS_PROBE_TIMEOUT, DefaultAzureCredential, DefaultAzureCredentialBuilder,
+    EnvironmentCredential, IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_AUTHORITY_HOST,
     IMDS_ENDPOINT_VAR, ImdsCredential, ImdsCredentialBuilder, MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
     ManagedIdentityCredential, ManagedIdentityCredentialBuilder, ManagedIdentityError,
-    ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions,
+    ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions, TOKEN_CREDENTIALS_VAR,
+    WorkloadIdentityCredential,
 };
 pub use environment::Environment;
 pub use error::{Error, Result};

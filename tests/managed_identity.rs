@@ -68,9 +68,18 @@ async fn app_service_system_and_user_assigned() {
     assert!(!request.metadata_header);
 
     for (identity, param) in [
-        (ManagedIdentityId::ClientId(uami.client_id().into()), "client_id"),
-        (ManagedIdentityId::ObjectId(uami.object_id().into()), "principal_id"),
-        (ManagedIdentityId::ResourceId(uami.resource_id().into()), "mi_res_id"),
+        (
+            ManagedIdentityId::ClientId(uami.client_id().into()),
+            "client_id",
+        ),
+        (
+            ManagedIdentityId::ObjectId(uami.object_id().into()),
+            "principal_id",
+        ),
+        (
+            ManagedIdentityId::ResourceId(uami.resource_id().into()),
+            "mi_res_id",
+        ),
     ] {
         let user_assigned =
             credential(app_service_vars(&endpoint), Some(identity), &endpoint).unwrap();
@@ -119,7 +128,13 @@ async fn arc_answers_the_key_challenge() {
     let recorded = endpoint.recorded();
     assert_eq!(recorded.len(), 2, "a challenge, then the answer");
     assert!(recorded[0].authorization.is_none());
-    assert!(recorded[1].authorization.as_deref().unwrap().starts_with("Basic "));
+    assert!(
+        recorded[1]
+            .authorization
+            .as_deref()
+            .unwrap()
+            .starts_with("Basic ")
+    );
     assert_eq!(recorded[1].param("api-version"), Some("2019-11-01"));
 
     // A challenge naming a file outside the agent's key folder is not answered.
@@ -201,9 +216,8 @@ async fn legacy_app_service_and_its_date_format() {
 #[tokio::test]
 async fn detection_order_and_refusals() {
     let (endpoint, _, _) = endpoint().await;
-    let source = |vars: Vec<(&str, String)>| {
-        credential(vars, None, &endpoint).map(|c| c.source_name())
-    };
+    let source =
+        |vars: Vec<(&str, String)>| credential(vars, None, &endpoint).map(|c| c.source_name());
     let url = endpoint.app_service_endpoint();
     assert_eq!(source(vec![]).unwrap(), "IMDS");
     // App Service wins over Arc and MSI_ENDPOINT.
@@ -227,7 +241,10 @@ async fn detection_order_and_refusals() {
         "Azure Arc"
     );
     // IDENTITY_ENDPOINT alone is not a source.
-    assert_eq!(source(vec![("IDENTITY_ENDPOINT", url.clone())]).unwrap(), "IMDS");
+    assert_eq!(
+        source(vec![("IDENTITY_ENDPOINT", url.clone())]).unwrap(),
+        "IMDS"
+    );
     assert!(matches!(
         source(vec![
             ("IDENTITY_ENDPOINT", url.clone()),

@@ -12,10 +12,21 @@ const TEST_RESOURCE_GROUP: &str = "pg-entra-test";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     name: String,
-    system_assigned: bool,
+    kind: Kind,
     client_id: String,
     object_id: String,
     resource_id: String,
+}
+
+/// What sort of Entra principal a test identity is; it decides the token's claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    SystemAssigned,
+    UserAssigned,
+    /// An app registration: its tokens carry no name claim.
+    ServicePrincipal,
+    /// A person: tokens carry `upn`.
+    User,
 }
 
 impl Principal {
@@ -23,7 +34,7 @@ impl Principal {
     pub fn system_assigned(vm_name: &str) -> Self {
         Self::new(
             vm_name,
-            true,
+            Kind::SystemAssigned,
             format!("providers/Microsoft.Compute/virtualMachines/{vm_name}"),
         )
     }
@@ -32,15 +43,26 @@ impl Principal {
     pub fn user_assigned(name: &str) -> Self {
         Self::new(
             name,
-            false,
+            Kind::UserAssigned,
             format!("providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"),
         )
     }
 
-    fn new(name: &str, system_assigned: bool, provider_path: String) -> Self {
+    /// An app registration (service principal) named `name`; its tokens carry no name claim,
+    /// so PostgreSQL's user must be given explicitly.
+    pub fn service_principal(name: &str) -> Self {
+        Self::new(name, Kind::ServicePrincipal, String::new())
+    }
+
+    /// A person signed in as `upn` (as the Azure CLI would be); tokens carry `upn`.
+    pub fn user(upn: &str) -> Self {
+        Self::new(upn, Kind::User, String::new())
+    }
+
+    fn new(name: &str, kind: Kind, provider_path: String) -> Self {
         Self {
             name: name.to_owned(),
-            system_assigned,
+            kind,
             client_id: uuid_from(name, "client"),
             object_id: uuid_from(name, "object"),
             resource_id: format!(
@@ -56,7 +78,11 @@ impl Principal {
 
     /// Whether this is a resource's own identity.
     pub fn is_system_assigned(&self) -> bool {
-        self.system_assigned
+        self.kind == Kind::SystemAssigned
+    }
+
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// The client (application) id.
@@ -76,7 +102,7 @@ impl Principal {
 
     /// How a credential selects this identity: system-assigned, or by client id.
     pub fn managed_identity_id(&self) -> ManagedIdentityId {
-        if self.system_assigned {
+        if self.is_system_assigned() {
             ManagedIdentityId::SystemAssigned
         } else {
             ManagedIdentityId::ClientId(self.client_id.clone())

@@ -38,6 +38,8 @@ const ARC_PATH: &str = "/arc/token";
 const CLOUD_SHELL_PATH: &str = "/cloudshell/token";
 /// Where the legacy App Service protocol is served (`MSI_ENDPOINT` with `MSI_SECRET`).
 const LEGACY_APP_SERVICE_PATH: &str = "/msi/legacy";
+/// Entra's token endpoint is `/{tenant}` followed by this.
+const ENTRA_TOKEN_PATH_SUFFIX: &str = "/oauth2/v2.0/token";
 /// Managed identity tokens live up to 24 h; an hour keeps test tokens realistic.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -166,6 +168,10 @@ struct EndpointState {
     /// Holds the Arc agent's key file.
     arc_keys: tempfile::TempDir,
     arc_key_file: std::path::PathBuf,
+    /// What service principals must send as `client_secret`.
+    client_secret: String,
+    /// What workload identities must send as `client_assertion`; rotates on request.
+    federated_token: Mutex<String>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -239,6 +245,8 @@ impl IdentityEndpointBuilder {
             password_setter: self.password_setter,
             latency: Mutex::new(Duration::ZERO),
             identity_header: random_hex(),
+            client_secret: random_hex(),
+            federated_token: Mutex::new(random_hex()),
             arc_keys,
             arc_key_file,
         });
@@ -310,6 +318,25 @@ impl IdentityEndpoint {
     /// writes `expires_on` as a date such as `06/20/2019 02:57:58 +00:00`.
     pub fn legacy_app_service_endpoint(&self) -> String {
         format!("http://{}{LEGACY_APP_SERVICE_PATH}", self.address)
+    }
+
+    /// The secret service principals authenticate with at the Entra token endpoint
+    /// (`{authority_host}/{tenant}/oauth2/v2.0/token`, as `AZURE_CLIENT_SECRET`).
+    pub fn client_secret(&self) -> &str {
+        &self.state.client_secret
+    }
+
+    /// The federated token a workload identity must present now (the contents of
+    /// `AZURE_FEDERATED_TOKEN_FILE`).
+    pub fn federated_token(&self) -> String {
+        locked(&self.state.federated_token).clone()
+    }
+
+    /// Replaces the accepted federated token, as the kubelet rotates the projected file.
+    pub fn rotate_federated_token(&self) -> String {
+        let next = random_hex();
+        *locked(&self.state.federated_token) = next.clone();
+        next
     }
 
     /// Adds this much latency to every answer from now on (scripted delays come on top).
@@ -477,6 +504,9 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
 
 /// Validates the request as the protocol's real endpoint does, then mints a token.
 async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Full<Bytes>> {
+    if request.path.ends_with(ENTRA_TOKEN_PATH_SUFFIX) {
+        return issue_client_credentials(state, request).await;
+    }
     let expected_method = if request.path == CLOUD_SHELL_PATH {
         "POST"
     } else {
@@ -561,6 +591,23 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         return error_response(400, "Identity not found");
     };
 
+    let format = if request.path == LEGACY_APP_SERVICE_PATH {
+        ExpiresOnFormat::LegacyDate
+    } else {
+        *locked(&state.expires_on_format)
+    };
+    let principal = principal.clone();
+    token_response(state, &principal, resource, format).await
+}
+
+/// Mints a token, sets it as the role's password if asked to, and answers with it.
+/// `ExpiresOnFormat::Absent` answers as Entra's v2 endpoint does (`expires_in` as a number).
+async fn token_response(
+    state: &EndpointState,
+    principal: &Principal,
+    resource: &str,
+    format: ExpiresOnFormat,
+) -> Response<Full<Bytes>> {
     let lifetime = *locked(&state.lifetime);
     // Whole seconds, as Entra issues them: the expiry the response states is exactly the one
     // PostgreSQL enforces.
@@ -577,19 +624,23 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
 
     let expires_in = lifetime.as_secs();
     let epoch = expires.unix_timestamp();
-    let mut body = serde_json::json!({
-        "access_token": token,
-        "client_id": principal.client_id(),
-        "expires_in": expires_in.to_string(),
-        "ext_expires_in": expires_in.to_string(),
-        "not_before": issued.unix_timestamp().to_string(),
-        "resource": resource,
-        "token_type": "Bearer",
-    });
-    let format = if request.path == LEGACY_APP_SERVICE_PATH {
-        ExpiresOnFormat::LegacyDate
+    let mut body = if format == ExpiresOnFormat::Absent {
+        serde_json::json!({
+            "access_token": token,
+            "expires_in": expires_in,
+            "ext_expires_in": expires_in,
+            "token_type": "Bearer",
+        })
     } else {
-        *locked(&state.expires_on_format)
+        serde_json::json!({
+            "access_token": token,
+            "client_id": principal.client_id(),
+            "expires_in": expires_in.to_string(),
+            "ext_expires_in": expires_in.to_string(),
+            "not_before": issued.unix_timestamp().to_string(),
+            "resource": resource,
+            "token_type": "Bearer",
+        })
     };
     let expires_on = match format {
         ExpiresOnFormat::EpochString => Some(serde_json::json!(epoch.to_string())),
@@ -606,6 +657,57 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         body["expires_on"] = expires_on;
     }
     json_response(StatusCode::OK, body.to_string())
+}
+
+/// Entra's OAuth 2.0 client-credentials flow, as service principals and workload identities
+/// use it: `POST /{tenant}/oauth2/v2.0/token`.
+async fn issue_client_credentials(
+    state: &EndpointState,
+    request: &RecordedRequest,
+) -> Response<Full<Bytes>> {
+    if request.method != "POST" {
+        return error_response(405, "method not allowed");
+    }
+    if request.param("grant_type") != Some("client_credentials") {
+        return error_response(400, "AADSTS900144: grant_type must be client_credentials");
+    }
+    let Some(resource) = request
+        .param("scope")
+        .and_then(|scope| scope.strip_suffix("/.default"))
+    else {
+        return error_response(400, "AADSTS70011: the scope must end with /.default");
+    };
+    let Some(principal) = request
+        .param("client_id")
+        .and_then(|id| state.principals.iter().find(|p| p.client_id() == id))
+    else {
+        return error_response(400, "AADSTS700016: Application not found in the directory");
+    };
+    let federated = locked(&state.federated_token).clone();
+    let authenticated = match (
+        request.param("client_secret"),
+        request.param("client_assertion"),
+    ) {
+        (Some(secret), None) => secret == state.client_secret,
+        (None, Some(assertion)) => {
+            request.param("client_assertion_type")
+                == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                && assertion == federated
+        }
+        _ => false,
+    };
+    if !authenticated {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({
+                "error": "invalid_client",
+                "error_description": "AADSTS7000215: Invalid client secret or assertion provided.",
+            })
+            .to_string(),
+        );
+    }
+    let principal = principal.clone();
+    token_response(state, &principal, resource, ExpiresOnFormat::Absent).await
 }
 
 /// A per-endpoint value, so that a request without it fails; not a real secret.

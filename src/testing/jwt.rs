@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use time::OffsetDateTime;
 
-use super::identity::Principal;
+use super::identity::{Kind, Principal};
 use crate::jitter::unit_random;
 
 /// The tenant every test token claims to come from.
@@ -25,7 +25,7 @@ pub(crate) fn mint(
 ) -> String {
     let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": "pg-entra-test-key"});
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
-    let payload = serde_json::json!({
+    let mut payload = serde_json::json!({
         "aud": audience,
         "iss": format!("https://sts.windows.net/{TEST_TENANT_ID}/"),
         "iat": issued.unix_timestamp(),
@@ -42,8 +42,18 @@ pub(crate) fn mint(
         "tid": TEST_TENANT_ID,
         "uti": format!("{serial:x}{:x}", (unit_random() * 1e12) as u64),
         "ver": "1.0",
-        "xms_mirid": principal.resource_id(),
     });
+    match principal.kind() {
+        Kind::SystemAssigned | Kind::UserAssigned => {
+            payload["xms_mirid"] = principal.resource_id().into();
+        }
+        Kind::ServicePrincipal => {}
+        Kind::User => {
+            payload["idtyp"] = "user".into();
+            payload["upn"] = principal.name().into();
+            payload["unique_name"] = principal.name().into();
+        }
+    }
     // Entra signs with RSA-2048: 256 bytes of signature, like the real thing in size.
     let signature: Vec<u8> = (0..256).map(|_| (unit_random() * 256.0) as u8).collect();
     format!(

@@ -1,0 +1,443 @@
+//! `DefaultAzureCredential`: the credentials other Azure SDKs try in order, with
+//! `AZURE_TOKEN_CREDENTIALS`, a fast IMDS probe off Azure, and one error that lists them all.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::error::ErrorKind;
+
+use super::cli::{AzureCliCredential, AzureDeveloperCliCredential};
+use super::entra::{EnvironmentCredential, WorkloadIdentityCredential};
+use super::managed_identity::ManagedIdentityCredential;
+use super::managed_identity_error::ManagedIdentityError;
+use super::retry::RetryOptions;
+use super::unavailable::CredentialUnavailable;
+use crate::cloud::Cloud;
+use crate::environment::Environment;
+use crate::error::Error;
+
+/// Narrows the chain: `prod`, `dev`, or one credential's name (case-insensitive).
+pub const TOKEN_CREDENTIALS_VAR: &str = "AZURE_TOKEN_CREDENTIALS";
+/// How long the first IMDS request may take before the chain decides there is no IMDS.
+pub const DEFAULT_IMDS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One member of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Member {
+    Environment,
+    WorkloadIdentity,
+    ManagedIdentity,
+    AzureCli,
+    AzureDeveloperCli,
+}
+
+impl Member {
+    const ALL: [Member; 5] = [
+        Member::Environment,
+        Member::WorkloadIdentity,
+        Member::ManagedIdentity,
+        Member::AzureCli,
+        Member::AzureDeveloperCli,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Member::Environment => "EnvironmentCredential",
+            Member::WorkloadIdentity => "WorkloadIdentityCredential",
+            Member::ManagedIdentity => "ManagedIdentityCredential",
+            Member::AzureCli => "AzureCliCredential",
+            Member::AzureDeveloperCli => "AzureDeveloperCliCredential",
+        }
+    }
+
+    fn is_deployed(self) -> bool {
+        matches!(
+            self,
+            Member::Environment | Member::WorkloadIdentity | Member::ManagedIdentity
+        )
+    }
+
+    /// The members `AZURE_TOKEN_CREDENTIALS` selects.
+    fn selected(value: Option<&str>) -> Result<Vec<Member>, Error> {
+        let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+            return Ok(Member::ALL.to_vec());
+        };
+        match value.to_ascii_lowercase().as_str() {
+            "prod" => Ok(Member::ALL
+                .into_iter()
+                .filter(|m| m.is_deployed())
+                .collect()),
+            "dev" => Ok(Member::ALL
+                .into_iter()
+                .filter(|m| !m.is_deployed())
+                .collect()),
+            _ => Member::ALL
+                .into_iter()
+                .find(|m| m.name().eq_ignore_ascii_case(value))
+                .map(|m| vec![m])
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "{TOKEN_CREDENTIALS_VAR}={value:?} is not `prod`, `dev` or one of {}",
+                        Member::ALL.map(Member::name).join(", ")
+                    ))
+                }),
+        }
+    }
+}
+
+/// Tries Environment → WorkloadIdentity → ManagedIdentity → AzureCli → AzureDeveloperCli, as
+/// the other Azure SDKs' `DefaultAzureCredential` does (the Rust SDK has none).
+///
+/// - A credential that is *unavailable* (variables missing, no IMDS, CLI not installed or not
+///   logged in) passes to the next; one that was tried and refused stops the chain with its
+///   error.
+/// - Once one succeeds, later calls go straight to it.
+/// - Off Azure, IMDS is probed once with a short timeout (1 s) instead of the full retry
+///   budget, so the chain reaches the CLIs at once; once IMDS has answered, full retries apply.
+/// - `AZURE_TOKEN_CREDENTIALS` narrows the chain: `prod` (the first three), `dev` (the two
+///   CLIs) or one credential's name; any other value is an error when the chain is built.
+/// - When every one is unavailable, the error lists each and why, in order.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use pg_entra::{DefaultAzureCredential, TokenCredential, PUBLIC_SCOPE};
+///
+/// let credential = DefaultAzureCredential::from_env()?;
+/// let token = credential.get_token(&[PUBLIC_SCOPE], None).await?;
+/// eprintln!("token from {}", credential.selected_credential().unwrap_or("?"));
+/// # Ok(()) }
+/// ```
+pub struct DefaultAzureCredential {
+    members: Vec<(Member, Arc<dyn TokenCredential>)>,
+    /// The member that produced a token.
+    winner: OnceLock<usize>,
+}
+
+impl DefaultAzureCredential {
+    /// A builder; it reads the process environment unless told otherwise.
+    pub fn builder() -> DefaultAzureCredentialBuilder {
+        DefaultAzureCredentialBuilder::default()
+    }
+
+    /// The chain the process environment describes, for the public cloud.
+    pub fn from_env() -> Result<Self, Error> {
+        Self::builder().build()
+    }
+
+    /// The credentials in the chain, in the order they are tried.
+    pub fn credential_names(&self) -> Vec<&'static str> {
+        self.members.iter().map(|(m, _)| m.name()).collect()
+    }
+
+    /// The credential that produced a token, once one has (`EnvironmentCredential`,
+    /// `ManagedIdentityCredential`, ...).
+    pub fn selected_credential(&self) -> Option<&'static str> {
+        self.winner.get().map(|&i| self.members[i].0.name())
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for DefaultAzureCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        if let Some(&winner) = self.winner.get() {
+            return self.members[winner].1.get_token(scopes, options).await;
+        }
+        let mut unavailable = Vec::new();
+        for (index, (member, credential)) in self.members.iter().enumerate() {
+            match credential.get_token(scopes, options.clone()).await {
+                Ok(token) => {
+                    let _ = self.winner.set(index);
+                    tracing::info!(
+                        credential = member.name(),
+                        "DefaultAzureCredential got a token"
+                    );
+                    return Ok(token);
+                }
+                Err(error) if CredentialUnavailable::is_in(&error) => {
+                    tracing::debug!(credential = member.name(), %error, "credential unavailable; trying the next");
+                    unavailable.push(error.to_string());
+                }
+                Err(error) => {
+                    tracing::warn!(credential = member.name(), %error, "credential failed; the chain stops here");
+                    let kind = error.kind().clone();
+                    let message = format!(
+                        "{} was tried and failed, so DefaultAzureCredential stops: {error}",
+                        member.name()
+                    );
+                    return Err(azure_core::Error::with_error(kind, error, message));
+                }
+            }
+        }
+        Err(azure_core::Error::new(
+            ErrorKind::Credential,
+            NoCredential {
+                failures: unavailable,
+            },
+        ))
+    }
+}
+
+impl fmt::Debug for DefaultAzureCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DefaultAzureCredential")
+            .field("credentials", &self.credential_names())
+            .field("selected", &self.selected_credential())
+            .finish()
+    }
+}
+
+/// Every credential in the chain was unavailable.
+#[derive(Debug)]
+struct NoCredential {
+    failures: Vec<String>,
+}
+
+impl fmt::Display for NoCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "DefaultAzureCredential found no usable credential:")?;
+        for failure in &self.failures {
+            writeln!(f, "  - {failure}")?;
+        }
+        write!(
+            f,
+            "On Azure, assign a managed identity to this resource (set AZURE_CLIENT_ID for a \
+             user-assigned one); elsewhere run `az login` or `azd auth login`, or set \
+             AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET"
+        )
+    }
+}
+
+impl std::error::Error for NoCredential {}
+
+/// The managed identity as a chain member: IMDS is probed quickly until it has answered once;
+/// an IMDS that does not know the identity (HTTP 400) counts as unavailable.
+struct ChainManagedIdentity {
+    full: ManagedIdentityCredential,
+    probe: Option<ManagedIdentityCredential>,
+    imds_answered: AtomicBool,
+}
+
+impl ChainManagedIdentity {
+    fn unavailable(reason: String) -> azure_core::Error {
+        CredentialUnavailable::new("ManagedIdentityCredential", reason).into_azure()
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenCredential for ChainManagedIdentity {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        if let Some(probe) = &self.probe
+            && !self.imds_answered.load(Ordering::Acquire)
+        {
+            match probe.get_token(scopes, options.clone()).await {
+                Ok(token) => {
+                    self.imds_answered.store(true, Ordering::Release);
+                    return Ok(token);
+                }
+                Err(error) => match error.downcast_ref::<ManagedIdentityError>() {
+                    Some(
+                        ManagedIdentityError::Unreachable { .. }
+                        | ManagedIdentityError::DeadlineExceeded { .. },
+                    ) => {
+                        return Err(Self::unavailable(format!(
+                            "no IMDS endpoint answered ({error}); not on an Azure VM?"
+                        )));
+                    }
+                    // Something answered: IMDS is here, so the full retry policy applies.
+                    _ => self.imds_answered.store(true, Ordering::Release),
+                },
+            }
+        }
+        match self.full.get_token(scopes, options).await {
+            Err(error)
+                if error
+                    .downcast_ref::<ManagedIdentityError>()
+                    .and_then(ManagedIdentityError::status)
+                    == Some(400) =>
+            {
+                Err(Self::unavailable(format!(
+                    "the endpoint does not know this identity ({error}); assign one to the \
+                     resource, or set AZURE_CLIENT_ID to a user-assigned identity's client id"
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl fmt::Debug for ChainManagedIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.full.fmt(f)
+    }
+}
+
+/// Builds a [`DefaultAzureCredential`].
+#[derive(Debug)]
+pub struct DefaultAzureCredentialBuilder {
+    environment: Environment,
+    cloud: Cloud,
+    probe_timeout: Duration,
+    managed_identity_retry: RetryOptions,
+    cli_timeout: Option<Duration>,
+}
+
+impl Default for DefaultAzureCredentialBuilder {
+    fn default() -> Self {
+        Self {
+            environment: Environment::process(),
+            cloud: Cloud::Public,
+            probe_timeout: DEFAULT_IMDS_PROBE_TIMEOUT,
+            managed_identity_retry: RetryOptions::default(),
+            cli_timeout: None,
+        }
+    }
+}
+
+impl DefaultAzureCredentialBuilder {
+    /// Where every member reads its variables (default: the process environment).
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.environment = environment;
+        self
+    }
+
+    /// The cloud whose Entra authority service principals and workload identities use, unless
+    /// `AZURE_AUTHORITY_HOST` says otherwise (default: public).
+    pub fn cloud(mut self, cloud: Cloud) -> Self {
+        self.cloud = cloud;
+        self
+    }
+
+    /// How long the first IMDS request may take (default 1 s).
+    pub fn imds_probe_timeout(mut self, timeout: Duration) -> Self {
+        self.probe_timeout = timeout;
+        self
+    }
+
+    /// The managed identity's retries once its endpoint has answered.
+    pub fn managed_identity_retry(mut self, retry: RetryOptions) -> Self {
+        self.managed_identity_retry = retry;
+        self
+    }
+
+    /// How long each CLI may take (default 10 s).
+    pub fn cli_timeout(mut self, timeout: Duration) -> Self {
+        self.cli_timeout = Some(timeout);
+        self
+    }
+
+    /// Reads `AZURE_TOKEN_CREDENTIALS` and builds the members it selects.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unknown `AZURE_TOKEN_CREDENTIALS` value or a malformed
+    /// endpoint or authority variable.
+    pub fn build(self) -> Result<DefaultAzureCredential, Error> {
+        let environment = &self.environment;
+        let selected = Member::selected(environment.var(TOKEN_CREDENTIALS_VAR).as_deref())?;
+        let mut members: Vec<(Member, Arc<dyn TokenCredential>)> = Vec::new();
+        for member in selected {
+            let credential: Arc<dyn TokenCredential> = match member {
+                Member::Environment => Arc::new(EnvironmentCredential::from_environment(
+                    environment,
+                    self.cloud,
+                )?),
+                Member::WorkloadIdentity => Arc::new(WorkloadIdentityCredential::from_environment(
+                    environment,
+                    self.cloud,
+                )?),
+                Member::ManagedIdentity => {
+                    let builder =
+                        || ManagedIdentityCredential::builder().environment(environment.clone());
+                    let full = builder()
+                        .retry(self.managed_identity_retry.clone())
+                        .build()?;
+                    let probe = if full.is_imds() {
+                        Some(
+                            builder()
+                                .retry(RetryOptions {
+                                    max_retries: 0,
+                                    attempt_timeout: self.probe_timeout,
+                                    deadline: self.probe_timeout,
+                                    ..RetryOptions::default()
+                                })
+                                .build()?,
+                        )
+                    } else {
+                        None
+                    };
+                    Arc::new(ChainManagedIdentity {
+                        full,
+                        probe,
+                        imds_answered: AtomicBool::new(false),
+                    })
+                }
+                Member::AzureCli => {
+                    let mut cli = AzureCliCredential::builder().environment(environment);
+                    if let Some(timeout) = self.cli_timeout {
+                        cli = cli.timeout(timeout);
+                    }
+                    Arc::new(cli.build())
+                }
+                Member::AzureDeveloperCli => {
+                    let mut cli = AzureDeveloperCliCredential::builder().environment(environment);
+                    if let Some(timeout) = self.cli_timeout {
+                        cli = cli.timeout(timeout);
+                    }
+                    Arc::new(cli.build())
+                }
+            };
+            members.push((member, credential));
+        }
+        Ok(DefaultAzureCredential {
+            members,
+            winner: OnceLock::new(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_credentials_values() {
+        let names = |value: Option<&str>| {
+            Member::selected(value)
+                .map(|members| members.into_iter().map(Member::name).collect::<Vec<_>>())
+        };
+        assert_eq!(names(None).unwrap().len(), 5);
+        assert_eq!(names(Some("  ")).unwrap().len(), 5);
+        assert_eq!(
+            names(Some("PROD")).unwrap(),
+            [
+                "EnvironmentCredential",
+                "WorkloadIdentityCredential",
+                "ManagedIdentityCredential"
+            ]
+        );
+        assert_eq!(
+            names(Some("dev")).unwrap(),
+            ["AzureCliCredential", "AzureDeveloperCliCredential"]
+        );
+        assert_eq!(
+            names(Some("managedidentitycredential")).unwrap(),
+            ["ManagedIdentityCredential"]
+        );
+        let error = names(Some("AzurePowerShellCredential")).unwrap_err();
+        assert!(matches!(error, Error::Config { .. }));
+        assert!(
+            error.to_string().contains("AzurePowerShellCredential"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,395 @@
+//! Service principals and workload identities: Entra's OAuth 2.0 client-credentials flow
+//! (`POST {authority}/{tenant}/oauth2/v2.0/token`) with a client secret or a federated token.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::error::ErrorKind;
+use azure_core::http::StatusCode;
+
+use super::token_response::{ErrorBody, parse_token_response, redact_bearer_tokens};
+use super::unavailable::CredentialUnavailable;
+use crate::cloud::Cloud;
+use crate::environment::Environment;
+use crate::error::Error;
+
+/// Replaces the cloud's Entra authority host, as in the other Azure SDKs.
+pub const AUTHORITY_HOST_VAR: &str = "AZURE_AUTHORITY_HOST";
+const TENANT_ID_VAR: &str = "AZURE_TENANT_ID";
+const CLIENT_ID_VAR: &str = "AZURE_CLIENT_ID";
+const CLIENT_SECRET_VAR: &str = "AZURE_CLIENT_SECRET";
+const CLIENT_CERTIFICATE_PATH_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PATH";
+const FEDERATED_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// How the client proves itself.
+enum ClientAuth {
+    Secret(String),
+    /// Re-read on every request: the kubelet rotates the projected token.
+    AssertionFile(PathBuf),
+}
+
+/// One client-credentials client: tenant, client id, authority and its HTTP client.
+struct ClientCredentials {
+    credential: &'static str,
+    token_url: reqwest::Url,
+    client_id: String,
+    auth: ClientAuth,
+    http: reqwest::Client,
+}
+
+impl ClientCredentials {
+    fn new(
+        credential: &'static str,
+        environment: &Environment,
+        cloud: Cloud,
+        tenant: String,
+        client_id: String,
+        auth: ClientAuth,
+    ) -> Result<Self, Error> {
+        let authority = environment
+            .var(AUTHORITY_HOST_VAR)
+            .unwrap_or_else(|| cloud.authority_host().to_owned());
+        let token_url = token_url(&authority, &tenant).map_err(|problem| {
+            Error::config(format!("{AUTHORITY_HOST_VAR} {authority:?}: {problem}"))
+        })?;
+        let http = reqwest::Client::builder()
+            .build()
+            .map_err(|e| Error::config(format!("cannot create an HTTP client: {e}")))?;
+        Ok(Self {
+            credential,
+            token_url,
+            client_id,
+            auth,
+            http,
+        })
+    }
+
+    async fn token(&self, scopes: &[&str]) -> azure_core::Result<AccessToken> {
+        let [scope] = scopes else {
+            return Err(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!("{} takes exactly one scope", self.credential),
+            ));
+        };
+        // Read before the form is built: the serializer is not `Send`.
+        let assertion = match &self.auth {
+            ClientAuth::Secret(_) => None,
+            ClientAuth::AssertionFile(path) => {
+                Some(tokio::fs::read_to_string(path).await.map_err(|e| {
+                    CredentialUnavailable::new(
+                        self.credential,
+                        format!(
+                            "cannot read {FEDERATED_TOKEN_FILE_VAR} {}: {e}",
+                            path.display()
+                        ),
+                    )
+                    .into_azure()
+                })?)
+            }
+        };
+        let body = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            form.append_pair("client_id", &self.client_id)
+                .append_pair("grant_type", "client_credentials")
+                .append_pair("scope", scope);
+            match (&self.auth, &assertion) {
+                (ClientAuth::Secret(secret), _) => {
+                    form.append_pair("client_secret", secret);
+                }
+                (ClientAuth::AssertionFile(_), assertion) => {
+                    form.append_pair("client_assertion_type", JWT_BEARER)
+                        .append_pair(
+                            "client_assertion",
+                            assertion.as_deref().unwrap_or_default().trim(),
+                        );
+                }
+            }
+            form.finish()
+        };
+        let response = self
+            .http
+            .post(self.token_url.clone())
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                azure_core::Error::with_message(
+                    ErrorKind::Connection,
+                    format!(
+                        "{}: no answer from {}: {}",
+                        self.credential,
+                        self.token_url,
+                        super::managed_identity::innermost_cause(&e)
+                    ),
+                )
+            })?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|e| {
+            azure_core::Error::with_message(ErrorKind::Io, format!("{}: {e}", self.credential))
+        })?;
+        if status == 200 {
+            return parse_token_response(&body, time::OffsetDateTime::now_utc()).map_err(
+                |problem| {
+                    azure_core::Error::with_message(
+                        ErrorKind::Credential,
+                        format!(
+                            "{}: unusable token response from {}: {problem}",
+                            self.credential, self.token_url
+                        ),
+                    )
+                },
+            );
+        }
+        let error = ErrorBody::parse(&body);
+        let description = error
+            .description
+            .as_deref()
+            .map(redact_bearer_tokens)
+            .unwrap_or_default();
+        Err(azure_core::Error::with_message(
+            ErrorKind::HttpResponse {
+                status: StatusCode::from(status),
+                error_code: error.code.clone(),
+                raw_response: None,
+            },
+            format!(
+                "{}: Entra refused the token request for client {} with HTTP {status}{}: {description}",
+                self.credential,
+                self.client_id,
+                error.code.map(|c| format!(" ({c})")).unwrap_or_default(),
+            ),
+        ))
+    }
+}
+
+/// `{authority}/{tenant}/oauth2/v2.0/token`; https only, except on the loopback interface
+/// (local test endpoints).
+fn token_url(authority: &str, tenant: &str) -> Result<reqwest::Url, String> {
+    let mut url = reqwest::Url::parse(authority.trim_end_matches('/'))
+        .map_err(|e| format!("not a URL ({e})"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Domain(host)) => host == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("it has no host".into()),
+    };
+    if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+        return Err(
+            "an authority must use https (plain http only on the loopback interface)".into(),
+        );
+    }
+    if tenant.is_empty()
+        || !tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    {
+        return Err(format!(
+            "{TENANT_ID_VAR} {tenant:?} is not a tenant id or domain"
+        ));
+    }
+    let path = format!(
+        "{}/{tenant}/oauth2/v2.0/token",
+        url.path().trim_end_matches('/')
+    );
+    url.set_path(&path);
+    Ok(url)
+}
+
+fn required(
+    environment: &Environment,
+    credential: &'static str,
+    names: &[&str],
+) -> Result<Vec<String>, CredentialUnavailable> {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| environment.var(name).is_none())
+        .collect();
+    if !missing.is_empty() {
+        return Err(CredentialUnavailable::new(
+            credential,
+            format!("{} not set", missing.join(", ")),
+        ));
+    }
+    Ok(names
+        .iter()
+        .filter_map(|name| environment.var(name))
+        .collect())
+}
+
+/// What building a credential from the environment ends with: the credential, a reason it
+/// does not apply here, or a configuration error.
+enum FromEnvironment<T> {
+    Ready(T),
+    Unavailable(CredentialUnavailable),
+}
+
+macro_rules! client_credential {
+    ($(#[$doc:meta])* $name:ident, $label:literal) => {
+        $(#[$doc])*
+        pub struct $name {
+            state: Result<ClientCredentials, CredentialUnavailable>,
+        }
+
+        impl $name {
+            /// The credential the process environment describes, for the public cloud (or
+            /// `AZURE_AUTHORITY_HOST`). If the variables are missing it still builds, and every
+            /// token request reports it unavailable.
+            pub fn from_env() -> Result<Self, Error> {
+                Self::from_environment(&Environment::process(), Cloud::Public)
+            }
+
+            /// The credential `environment` describes, in `cloud`.
+            pub fn from_environment(environment: &Environment, cloud: Cloud) -> Result<Self, Error> {
+                Ok(Self {
+                    state: match Self::configure(environment, cloud)? {
+                        FromEnvironment::Ready(client) => Ok(client),
+                        FromEnvironment::Unavailable(reason) => Err(reason),
+                    },
+                })
+            }
+
+            /// Whether the environment had what this credential needs.
+            pub fn is_configured(&self) -> bool {
+                self.state.is_ok()
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut debug = f.debug_struct(stringify!($name));
+                match &self.state {
+                    Ok(client) => debug
+                        .field("token_url", &client.token_url.as_str())
+                        .field("client_id", &client.client_id),
+                    Err(reason) => debug.field("unavailable", &reason.reason()),
+                };
+                debug.finish_non_exhaustive()
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl TokenCredential for $name {
+            async fn get_token(
+                &self,
+                scopes: &[&str],
+                _options: Option<TokenRequestOptions<'_>>,
+            ) -> azure_core::Result<AccessToken> {
+                match &self.state {
+                    Ok(client) => client.token(scopes).await,
+                    Err(reason) => Err(CredentialUnavailable::new($label, reason.reason()).into_azure()),
+                }
+            }
+        }
+    };
+}
+
+client_credential!(
+    /// A service principal from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and `AZURE_CLIENT_SECRET`,
+    /// honouring `AZURE_AUTHORITY_HOST`.
+    ///
+    /// Client certificates (`AZURE_CLIENT_CERTIFICATE_PATH`) are not supported yet: with one
+    /// set and no secret, the credential reports itself unavailable and says so.
+    /// Service principal tokens carry no name claim: give PostgreSQL's user explicitly.
+    EnvironmentCredential,
+    "EnvironmentCredential"
+);
+
+client_credential!(
+    /// An AKS workload identity from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and
+    /// `AZURE_FEDERATED_TOKEN_FILE` (re-read on every request, as the kubelet rotates it),
+    /// honouring `AZURE_AUTHORITY_HOST`.
+    WorkloadIdentityCredential,
+    "WorkloadIdentityCredential"
+);
+
+impl EnvironmentCredential {
+    fn configure(
+        environment: &Environment,
+        cloud: Cloud,
+    ) -> Result<FromEnvironment<ClientCredentials>, Error> {
+        const NAME: &str = "EnvironmentCredential";
+        let ids = match required(environment, NAME, &[TENANT_ID_VAR, CLIENT_ID_VAR]) {
+            Ok(ids) => ids,
+            Err(reason) => return Ok(FromEnvironment::Unavailable(reason)),
+        };
+        let auth = match (
+            environment.var(CLIENT_SECRET_VAR),
+            environment.var(CLIENT_CERTIFICATE_PATH_VAR),
+        ) {
+            (Some(secret), _) => ClientAuth::Secret(secret),
+            (None, Some(_)) => {
+                return Ok(FromEnvironment::Unavailable(CredentialUnavailable::new(
+                    NAME,
+                    format!(
+                        "{CLIENT_CERTIFICATE_PATH_VAR} is set, but pg-entra does not support client \
+                         certificates yet; set {CLIENT_SECRET_VAR} or use workload identity"
+                    ),
+                )));
+            }
+            (None, None) => {
+                return Ok(FromEnvironment::Unavailable(CredentialUnavailable::new(
+                    NAME,
+                    format!("{CLIENT_SECRET_VAR} not set"),
+                )));
+            }
+        };
+        let [tenant, client_id] =
+            <[String; 2]>::try_from(ids).expect("two variables were required");
+        ClientCredentials::new(NAME, environment, cloud, tenant, client_id, auth)
+            .map(FromEnvironment::Ready)
+    }
+}
+
+impl WorkloadIdentityCredential {
+    fn configure(
+        environment: &Environment,
+        cloud: Cloud,
+    ) -> Result<FromEnvironment<ClientCredentials>, Error> {
+        const NAME: &str = "WorkloadIdentityCredential";
+        let vars = match required(
+            environment,
+            NAME,
+            &[TENANT_ID_VAR, CLIENT_ID_VAR, FEDERATED_TOKEN_FILE_VAR],
+        ) {
+            Ok(vars) => vars,
+            Err(reason) => return Ok(FromEnvironment::Unavailable(reason)),
+        };
+        let [tenant, client_id, file] =
+            <[String; 3]>::try_from(vars).expect("three variables were required");
+        ClientCredentials::new(
+            NAME,
+            environment,
+            cloud,
+            tenant,
+            client_id,
+            ClientAuth::AssertionFile(file.into()),
+        )
+        .map(FromEnvironment::Ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_urls_need_https_except_on_loopback() {
+        assert_eq!(
+            token_url(
+                "https://login.microsoftonline.com/",
+                "contoso.onmicrosoft.com"
+            )
+            .unwrap()
+            .as_str(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert!(token_url("http://127.0.0.1:8080", "t").is_ok());
+        assert!(token_url("http://[::1]:8080", "t").is_ok());
+        assert!(token_url("http://login.example.com", "t").is_err());
+        assert!(token_url("https://login.microsoftonline.com", "a/b").is_err());
+    }
+}
