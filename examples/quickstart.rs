@@ -14,6 +14,9 @@ mod connect_flow;
 
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
+use pg_entra::DefaultAzureCredential;
 use pg_entra::testing::TestBed;
 
 #[tokio::main]
@@ -34,11 +37,26 @@ async fn main() -> ExitCode {
         bed.identity().authority_host(),
         bed.principal().name()
     );
-    // The environment a service on an Azure VM would have, pointed at the local bed.
-    connect_flow::run_and_report(|| {
-        pg_entra::Connector::builder()
-            .environment(bed.environment())
-            .build()
-    })
+    // The environment a service on an Azure VM would have, pointed at the local bed, and the
+    // same DefaultAzureCredential chain the connector would make from it.
+    let chain = match DefaultAzureCredential::builder()
+        .environment(bed.environment())
+        .build()
+    {
+        Ok(chain) => Arc::new(chain),
+        Err(error) => {
+            connect_flow::report(&error);
+            return ExitCode::FAILURE;
+        }
+    };
+    connect_flow::run_and_report(
+        || {
+            pg_entra::Connector::builder()
+                .environment(bed.environment())
+                .credential(chain.clone())
+                .build()
+        },
+        Some(&chain),
+    )
     .await
 }

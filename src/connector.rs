@@ -53,6 +53,8 @@ struct ConnectorInner {
     /// Everything but the password (and the user, when it comes from the token).
     base: tokio_postgres::Config,
     user_from_token: bool,
+    /// The server name to append to user names (Single Server), if asked for.
+    single_server: Option<String>,
     tokens: TokenCache,
     tls: MakeTlsConnector,
     ssl_mode: SslMode,
@@ -126,7 +128,11 @@ impl Connector {
     fn config_with(&self, token: &Token) -> Result<tokio_postgres::Config, Error> {
         let mut config = self.inner.base.clone();
         if self.inner.user_from_token {
-            config.user(token.require_username()?);
+            let name = token.require_username()?;
+            config.user(single_server_user(
+                name,
+                self.inner.single_server.as_deref(),
+            ));
         }
         config.password(token.secret());
         Ok(config)
@@ -184,6 +190,7 @@ pub struct ConnectorBuilder {
     token_cache: Option<TokenCache>,
     scope: Option<String>,
     cloud: Option<Cloud>,
+    single_server: bool,
 }
 
 impl ConnectorBuilder {
@@ -265,6 +272,15 @@ impl ConnectorBuilder {
         self
     }
 
+    /// Azure Database for PostgreSQL Single Server (retiring) wants user names as
+    /// `<name>@<servername>`: when set, `@` and the host's first label are appended to the user
+    /// name (given or from the token) unless it already contains `@`. Flexible Server and
+    /// Cosmos DB for PostgreSQL take the plain name (the default).
+    pub fn single_server(mut self, enabled: bool) -> Self {
+        self.single_server = enabled;
+        self
+    }
+
     /// The token scope. Default: the scope of the cloud the host name belongs to
     /// ([`Cloud::from_host`]), else the public cloud's.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
@@ -319,8 +335,13 @@ impl ConnectorBuilder {
             base.port(port);
         }
         base.dbname(settings.dbname.as_deref().unwrap_or(DEFAULT_DBNAME));
+        // Single Server wants `<name>@<server>`; the server is the host's first label.
+        let single_server = match self.single_server {
+            false => None,
+            true => Some(hosts[0].split('.').next().unwrap_or_default().to_owned()),
+        };
         if let Some(user) = &settings.user {
-            base.user(user);
+            base.user(single_server_user(user, single_server.as_deref()));
         }
         if let Some(name) = &settings.application_name {
             base.application_name(name);
@@ -367,11 +388,20 @@ impl ConnectorBuilder {
             inner: Arc::new(ConnectorInner {
                 base,
                 user_from_token: settings.user.is_none(),
+                single_server,
                 tokens,
                 tls,
                 ssl_mode,
             }),
         })
+    }
+}
+
+/// `name@server` for Single Server, unless the name already names its server.
+fn single_server_user<'a>(name: &'a str, server: Option<&str>) -> std::borrow::Cow<'a, str> {
+    match server {
+        Some(server) if !name.contains('@') => format!("{name}@{server}").into(),
+        _ => name.into(),
     }
 }
 
@@ -386,6 +416,41 @@ mod tests {
     ) -> Result<Connector, Error> {
         configure(Connector::builder().environment(Environment::from_vars(env.iter().copied())))
             .build()
+    }
+
+    #[test]
+    fn single_server_user_names() {
+        let user = |pguser: &str, single: bool| {
+            let connector = build(
+                &[
+                    ("PGHOST", "mysrv.postgres.database.azure.com"),
+                    ("PGUSER", pguser),
+                ],
+                |b| b.single_server(single),
+            )
+            .unwrap();
+            connector.inner.base.get_user().unwrap().to_owned()
+        };
+        assert_eq!(user("reporting-app", true), "reporting-app@mysrv");
+        assert_eq!(user("reporting-app@mysrv", true), "reporting-app@mysrv");
+        assert_eq!(user("reporting-app", false), "reporting-app");
+        // Names from tokens get the same treatment.
+        assert_eq!(single_server_user("my-vm", Some("mysrv")), "my-vm@mysrv");
+        assert_eq!(
+            single_server_user("alice@contoso.com", Some("mysrv")),
+            "alice@contoso.com"
+        );
+        assert_eq!(single_server_user("my-vm", None), "my-vm");
+    }
+
+    #[test]
+    fn cosmos_db_hosts_use_the_public_scope() {
+        let connector = build(
+            &[("PGHOST", "c-cluster.abc123.postgres.cosmos.azure.com")],
+            |b| b,
+        )
+        .unwrap();
+        assert_eq!(connector.token_cache().scope(), PUBLIC_SCOPE);
     }
 
     #[test]

@@ -153,9 +153,9 @@ impl Error {
         match self {
             Error::CredentialUnavailable { .. } => Some(
                 "on Azure, enable a managed identity on this resource (and set AZURE_CLIENT_ID for a \
-                 user-assigned one); off Azure, give the connector another credential (any \
-                 azure_identity credential fits); for a local endpoint set \
-                 AZURE_POD_IDENTITY_AUTHORITY_HOST",
+                 user-assigned one); on a developer machine run `az login` or `azd auth login`; \
+                 or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET for a service \
+                 principal",
             ),
             Error::CredentialRejected { .. } => Some(
                 "check that the managed identity is assigned to this resource and that \

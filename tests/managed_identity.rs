@@ -58,6 +58,7 @@ async fn app_service_system_and_user_assigned() {
     let (endpoint, app, uami) = endpoint().await;
     let system = credential(app_service_vars(&endpoint), None, &endpoint).unwrap();
     assert_eq!(system.source_name(), "App Service");
+    assert!(!format!("{system:?}").contains(endpoint.identity_header()));
     assert_eq!(user_of(&system).await, app.name());
     let request = &endpoint.recorded()[0];
     assert_eq!(request.param("api-version"), Some("2019-08-01"));

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use pg_entra::{Connector, Error};
+use pg_entra::{Connector, DefaultAzureCredential, Error};
 
 /// Diagnostics on stderr (`RUST_LOG=pg_entra=debug` for more); stdout stays the sample's.
 pub fn init_tracing() {
@@ -13,10 +13,14 @@ pub fn init_tracing() {
         .init();
 }
 
-/// Builds the connector with `build`, runs the flow, and reports a failure.
-pub async fn run_and_report(build: impl FnOnce() -> Result<Connector, Error>) -> ExitCode {
+/// Builds the connector with `build`, runs the flow, and reports a failure. With `chain`,
+/// also reports which of its credentials produced the token.
+pub async fn run_and_report(
+    build: impl FnOnce() -> Result<Connector, Error>,
+    chain: Option<&DefaultAzureCredential>,
+) -> ExitCode {
     let outcome = match build() {
-        Ok(connector) => run(&connector).await,
+        Ok(connector) => run(&connector, chain).await,
         Err(error) => Err(error),
     };
     match outcome {
@@ -29,12 +33,20 @@ pub async fn run_and_report(build: impl FnOnce() -> Result<Connector, Error>) ->
 }
 
 /// Runs the flow and prints what the C# sample prints.
-async fn run(connector: &Connector) -> Result<(), Error> {
+async fn run(connector: &Connector, chain: Option<&DefaultAzureCredential>) -> Result<(), Error> {
     println!("Getting access token...");
     let token = connector.token_cache().token().await?;
+    if let Some(chain) = chain {
+        eprintln!(
+            "token from {} (DefaultAzureCredential tried: {})",
+            chain
+                .selected_credential()
+                .unwrap_or("an unknown credential"),
+            chain.credential_names().join(" → ")
+        );
+    }
     eprintln!(
-        "token from {:?}, for user {:?}, valid until {}",
-        connector.token_cache(),
+        "token for user {:?}, valid until {}",
         token.username().unwrap_or("(not in the token)"),
         token.expires_on()
     );
@@ -53,9 +65,15 @@ async fn run(connector: &Connector) -> Result<(), Error> {
 /// Prints an error with its causes and a hint, for a person to act on.
 pub fn report(error: &Error) {
     eprintln!("error: {error}");
+    let mut last = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
-        eprintln!("  caused by: {cause}");
+        // azure_core's errors display their inner error, which is also their source.
+        let text = cause.to_string();
+        if text != last {
+            eprintln!("  caused by: {text}");
+        }
+        last = text;
         source = cause.source();
     }
     if let Some(hint) = error.hint() {

@@ -221,12 +221,21 @@ impl std::error::Error for NoCredential {}
 struct ChainManagedIdentity {
     full: ManagedIdentityCredential,
     probe: Option<ManagedIdentityCredential>,
+    probe_timeout: Duration,
     imds_answered: AtomicBool,
 }
 
 impl ChainManagedIdentity {
     fn unavailable(reason: String) -> azure_core::Error {
         CredentialUnavailable::new("ManagedIdentityCredential", reason).into_azure()
+    }
+
+    /// HTTP 400: the endpoint is there but this resource has no such identity.
+    fn identity_unknown(error: &azure_core::Error) -> azure_core::Error {
+        Self::unavailable(format!(
+            "the endpoint does not know this identity ({error}); assign one to the resource, or \
+             set AZURE_CLIENT_ID to a user-assigned identity's client id"
+        ))
     }
 }
 
@@ -246,16 +255,30 @@ impl TokenCredential for ChainManagedIdentity {
                     return Ok(token);
                 }
                 Err(error) => match error.downcast_ref::<ManagedIdentityError>() {
-                    Some(
-                        ManagedIdentityError::Unreachable { .. }
-                        | ManagedIdentityError::DeadlineExceeded { .. },
-                    ) => {
+                    Some(ManagedIdentityError::Unreachable { endpoint, last, .. }) => {
                         return Err(Self::unavailable(format!(
-                            "no IMDS endpoint answered ({error}); not on an Azure VM?"
+                            "no IMDS endpoint answered at {endpoint} ({last}); not on an Azure VM?"
                         )));
                     }
-                    // Something answered: IMDS is here, so the full retry policy applies.
-                    _ => self.imds_answered.store(true, Ordering::Release),
+                    Some(ManagedIdentityError::DeadlineExceeded { endpoint, .. }) => {
+                        return Err(Self::unavailable(format!(
+                            "no IMDS endpoint answered at {endpoint} within {:?}; not on an \
+                             Azure VM?",
+                            self.probe_timeout
+                        )));
+                    }
+                    Some(managed) if managed.status() == Some(400) => {
+                        return Err(Self::identity_unknown(&error));
+                    }
+                    // A transient answer: IMDS is here, so the full retry policy applies.
+                    Some(ManagedIdentityError::Failing { .. }) => {
+                        self.imds_answered.store(true, Ordering::Release);
+                    }
+                    // A definite answer (refused, unusable): the full policy would not retry it.
+                    _ => {
+                        self.imds_answered.store(true, Ordering::Release);
+                        return Err(error);
+                    }
                 },
             }
         }
@@ -266,10 +289,7 @@ impl TokenCredential for ChainManagedIdentity {
                     .and_then(ManagedIdentityError::status)
                     == Some(400) =>
             {
-                Err(Self::unavailable(format!(
-                    "the endpoint does not know this identity ({error}); assign one to the \
-                     resource, or set AZURE_CLIENT_ID to a user-assigned identity's client id"
-                )))
+                Err(Self::identity_unknown(&error))
             }
             other => other,
         }
@@ -378,6 +398,7 @@ impl DefaultAzureCredentialBuilder {
                     Arc::new(ChainManagedIdentity {
                         full,
                         probe,
+                        probe_timeout: self.probe_timeout,
                         imds_answered: AtomicBool::new(false),
                     })
                 }

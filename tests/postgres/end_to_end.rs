@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use futures_util::future::join_all;
-use pg_entra::testing::{IdentityEndpoint, LocalPostgres, Principal};
+use pg_entra::testing::{IdentityEndpoint, LocalPostgres, Principal, TestBed};
+use pg_entra::{Connector, Environment};
 
 use super::{bed, current_user};
 
@@ -141,4 +142,65 @@ impl pg_entra::TokenCredential for StaticCredential {
             azure_core::time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600),
         ))
     }
+}
+
+#[tokio::test]
+async fn app_service_identity_through_the_default_chain() {
+    let bed = bed().await;
+    let mut vars = bed.postgres().libpq_vars();
+    vars.push((
+        "IDENTITY_ENDPOINT".into(),
+        bed.identity().app_service_endpoint(),
+    ));
+    vars.push((
+        "IDENTITY_HEADER".into(),
+        bed.identity().identity_header().into(),
+    ));
+    let connector = Connector::builder()
+        .environment(Environment::from_vars(vars))
+        .build()
+        .unwrap();
+    assert_eq!(
+        current_user(&connector).await.unwrap(),
+        bed.principal().name()
+    );
+    assert!(bed.identity().recorded()[0].identity_header.is_some());
+}
+
+#[tokio::test]
+async fn a_service_principal_needs_an_explicit_user_and_then_connects() {
+    let app = Principal::service_principal("reporting-app");
+    let bed = TestBed::start_with(app.clone()).await.unwrap();
+    let mut vars = bed.postgres().libpq_vars();
+    vars.extend([
+        (
+            "AZURE_TENANT_ID".to_owned(),
+            "contoso.onmicrosoft.com".to_owned(),
+        ),
+        ("AZURE_CLIENT_ID".to_owned(), app.client_id().to_owned()),
+        (
+            "AZURE_CLIENT_SECRET".to_owned(),
+            bed.identity().client_secret().to_owned(),
+        ),
+        (
+            "AZURE_AUTHORITY_HOST".to_owned(),
+            bed.identity().authority_host(),
+        ),
+    ]);
+    let without_user = Connector::builder()
+        .environment(Environment::from_vars(vars.clone()))
+        .build()
+        .unwrap();
+    let error = current_user(&without_user).await.unwrap_err();
+    assert!(
+        matches!(error, pg_entra::Error::UnknownUser { .. }),
+        "{error:?}"
+    );
+
+    vars.push(("PGUSER".to_owned(), "reporting-app".to_owned()));
+    let with_user = Connector::builder()
+        .environment(Environment::from_vars(vars))
+        .build()
+        .unwrap();
+    assert_eq!(current_user(&with_user).await.unwrap(), "reporting-app");
 }

@@ -1,0 +1,524 @@
+//! The developer CLIs through fake `az` / `azd` executables, service principals and workload
+//! identities against a local Entra token endpoint, and the `DefaultAzureCredential` chain.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use pg_entra::testing::{IdentityEndpoint, Principal};
+use pg_entra::{
+    AzureCliCredential, AzureDeveloperCliCredential, Connector, CredentialUnavailable,
+    DefaultAzureCredential, Environment, EnvironmentCredential, Error, PUBLIC_SCOPE, Token,
+    TokenCredential, WorkloadIdentityCredential,
+};
+
+const LOGIN_ERROR: &str = "ERROR: Please run 'az login' to setup account.";
+
+/// A user token as the CLIs return it (JWT-shaped, with `upn`).
+fn user_token(upn: &str, expires: i64) -> String {
+    let part = |json: serde_json::Value| URL_SAFE_NO_PAD.encode(json.to_string());
+    format!(
+        "{}.{}.{}",
+        part(serde_json::json!({"typ": "JWT", "alg": "RS256"})),
+        part(serde_json::json!({
+            "aud": "https://ossrdbms-aad.database.windows.net",
+            "exp": expires, "upn": upn, "idtyp": "user"
+        })),
+        URL_SAFE_NO_PAD.encode([7u8; 64])
+    )
+}
+
+fn in_an_hour() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp() + 3600
+}
+
+/// A folder to put on `PATH` with fake CLIs in it; each records its arguments in
+/// `<name>.args`.
+struct FakeTools {
+    dir: tempfile::TempDir,
+}
+
+impl FakeTools {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// The fake tools first, then the system's (the scripts need `cat` and `sleep`).
+    fn path(&self) -> String {
+        format!("{}:/usr/bin:/bin", self.dir.path().display())
+    }
+
+    fn add(&self, name: &str, body: &str) {
+        let file = self.dir.path().join(name);
+        let args = self.args_file(name);
+        std::fs::write(
+            &file,
+            format!("#!/bin/sh\necho \"$@\" >> '{}'\n{body}\n", args.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    fn args_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.args"))
+    }
+
+    /// How often `name` ran.
+    fn runs(&self, name: &str) -> usize {
+        std::fs::read_to_string(self.args_file(name))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn az_logged_in(&self, upn: &str) {
+        let json = serde_json::json!({
+            "accessToken": user_token(upn, in_an_hour()),
+            "expiresOn": "2030-01-01 00:00:00.000000",
+            "expires_on": in_an_hour(),
+            "subscription": "00000000-0000-0000-0000-000000000000",
+            "tenant": "72f988bf-0000-4000-8000-00000000c0de",
+            "tokenType": "Bearer",
+        });
+        self.add("az", &format!("cat <<'JSON'\n{json}\nJSON"));
+    }
+
+    fn az_logged_out(&self) {
+        self.add("az", &format!("echo \"{LOGIN_ERROR}\" >&2\nexit 1"));
+    }
+
+    fn azd_logged_in(&self, upn: &str) {
+        let expires = time::OffsetDateTime::from_unix_timestamp(in_an_hour())
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let json =
+            serde_json::json!({"token": user_token(upn, in_an_hour()), "expiresOn": expires});
+        self.add("azd", &format!("cat <<'JSON'\n{json}\nJSON"));
+    }
+}
+
+fn is_unavailable(error: &azure_core::Error) -> bool {
+    CredentialUnavailable::is_in(error)
+}
+
+async fn token_from(credential: &dyn TokenCredential) -> azure_core::Result<Token> {
+    credential
+        .get_token(&[PUBLIC_SCOPE], None)
+        .await
+        .map(Token::from)
+}
+
+#[tokio::test]
+async fn azure_cli_token_scope_and_user_name() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    let env = Environment::from_vars([("PATH", tools.path())]);
+    let az = AzureCliCredential::builder().environment(&env).build();
+    let token = token_from(&az).await.unwrap();
+    assert_eq!(token.username(), Some("alice@contoso.com"));
+    let args = std::fs::read_to_string(tools.args_file("az")).unwrap();
+    assert!(
+        args.contains("account get-access-token --output json --scope https://ossrdbms-aad.database.windows.net/.default"),
+        "{args}"
+    );
+}
+
+#[tokio::test]
+async fn azure_developer_cli_token() {
+    let tools = FakeTools::new();
+    tools.azd_logged_in("bob@contoso.com");
+    let env = Environment::from_vars([("PATH", tools.path())]);
+    let azd = AzureDeveloperCliCredential::builder()
+        .environment(&env)
+        .tenant("contoso.onmicrosoft.com")
+        .build();
+    assert_eq!(
+        token_from(&azd).await.unwrap().username(),
+        Some("bob@contoso.com")
+    );
+    let args = std::fs::read_to_string(tools.args_file("azd")).unwrap();
+    assert!(args.contains("--no-prompt"), "{args}");
+    assert!(
+        args.contains("--tenant-id contoso.onmicrosoft.com"),
+        "{args}"
+    );
+}
+
+#[tokio::test]
+async fn cli_failures_are_unavailable_and_say_what_the_cli_said() {
+    let tools = FakeTools::new();
+    tools.az_logged_out();
+    tools.add("azd", "sleep 30");
+    let env = Environment::from_vars([("PATH", tools.path())]);
+
+    let error = token_from(&AzureCliCredential::builder().environment(&env).build())
+        .await
+        .unwrap_err();
+    assert!(is_unavailable(&error));
+    assert!(error.to_string().contains(LOGIN_ERROR), "{error}");
+
+    let hung = AzureDeveloperCliCredential::builder()
+        .environment(&env)
+        .timeout(Duration::from_millis(300))
+        .build();
+    let error = token_from(&hung).await.unwrap_err();
+    assert!(is_unavailable(&error));
+    assert!(
+        error.to_string().contains("did not answer within"),
+        "{error}"
+    );
+
+    let missing = Environment::from_vars([("PATH", "/nonexistent")]);
+    let error = token_from(&AzureCliCredential::builder().environment(&missing).build())
+        .await
+        .unwrap_err();
+    assert!(is_unavailable(&error));
+    assert!(error.to_string().contains("not installed"), "{error}");
+}
+
+/// An endpoint issuing tokens for a service principal and a user-assigned identity.
+async fn entra() -> (IdentityEndpoint, Principal, Principal) {
+    let app = Principal::service_principal("reporting-app");
+    let uami = Principal::user_assigned("aks-workload");
+    let endpoint = IdentityEndpoint::builder()
+        .principal(app.clone())
+        .principal(uami.clone())
+        .start()
+        .await
+        .unwrap();
+    (endpoint, app, uami)
+}
+
+fn service_principal_vars(
+    endpoint: &IdentityEndpoint,
+    app: &Principal,
+    secret: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("AZURE_TENANT_ID", "contoso.onmicrosoft.com".into()),
+        ("AZURE_CLIENT_ID", app.client_id().into()),
+        ("AZURE_CLIENT_SECRET", secret.into()),
+        ("AZURE_AUTHORITY_HOST", endpoint.authority_host()),
+    ]
+}
+
+#[tokio::test]
+async fn service_principal_with_a_secret() {
+    let (endpoint, app, _) = entra().await;
+    let env = Environment::from_vars(service_principal_vars(
+        &endpoint,
+        &app,
+        endpoint.client_secret(),
+    ));
+    let credential =
+        EnvironmentCredential::from_environment(&env, pg_entra::Cloud::Public).unwrap();
+    assert!(!format!("{credential:?}").contains(endpoint.client_secret()));
+    let token = token_from(&credential).await.unwrap();
+    // Service principal tokens name nobody: PostgreSQL's user must be given.
+    assert_eq!(token.username(), None);
+    let request = &endpoint.recorded()[0];
+    assert_eq!(request.path, "/contoso.onmicrosoft.com/oauth2/v2.0/token");
+    assert_eq!(request.param("scope"), Some(PUBLIC_SCOPE));
+
+    let wrong = Environment::from_vars(service_principal_vars(&endpoint, &app, "wrong-secret"));
+    let error = token_from(
+        &EnvironmentCredential::from_environment(&wrong, pg_entra::Cloud::Public).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        !is_unavailable(&error),
+        "a refused secret is not 'unavailable'"
+    );
+    assert!(error.to_string().contains("AADSTS7000215"), "{error}");
+    assert!(!error.to_string().contains("wrong-secret"), "{error}");
+
+    let unconfigured =
+        EnvironmentCredential::from_environment(&Environment::empty(), pg_entra::Cloud::Public)
+            .unwrap();
+    assert!(!unconfigured.is_configured());
+    let error = token_from(&unconfigured).await.unwrap_err();
+    assert!(is_unavailable(&error));
+    assert!(error.to_string().contains("AZURE_TENANT_ID"), "{error}");
+}
+
+#[tokio::test]
+async fn workload_identity_rereads_the_rotating_token_file() {
+    let (endpoint, _, uami) = entra().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("azure-identity-token");
+    std::fs::write(&file, endpoint.federated_token()).unwrap();
+    let env = Environment::from_vars([
+        ("AZURE_TENANT_ID", "contoso.onmicrosoft.com".to_owned()),
+        ("AZURE_CLIENT_ID", uami.client_id().to_owned()),
+        ("AZURE_FEDERATED_TOKEN_FILE", file.display().to_string()),
+        ("AZURE_AUTHORITY_HOST", endpoint.authority_host()),
+    ]);
+    let credential =
+        WorkloadIdentityCredential::from_environment(&env, pg_entra::Cloud::Public).unwrap();
+    assert_eq!(
+        token_from(&credential).await.unwrap().username(),
+        Some(uami.name())
+    );
+    assert_eq!(
+        endpoint.recorded()[0].param("client_assertion_type"),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+
+    // The kubelet rotates the token: the old one is refused, the new file is read.
+    let rotated = endpoint.rotate_federated_token();
+    assert!(token_from(&credential).await.is_err());
+    std::fs::write(&file, rotated).unwrap();
+    assert_eq!(
+        token_from(&credential).await.unwrap().username(),
+        Some(uami.name())
+    );
+}
+
+/// An address where nothing listens: IMDS as on a laptop.
+fn closed_port() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{address}")
+}
+
+fn chain(vars: Vec<(&'static str, String)>) -> Result<DefaultAzureCredential, Error> {
+    DefaultAzureCredential::builder()
+        .environment(Environment::from_vars(vars))
+        .imds_probe_timeout(Duration::from_millis(300))
+        .cli_timeout(Duration::from_secs(5))
+        .build()
+}
+
+async fn chain_token(chain: &DefaultAzureCredential) -> azure_core::Result<Token> {
+    // A hang guard only: the fall-through itself is bounded by the probe timeout.
+    tokio::time::timeout(Duration::from_secs(20), token_from(chain))
+        .await
+        .expect("the chain answers")
+}
+
+#[tokio::test]
+async fn off_azure_the_chain_reaches_the_cli_after_one_short_imds_probe() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    // IMDS that accepts connections and never answers (the slow case), then a closed port.
+    let silent = IdentityEndpoint::builder().start().await.unwrap();
+    let _hold = silent.hold();
+    for imds in [silent.authority_host(), closed_port()] {
+        let chain = chain(vec![
+            ("PATH", tools.path()),
+            ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds),
+        ])
+        .unwrap();
+        let started = std::time::Instant::now();
+        let token = chain_token(&chain).await.unwrap();
+        eprintln!("fell through to the CLI in {:?}", started.elapsed());
+        assert_eq!(token.username(), Some("alice@contoso.com"));
+        assert_eq!(chain.selected_credential(), Some("AzureCliCredential"));
+    }
+    // One probe, no retries.
+    assert_eq!(silent.requests(), 1);
+}
+
+#[tokio::test]
+async fn the_chain_remembers_the_winner() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    // IMDS answers, but does not know this machine's identity: unavailable, not fatal.
+    let imds = IdentityEndpoint::builder().start().await.unwrap();
+    let chain = chain(vec![
+        ("PATH", tools.path()),
+        ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
+    ])
+    .unwrap();
+    chain_token(&chain).await.unwrap();
+    assert_eq!(chain.selected_credential(), Some("AzureCliCredential"));
+    assert_eq!(imds.requests(), 1);
+    chain_token(&chain).await.unwrap();
+    chain_token(&chain).await.unwrap();
+    assert_eq!(imds.requests(), 1, "later calls go straight to the winner");
+    assert_eq!(tools.runs("az"), 3);
+}
+
+#[tokio::test]
+async fn order_and_a_refused_credential_stops_the_chain() {
+    let (endpoint, app, _) = entra().await;
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    let mut vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
+    vars.push(("PATH", tools.path()));
+    vars.push(("AZURE_POD_IDENTITY_AUTHORITY_HOST", closed_port()));
+    let first = chain(vars.clone()).unwrap();
+    assert_eq!(
+        first.credential_names(),
+        [
+            "EnvironmentCredential",
+            "WorkloadIdentityCredential",
+            "ManagedIdentityCredential",
+            "AzureCliCredential",
+            "AzureDeveloperCliCredential"
+        ]
+    );
+    chain_token(&first).await.unwrap();
+    assert_eq!(first.selected_credential(), Some("EnvironmentCredential"));
+    assert_eq!(tools.runs("az"), 0);
+
+    // The service principal's secret is wrong: that is a refusal, not "unavailable".
+    let mut wrong = vars;
+    wrong.retain(|(name, _)| *name != "AZURE_CLIENT_SECRET");
+    wrong.push(("AZURE_CLIENT_SECRET", "wrong".into()));
+    let error = chain_token(&chain(wrong).unwrap()).await.unwrap_err();
+    assert!(!is_unavailable(&error));
+    assert!(
+        error
+            .to_string()
+            .contains("EnvironmentCredential was tried and failed"),
+        "{error}"
+    );
+    assert_eq!(tools.runs("az"), 0, "the chain stopped before the CLI");
+}
+
+#[tokio::test]
+async fn token_credentials_selects_members() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    tools.azd_logged_in("bob@contoso.com");
+    let imds = IdentityEndpoint::builder()
+        .principal(Principal::system_assigned("vm"))
+        .start()
+        .await
+        .unwrap();
+    let with = |selection: &str| {
+        chain(vec![
+            ("PATH", tools.path()),
+            ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
+            ("AZURE_TOKEN_CREDENTIALS", selection.into()),
+        ])
+    };
+
+    let dev = with("dev").unwrap();
+    assert_eq!(
+        chain_token(&dev).await.unwrap().username(),
+        Some("alice@contoso.com")
+    );
+    assert_eq!(imds.requests(), 0, "dev skips the managed identity");
+
+    let prod = with("prod").unwrap();
+    assert_eq!(chain_token(&prod).await.unwrap().username(), Some("vm"));
+    assert_eq!(prod.credential_names().len(), 3);
+
+    let azd = with("azuredeveloperclicredential").unwrap();
+    assert_eq!(azd.credential_names(), ["AzureDeveloperCliCredential"]);
+    assert_eq!(
+        chain_token(&azd).await.unwrap().username(),
+        Some("bob@contoso.com")
+    );
+
+    assert!(matches!(
+        with("VisualStudioCodeCredential"),
+        Err(Error::Config { .. })
+    ));
+    // The connector refuses it when it is built, too.
+    let error = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "srv.postgres.database.azure.com"),
+            ("AZURE_TOKEN_CREDENTIALS", "sometimes"),
+        ]))
+        .build()
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("AZURE_TOKEN_CREDENTIALS"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
+    let tools = FakeTools::new();
+    tools.az_logged_out();
+    let chain = chain(vec![
+        ("PATH", tools.path()),
+        ("AZURE_POD_IDENTITY_AUTHORITY_HOST", closed_port()),
+    ])
+    .unwrap();
+    let error = chain_token(&chain).await.unwrap_err();
+    let text = error.to_string();
+    let positions: Vec<usize> = [
+        "EnvironmentCredential is unavailable: AZURE_TENANT_ID, AZURE_CLIENT_ID not set",
+        "WorkloadIdentityCredential is unavailable",
+        "ManagedIdentityCredential is unavailable: no IMDS endpoint answered",
+        LOGIN_ERROR,
+        "AzureDeveloperCliCredential is unavailable: `azd` is not installed",
+        "elsewhere run `az login`",
+    ]
+    .iter()
+    .map(|part| {
+        text.find(part)
+            .unwrap_or_else(|| panic!("{part:?} missing from:\n{text}"))
+    })
+    .collect();
+    assert!(positions.is_sorted(), "{text}");
+    // Through the connector, it is a typed "unavailable" error.
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "srv.postgres.database.azure.com".to_owned()),
+            ("PATH", tools.path()),
+            ("AZURE_POD_IDENTITY_AUTHORITY_HOST", closed_port()),
+        ]))
+        .build()
+        .unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(20), connector.config())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::CredentialUnavailable { .. }),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn user_names_come_from_the_right_claims() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "srv.postgres.database.azure.com".to_owned()),
+            ("PATH", tools.path()),
+            ("AZURE_TOKEN_CREDENTIALS", "dev".to_owned()),
+        ]))
+        .build()
+        .unwrap();
+    let config = connector.config().await.unwrap();
+    assert_eq!(config.get_user(), Some("alice@contoso.com"));
+
+    // A service principal's token names nobody; an explicit user is required and then used.
+    let (endpoint, app, _) = entra().await;
+    let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
+    let build = |user: Option<&str>| {
+        let mut builder = Connector::builder()
+            .environment(Environment::from_vars(vars.clone()))
+            .host("srv.postgres.database.azure.com");
+        if let Some(user) = user {
+            builder = builder.user(user);
+        }
+        builder.build().unwrap()
+    };
+    assert!(matches!(
+        build(None).config().await,
+        Err(Error::UnknownUser { .. })
+    ));
+    assert_eq!(
+        build(Some("reporting-app"))
+            .config()
+            .await
+            .unwrap()
+            .get_user(),
+        Some("reporting-app")
+    );
+}
