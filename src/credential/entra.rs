@@ -392,4 +392,46 @@ mod tests {
         assert!(token_url("http://login.example.com", "t").is_err());
         assert!(token_url("https://login.microsoftonline.com", "a/b").is_err());
     }
+
+    #[test]
+    fn the_authority_follows_the_cloud_unless_overridden() {
+        let vars = |extra: Option<(&'static str, &'static str)>| {
+            let mut vars = vec![
+                (TENANT_ID_VAR, "t"),
+                (CLIENT_ID_VAR, "c"),
+                (CLIENT_SECRET_VAR, "s"),
+            ];
+            vars.extend(extra);
+            Environment::from_vars(vars)
+        };
+        let url_of = |credential: EnvironmentCredential| {
+            credential
+                .state
+                .map(|client| client.token_url.to_string())
+                .unwrap()
+        };
+        for (cloud, host) in [
+            (Cloud::Public, "login.microsoftonline.com"),
+            (Cloud::UsGovernment, "login.microsoftonline.us"),
+            (Cloud::China, "login.chinacloudapi.cn"),
+        ] {
+            let url = url_of(EnvironmentCredential::from_environment(&vars(None), cloud).unwrap());
+            assert_eq!(url, format!("https://{host}/t/oauth2/v2.0/token"));
+        }
+        let overridden = EnvironmentCredential::from_environment(
+            &vars(Some((AUTHORITY_HOST_VAR, "https://login.example.test"))),
+            Cloud::China,
+        )
+        .unwrap();
+        assert_eq!(
+            url_of(overridden),
+            "https://login.example.test/t/oauth2/v2.0/token"
+        );
+        // The secret is nowhere in Debug.
+        let debug = format!(
+            "{:?}",
+            EnvironmentCredential::from_environment(&vars(None), Cloud::Public).unwrap()
+        );
+        assert!(!debug.contains("\"s\""), "{debug}");
+    }
 }
