@@ -522,3 +522,61 @@ async fn user_names_come_from_the_right_claims() {
         Some("reporting-app")
     );
 }
+
+#[cfg(feature = "client-certificate")]
+#[tokio::test]
+async fn service_principal_with_a_certificate_pem_or_pkcs12() {
+    let (endpoint, app, _) = entra().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("client.pem");
+    std::fs::write(&pem, endpoint.client_certificate_pem().unwrap()).unwrap();
+    let pfx = dir.path().join("client.pfx");
+    std::fs::write(
+        &pfx,
+        endpoint.client_certificate_pkcs12("pfx-password").unwrap(),
+    )
+    .unwrap();
+    let vars = |path: &std::path::Path, password: Option<&str>| {
+        let mut vars = vec![
+            ("AZURE_TENANT_ID", "contoso.onmicrosoft.com".to_owned()),
+            ("AZURE_CLIENT_ID", app.client_id().to_owned()),
+            ("AZURE_CLIENT_CERTIFICATE_PATH", path.display().to_string()),
+            ("AZURE_AUTHORITY_HOST", endpoint.authority_host()),
+        ];
+        if let Some(password) = password {
+            vars.push(("AZURE_CLIENT_CERTIFICATE_PASSWORD", password.to_owned()));
+        }
+        Environment::from_vars(vars)
+    };
+    let build =
+        |env: &Environment| EnvironmentCredential::from_environment(env, pg_entra::Cloud::Public);
+
+    for env in [vars(&pem, None), vars(&pfx, Some("pfx-password"))] {
+        let credential = build(&env).unwrap();
+        token_from(&credential).await.unwrap();
+        let request = endpoint.recorded().pop().unwrap();
+        assert!(request.param("client_secret").is_none());
+        assert_eq!(
+            request
+                .param("client_assertion")
+                .unwrap()
+                .split('.')
+                .count(),
+            3
+        );
+    }
+    // A wrong password is a configuration error when the credential is built.
+    let error = build(&vars(&pfx, Some("wrong"))).unwrap_err();
+    assert!(matches!(error, Error::Config { .. }), "{error:?}");
+    assert!(!error.to_string().contains("wrong"), "{error}");
+
+    // A certificate Entra does not know for this app is refused.
+    let stranger = IdentityEndpoint::builder().start().await.unwrap();
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, stranger.client_certificate_pem().unwrap()).unwrap();
+    let error = token_from(&build(&vars(&other, None)).unwrap())
+        .await
+        .unwrap_err();
+    assert!(!is_unavailable(&error));
+    assert!(error.to_string().contains("AADSTS7000215"), "{error}");
+}

@@ -20,12 +20,16 @@ const TENANT_ID_VAR: &str = "AZURE_TENANT_ID";
 const CLIENT_ID_VAR: &str = "AZURE_CLIENT_ID";
 const CLIENT_SECRET_VAR: &str = "AZURE_CLIENT_SECRET";
 const CLIENT_CERTIFICATE_PATH_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PATH";
+#[cfg(feature = "client-certificate")]
+const CLIENT_CERTIFICATE_PASSWORD_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PASSWORD";
 const FEDERATED_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 /// How the client proves itself.
 enum ClientAuth {
     Secret(String),
+    #[cfg(feature = "client-certificate")]
+    Certificate(super::client_certificate::ClientCertificate),
     /// Re-read on every request: the kubelet rotates the projected token.
     AssertionFile(PathBuf),
 }
@@ -76,6 +80,21 @@ impl ClientCredentials {
         // Read before the form is built: the serializer is not `Send`.
         let assertion = match &self.auth {
             ClientAuth::Secret(_) => None,
+            #[cfg(feature = "client-certificate")]
+            ClientAuth::Certificate(certificate) => Some(
+                certificate
+                    .assertion(
+                        self.token_url.as_str(),
+                        &self.client_id,
+                        time::OffsetDateTime::now_utc(),
+                    )
+                    .map_err(|problem| {
+                        azure_core::Error::with_message(
+                            ErrorKind::Credential,
+                            format!("{}: {problem}", self.credential),
+                        )
+                    })?,
+            ),
             ClientAuth::AssertionFile(path) => {
                 Some(tokio::fs::read_to_string(path).await.map_err(|e| {
                     CredentialUnavailable::new(
@@ -98,7 +117,7 @@ impl ClientCredentials {
                 (ClientAuth::Secret(secret), _) => {
                     form.append_pair("client_secret", secret);
                 }
-                (ClientAuth::AssertionFile(_), assertion) => {
+                (_, assertion) => {
                     form.append_pair("client_assertion_type", JWT_BEARER)
                         .append_pair(
                             "client_assertion",
@@ -288,11 +307,12 @@ macro_rules! client_credential {
 }
 
 client_credential!(
-    /// A service principal from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and `AZURE_CLIENT_SECRET`,
-    /// honouring `AZURE_AUTHORITY_HOST`.
-    ///
-    /// Client certificates (`AZURE_CLIENT_CERTIFICATE_PATH`) are not supported yet: with one
-    /// set and no secret, the credential reports itself unavailable and says so.
+    /// A service principal from `AZURE_TENANT_ID`, `AZURE_CLIENT_ID` and either
+    /// `AZURE_CLIENT_SECRET` or (feature `client-certificate`) `AZURE_CLIENT_CERTIFICATE_PATH`
+    /// (PEM with certificate and RSA key, or PKCS#12) with `AZURE_CLIENT_CERTIFICATE_PASSWORD`,
+    /// honouring `AZURE_AUTHORITY_HOST`. A certificate that cannot be read is a configuration
+    /// error when the credential is built; without the feature, a certificate-only
+    /// configuration reports the credential unavailable and says why.
     /// Service principal tokens carry no name claim: give PostgreSQL's user explicitly.
     EnvironmentCredential,
     "EnvironmentCredential"
@@ -321,12 +341,25 @@ impl EnvironmentCredential {
             environment.var(CLIENT_CERTIFICATE_PATH_VAR),
         ) {
             (Some(secret), _) => ClientAuth::Secret(secret),
+            #[cfg(feature = "client-certificate")]
+            (None, Some(path)) => {
+                let password = environment.var(CLIENT_CERTIFICATE_PASSWORD_VAR);
+                let certificate = super::client_certificate::ClientCertificate::load(
+                    std::path::Path::new(&path),
+                    password.as_deref(),
+                )
+                .map_err(|problem| {
+                    Error::config(format!("{CLIENT_CERTIFICATE_PATH_VAR}: {problem}"))
+                })?;
+                ClientAuth::Certificate(certificate)
+            }
+            #[cfg(not(feature = "client-certificate"))]
             (None, Some(_)) => {
                 return Ok(FromEnvironment::Unavailable(CredentialUnavailable::new(
                     NAME,
                     format!(
-                        "{CLIENT_CERTIFICATE_PATH_VAR} is set, but pg-entra does not support client \
-                         certificates yet; set {CLIENT_SECRET_VAR} or use workload identity"
+                        "{CLIENT_CERTIFICATE_PATH_VAR} is set, but pg-entra was built without its \
+                         `client-certificate` feature; enable it, or set {CLIENT_SECRET_VAR}"
                     ),
                 )));
             }

@@ -5,6 +5,8 @@
 
 mod chain;
 mod cli;
+#[cfg(feature = "client-certificate")]
+mod client_certificate;
 mod entra;
 mod imds;
 mod managed_identity;

@@ -50,6 +50,27 @@ fn new_key() -> Result<PKey<Private>, TestBedError> {
     Ok(PKey::from_ec_key(EcKey::generate(&group)?)?)
 }
 
+/// A self-signed certificate with a 2048-bit RSA key (what Entra requires of service
+/// principal certificates), valid for a day.
+pub(crate) fn self_signed_rsa(common_name: &str) -> Result<(X509, PKey<Private>), TestBedError> {
+    let key = PKey::from_rsa(openssl::rsa::Rsa::generate(2048)?)?;
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
+    let name = name.build();
+    let mut builder = X509::builder()?;
+    builder.set_version(2)?;
+    let serial = serial()?;
+    let (not_before, not_after) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(1)?);
+    builder.set_serial_number(&serial)?;
+    builder.set_subject_name(&name)?;
+    builder.set_issuer_name(&name)?;
+    builder.set_pubkey(&key)?;
+    builder.set_not_before(&not_before)?;
+    builder.set_not_after(&not_after)?;
+    builder.sign(&key, MessageDigest::sha256())?;
+    Ok((builder.build(), key))
+}
+
 fn serial() -> Result<openssl::asn1::Asn1Integer, TestBedError> {
     let mut serial = BigNum::new()?;
     serial.rand(120, MsbOption::MAYBE_ZERO, false)?;

@@ -172,6 +172,15 @@ struct EndpointState {
     client_secret: String,
     /// What workload identities must send as `client_assertion`; rotates on request.
     federated_token: Mutex<String>,
+    /// The certificate service principals may sign assertions with; made when first asked for
+    /// (RSA key generation is not free).
+    client_certificate: std::sync::OnceLock<ClientCertificate>,
+}
+
+/// A self-signed RSA certificate and its key.
+struct ClientCertificate {
+    certificate: openssl::x509::X509,
+    key: openssl::pkey::PKey<openssl::pkey::Private>,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -247,6 +256,7 @@ impl IdentityEndpointBuilder {
             identity_header: random_hex(),
             client_secret: random_hex(),
             federated_token: Mutex::new(random_hex()),
+            client_certificate: std::sync::OnceLock::new(),
             arc_keys,
             arc_key_file,
         });
@@ -330,6 +340,42 @@ impl IdentityEndpoint {
     /// `AZURE_FEDERATED_TOKEN_FILE`).
     pub fn federated_token(&self) -> String {
         locked(&self.state.federated_token).clone()
+    }
+
+    /// A PEM file's contents (certificate, then unencrypted RSA key) for a service principal to
+    /// authenticate with (`AZURE_CLIENT_CERTIFICATE_PATH`); the endpoint verifies assertions
+    /// signed with it.
+    pub fn client_certificate_pem(&self) -> Result<String, TestBedError> {
+        let pair = self.client_certificate()?;
+        let certificate = pair.certificate.to_pem()?;
+        let key = pair.key.private_key_to_pem_pkcs8()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&certificate),
+            String::from_utf8_lossy(&key)
+        ))
+    }
+
+    /// The same certificate and key as a PKCS#12 (`.pfx`) file protected by `password`.
+    pub fn client_certificate_pkcs12(&self, password: &str) -> Result<Vec<u8>, TestBedError> {
+        let pair = self.client_certificate()?;
+        let pkcs12 = openssl::pkcs12::Pkcs12::builder()
+            .name("pg-entra test client")
+            .pkey(&pair.key)
+            .cert(&pair.certificate)
+            .build2(password)?;
+        Ok(pkcs12.to_der()?)
+    }
+
+    fn client_certificate(&self) -> Result<&ClientCertificate, TestBedError> {
+        if let Some(pair) = self.state.client_certificate.get() {
+            return Ok(pair);
+        }
+        let (certificate, key) = super::certs::self_signed_rsa("pg-entra test client")?;
+        Ok(self
+            .state
+            .client_certificate
+            .get_or_init(|| ClientCertificate { certificate, key }))
     }
 
     /// Replaces the accepted federated token, as the kubelet rotates the projected file.
@@ -692,7 +738,15 @@ async fn issue_client_credentials(
         (None, Some(assertion)) => {
             request.param("client_assertion_type")
                 == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
-                && assertion == federated
+                && (assertion == federated
+                    || state.client_certificate.get().is_some_and(|pair| {
+                        certificate_assertion_is_valid(
+                            pair,
+                            assertion,
+                            principal.client_id(),
+                            request,
+                        )
+                    }))
         }
         _ => false,
     };
@@ -708,6 +762,56 @@ async fn issue_client_credentials(
     }
     let principal = principal.clone();
     token_response(state, &principal, resource, ExpiresOnFormat::Absent).await
+}
+
+/// Checks a certificate-signed client assertion as Entra does: RS256 signature by the
+/// registered certificate, its `x5t`, issuer and subject the client, audience this token URL,
+/// not expired.
+fn certificate_assertion_is_valid(
+    pair: &ClientCertificate,
+    assertion: &str,
+    client_id: &str,
+    request: &RecordedRequest,
+) -> bool {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let [header, payload, signature] = parts.as_slice() else {
+        return false;
+    };
+    let json = |part: &str| {
+        URL_SAFE_NO_PAD
+            .decode(part)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+    };
+    let (Some(header_json), Some(claims), Ok(signature)) = (
+        json(header),
+        json(payload),
+        URL_SAFE_NO_PAD.decode(signature),
+    ) else {
+        return false;
+    };
+    let thumbprint = pair
+        .certificate
+        .digest(openssl::hash::MessageDigest::sha1())
+        .map(|d| URL_SAFE_NO_PAD.encode(d))
+        .unwrap_or_default();
+    let verified = openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &pair.key)
+        .and_then(|mut verifier| {
+            verifier.verify_oneshot(&signature, format!("{header}.{payload}").as_bytes())
+        })
+        .unwrap_or(false);
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    verified
+        && header_json["alg"] == "RS256"
+        && header_json["x5t"] == thumbprint.as_str()
+        && claims["iss"] == client_id
+        && claims["sub"] == client_id
+        && claims["aud"]
+            .as_str()
+            .is_some_and(|aud| aud.ends_with(&request.path))
+        && claims["exp"].as_i64().is_some_and(|exp| exp > now)
 }
 
 /// A per-endpoint value, so that a request without it fails; not a real secret.
