@@ -1,15 +1,17 @@
-//! Print the managed identity's access token for PostgreSQL, and nothing else, on stdout:
+//! Print an access token for PostgreSQL from `DefaultAzureCredential` (managed identity on
+//! Azure, `az login` on a laptop, ...), and nothing else, on stdout:
 //!
 //! ```sh
 //! export PGPASSWORD=$(cargo run -q --example token)
 //! psql "host=myserver.postgres.database.azure.com user=my-vm-name dbname=postgres sslmode=verify-full"
 //! ```
 //!
-//! Diagnostics go to stderr. The scope follows the cloud of `PGHOST`, if set.
+//! Diagnostics, including which credential produced the token, go to stderr. The scope follows
+//! the cloud of `PGHOST`, if set.
 
 use std::process::ExitCode;
 
-use pg_entra::{Cloud, Environment, ImdsCredential, TokenCredential};
+use pg_entra::{Cloud, DefaultAzureCredential, Environment, TokenCredential};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -17,12 +19,12 @@ async fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let scope = Environment::process()
+    let cloud = Environment::process()
         .var("PGHOST")
         .and_then(|host| Cloud::from_host(&host))
-        .unwrap_or_default()
-        .scope();
-    let credential = match ImdsCredential::from_env() {
+        .unwrap_or_default();
+    let scope = cloud.scope();
+    let credential = match DefaultAzureCredential::builder().cloud(cloud).build() {
         Ok(credential) => credential,
         Err(error) => {
             eprintln!("error: {error}");
@@ -32,7 +34,11 @@ async fn main() -> ExitCode {
     match credential.get_token(&[scope], None).await {
         Ok(token) => {
             println!("{}", token.token.secret());
-            eprintln!("token for {scope}, valid until {}", token.expires_on);
+            eprintln!(
+                "token for {scope} from {}, valid until {}",
+                credential.selected_credential().unwrap_or("?"),
+                token.expires_on
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {

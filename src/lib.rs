@@ -1,5 +1,6 @@
 //! Connect to **Azure Database for PostgreSQL** with a **Microsoft Entra ID access token** as
-//! the password, from a managed identity or any `azure_core` credential.
+//! the password, from a managed identity, a service principal, a workload identity, the Azure
+//! CLIs, or any `azure_core` credential.
 //!
 //! The token is cached and refreshed ahead of expiry, so a connect almost never waits on the
 //! identity endpoint; TLS is always on and always verified, because the password is a bearer
@@ -19,8 +20,13 @@
 //! ```
 //!
 //! # Pieces
-//! - [`ImdsCredential`]: the managed identity of an Azure VM through IMDS, with Microsoft's
-//!   retry guidance. Any [`TokenCredential`] (for example from `azure_identity`) works too.
+//! - [`DefaultAzureCredential`]: Environment → WorkloadIdentity → ManagedIdentity → AzureCli →
+//!   AzureDeveloperCli, with `AZURE_TOKEN_CREDENTIALS`, a fast IMDS probe off Azure and one
+//!   error listing every credential. Each member is public on its own
+//!   ([`ManagedIdentityCredential`] for every Azure host, [`ImdsCredential`] for IMDS alone,
+//!   [`EnvironmentCredential`], [`WorkloadIdentityCredential`], [`AzureCliCredential`],
+//!   [`AzureDeveloperCliCredential`]). Any [`TokenCredential`] (for example from
+//!   `azure_identity`) works too.
 //! - [`TokenCache`]: fresh tokens without I/O, one refresh in flight at most, callers served
 //!   during refresh, typed errors and backoff when the identity endpoint fails.
 //! - [`Connector`]: libpq-style configuration (`PG*` variables, URLs, `key=value`), verified
@@ -29,7 +35,10 @@
 //! # Features
 //! | feature   | adds |
 //! |-----------|------|
-//! | `testing` | `testing`: a local TLS PostgreSQL configured like Flexible Server and a mock IMDS endpoint that mints tokens and sets them as role passwords, for tests without Azure |
+//! | `deadpool` | `pool::DeadpoolManager` and `Connector::deadpool_pool` |
+//! | `bb8` | `pool::Bb8Manager` and `Connector::bb8_pool` |
+//! | `client-certificate` | service principals with a certificate (OpenSSL) |
+//! | `testing` | `testing`: a local TLS PostgreSQL configured like Flexible Server and a mock identity endpoint (IMDS, App Service, Arc, Cloud Shell, Entra) that mints tokens and sets them as role passwords, for tests without Azure |
 #![warn(
     missing_docs,
     missing_debug_implementations,
