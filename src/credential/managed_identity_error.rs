@@ -16,8 +16,8 @@ pub enum ManagedIdentityError {
     #[error(
         "no managed identity endpoint answered at {endpoint} after {attempts} attempt(s) ({last}); \
          on an Azure VM enable a managed identity (and set AZURE_CLIENT_ID for a user-assigned one); \
-         off Azure, give the connector another credential (any azure_identity credential fits); \
-         set AZURE_POD_IDENTITY_AUTHORITY_HOST to reach a local endpoint"
+         off Azure, use DefaultAzureCredential (the connector's default) after `az login`, or \
+         another credential; set AZURE_POD_IDENTITY_AUTHORITY_HOST to reach a local endpoint"
     )]
     Unreachable {
         /// The endpoint that was tried.
