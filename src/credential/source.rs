@@ -27,8 +27,8 @@ const ARC_KEY_DIRECTORY: &str = "/var/opt/azcmagent/tokens";
 /// The Arc agent's keys are small; anything larger is not one.
 const ARC_KEY_MAX_BYTES: u64 = 4096;
 
-/// One managed identity endpoint and its protocol.
-#[derive(Debug, Clone)]
+/// One managed identity endpoint and its protocol. `Debug` leaves the secrets out.
+#[derive(Clone)]
 pub(crate) enum Source {
     /// VM / VMSS Instance Metadata Service (api-version 2018-02-01).
     Imds { url: reqwest::Url },
@@ -214,6 +214,15 @@ impl Source {
     }
 }
 
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("kind", &self.name())
+            .field("endpoint", &self.endpoint().as_str())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The key must be a `.key` file directly in the agent's key folder (no other file on the
 /// machine may be sent to the endpoint).
 fn check_arc_key_path(path: &Path, directory: &Path) -> Result<(), String> {
@@ -266,4 +275,49 @@ pub(crate) fn imds_token_url(authority: &str) -> Result<reqwest::Url, String> {
     let path = format!("{}{IMDS_TOKEN_PATH}", url.path().trim_end_matches('/'));
     url.set_path(&path);
     Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_secrets_out() {
+        let url = reqwest::Url::parse("http://127.0.0.1:1/msi/token").unwrap();
+        for source in [
+            Source::AppService {
+                url: url.clone(),
+                secret: "app-service-secret".into(),
+            },
+            Source::LegacyAppService {
+                url,
+                secret: "app-service-secret".into(),
+            },
+        ] {
+            let debug = format!("{source:?}");
+            assert!(!debug.contains("app-service-secret"), "{debug}");
+            assert!(debug.contains("127.0.0.1"), "{debug}");
+        }
+    }
+
+    #[test]
+    fn arc_keys_must_be_key_files_in_the_agent_folder() {
+        let dir = tempfile_dir();
+        let key = dir.join("abc.key");
+        assert!(check_arc_key_path(&key, &dir).is_ok());
+        assert!(
+            check_arc_key_path(&dir.join("abc.txt"), &dir)
+                .unwrap_err()
+                .contains(".key")
+        );
+        assert!(check_arc_key_path(&std::env::temp_dir().join("x.key"), &dir).is_err());
+        assert!(check_arc_key_path(&dir.join("..").join("x.key"), &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pg-entra-arc-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
 }

@@ -54,21 +54,31 @@ fn new_key() -> Result<PKey<Private>, TestBedError> {
 /// principal certificates), valid for a day.
 pub(crate) fn self_signed_rsa(common_name: &str) -> Result<(X509, PKey<Private>), TestBedError> {
     let key = PKey::from_rsa(openssl::rsa::Rsa::generate(2048)?)?;
+    let mut builder = self_signed_builder(common_name, &key, 1)?;
+    builder.sign(&key, MessageDigest::sha256())?;
+    Ok((builder.build(), key))
+}
+
+/// A certificate for `key`, issued by itself to `common_name`, valid for `days` from now; the
+/// caller adds extensions and signs.
+fn self_signed_builder(
+    common_name: &str,
+    key: &PKey<Private>,
+    days: u32,
+) -> Result<openssl::x509::X509Builder, TestBedError> {
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
     let name = name.build();
     let mut builder = X509::builder()?;
     builder.set_version(2)?;
     let serial = serial()?;
-    let (not_before, not_after) = (Asn1Time::days_from_now(0)?, Asn1Time::days_from_now(1)?);
     builder.set_serial_number(&serial)?;
     builder.set_subject_name(&name)?;
     builder.set_issuer_name(&name)?;
-    builder.set_pubkey(&key)?;
-    builder.set_not_before(&not_before)?;
-    builder.set_not_after(&not_after)?;
-    builder.sign(&key, MessageDigest::sha256())?;
-    Ok((builder.build(), key))
+    builder.set_pubkey(key)?;
+    builder.set_not_before(&*Asn1Time::days_from_now(0)?)?;
+    builder.set_not_after(&*Asn1Time::days_from_now(days)?)?;
+    Ok(builder)
 }
 
 fn serial() -> Result<openssl::asn1::Asn1Integer, TestBedError> {
@@ -81,18 +91,7 @@ impl TestCa {
     /// A new CA named `common_name`.
     pub fn generate(common_name: &str) -> Result<Self, TestBedError> {
         let key = new_key()?;
-        let mut name = X509NameBuilder::new()?;
-        name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
-        let name = name.build();
-        let mut builder = X509::builder()?;
-        builder.set_version(2)?;
-        let serial = serial()?;
-        builder.set_serial_number(&serial)?;
-        builder.set_subject_name(&name)?;
-        builder.set_issuer_name(&name)?;
-        builder.set_pubkey(&key)?;
-        builder.set_not_before(&*Asn1Time::days_from_now(0)?)?;
-        builder.set_not_after(&*Asn1Time::days_from_now(VALID_DAYS)?)?;
+        let mut builder = self_signed_builder(common_name, &key, VALID_DAYS)?;
         builder.append_extension(BasicConstraints::new().critical().ca().build()?)?;
         builder.append_extension(
             KeyUsage::new()
