@@ -185,15 +185,22 @@ impl Error {
 
 /// Whether a credential's error means "the endpoint answered and said no" rather than
 /// "could not get an answer".
+/// Looks through wrapping (the credential chain wraps its members' errors): the first
+/// managed identity error or HTTP status found decides.
 fn credential_error_is_rejection(error: &azure_core::Error) -> bool {
-    if let Some(managed) = error.downcast_ref::<ManagedIdentityError>() {
-        return managed.is_rejection();
-    }
-    match error.http_status() {
-        Some(status) => {
-            let code = u16::from(status);
-            (400..500).contains(&code) && !matches!(code, 404 | 408 | 410 | 429)
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(level) = current {
+        if let Some(managed) = level.downcast_ref::<ManagedIdentityError>() {
+            return managed.is_rejection();
         }
-        None => false,
+        if let Some(status) = level
+            .downcast_ref::<azure_core::Error>()
+            .and_then(azure_core::Error::http_status)
+        {
+            let code = u16::from(status);
+            return (400..500).contains(&code) && !matches!(code, 404 | 408 | 410 | 429);
+        }
+        current = level.source();
     }
+    false
 }

@@ -580,3 +580,28 @@ async fn service_principal_with_a_certificate_pem_or_pkcs12() {
     assert!(!is_unavailable(&error));
     assert!(error.to_string().contains("AADSTS7000215"), "{error}");
 }
+
+#[tokio::test]
+async fn a_refusal_inside_the_chain_stays_a_rejection_through_the_connector() {
+    // App Service refuses a wrong secret (401): the chain stops, and the connector must
+    // report it as rejected, not as "unavailable", although the chain wraps the error.
+    let endpoint = IdentityEndpoint::builder()
+        .principal(Principal::system_assigned("web-app"))
+        .start()
+        .await
+        .unwrap();
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "srv.postgres.database.azure.com".to_owned()),
+            ("IDENTITY_ENDPOINT", endpoint.app_service_endpoint()),
+            ("IDENTITY_HEADER", "not-the-secret".to_owned()),
+        ]))
+        .build()
+        .unwrap();
+    let error = connector.config().await.unwrap_err();
+    assert!(
+        matches!(error, Error::CredentialRejected { .. }),
+        "{error:?}"
+    );
+    assert!(!format!("{error:?}").contains("not-the-secret"));
+}

@@ -54,16 +54,17 @@ fn new_key() -> Result<PKey<Private>, TestBedError> {
 /// principal certificates), valid for a day.
 pub(crate) fn self_signed_rsa(common_name: &str) -> Result<(X509, PKey<Private>), TestBedError> {
     let key = PKey::from_rsa(openssl::rsa::Rsa::generate(2048)?)?;
-    let mut builder = self_signed_builder(common_name, &key, 1)?;
+    let mut builder = certificate_builder(common_name, &key, None, 1)?;
     builder.sign(&key, MessageDigest::sha256())?;
     Ok((builder.build(), key))
 }
 
-/// A certificate for `key`, issued by itself to `common_name`, valid for `days` from now; the
-/// caller adds extensions and signs.
-fn self_signed_builder(
+/// A certificate for `key` issued to `common_name` by `issuer` (itself when `None`), valid
+/// for `days` from now; the caller adds extensions and signs.
+fn certificate_builder(
     common_name: &str,
     key: &PKey<Private>,
+    issuer: Option<&openssl::x509::X509NameRef>,
     days: u32,
 ) -> Result<openssl::x509::X509Builder, TestBedError> {
     let mut name = X509NameBuilder::new()?;
@@ -74,7 +75,7 @@ fn self_signed_builder(
     let serial = serial()?;
     builder.set_serial_number(&serial)?;
     builder.set_subject_name(&name)?;
-    builder.set_issuer_name(&name)?;
+    builder.set_issuer_name(issuer.unwrap_or(&name))?;
     builder.set_pubkey(key)?;
     builder.set_not_before(&*Asn1Time::days_from_now(0)?)?;
     builder.set_not_after(&*Asn1Time::days_from_now(days)?)?;
@@ -91,7 +92,7 @@ impl TestCa {
     /// A new CA named `common_name`.
     pub fn generate(common_name: &str) -> Result<Self, TestBedError> {
         let key = new_key()?;
-        let mut builder = self_signed_builder(common_name, &key, VALID_DAYS)?;
+        let mut builder = certificate_builder(common_name, &key, None, VALID_DAYS)?;
         builder.append_extension(BasicConstraints::new().critical().ca().build()?)?;
         builder.append_extension(
             KeyUsage::new()
@@ -117,18 +118,12 @@ impl TestCa {
     /// A server certificate for `localhost` and `127.0.0.1`, signed by this CA.
     pub fn issue_server_certificate(&self) -> Result<ServerCertificate, TestBedError> {
         let key = new_key()?;
-        let mut name = X509NameBuilder::new()?;
-        name.append_entry_by_nid(Nid::COMMONNAME, "localhost")?;
-        let name = name.build();
-        let mut builder = X509::builder()?;
-        builder.set_version(2)?;
-        let serial = serial()?;
-        builder.set_serial_number(&serial)?;
-        builder.set_subject_name(&name)?;
-        builder.set_issuer_name(self.certificate.subject_name())?;
-        builder.set_pubkey(&key)?;
-        builder.set_not_before(&*Asn1Time::days_from_now(0)?)?;
-        builder.set_not_after(&*Asn1Time::days_from_now(VALID_DAYS)?)?;
+        let mut builder = certificate_builder(
+            "localhost",
+            &key,
+            Some(self.certificate.subject_name()),
+            VALID_DAYS,
+        )?;
         builder.append_extension(BasicConstraints::new().build()?)?;
         builder.append_extension(
             KeyUsage::new()
