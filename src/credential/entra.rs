@@ -78,24 +78,28 @@ impl ClientCredentials {
             ));
         };
         // Read before the form is built: the serializer is not `Send`.
-        let assertion = match &self.auth {
-            ClientAuth::Secret(_) => None,
+        let (secret, assertion) = match &self.auth {
+            ClientAuth::Secret(secret) => (Some(secret.as_str()), None),
             #[cfg(feature = "client-certificate")]
-            ClientAuth::Certificate(certificate) => Some(
-                certificate
-                    .assertion(
-                        self.token_url.as_str(),
-                        &self.client_id,
-                        time::OffsetDateTime::now_utc(),
-                    )
-                    .map_err(|problem| {
-                        azure_core::Error::with_message(
-                            ErrorKind::Credential,
-                            format!("{}: {problem}", self.credential),
+            ClientAuth::Certificate(certificate) => (
+                None,
+                Some(
+                    certificate
+                        .assertion(
+                            self.token_url.as_str(),
+                            &self.client_id,
+                            time::OffsetDateTime::now_utc(),
                         )
-                    })?,
+                        .map_err(|problem| {
+                            azure_core::Error::with_message(
+                                ErrorKind::Credential,
+                                format!("{}: {problem}", self.credential),
+                            )
+                        })?,
+                ),
             ),
-            ClientAuth::AssertionFile(path) => {
+            ClientAuth::AssertionFile(path) => (
+                None,
                 Some(tokio::fs::read_to_string(path).await.map_err(|e| {
                     CredentialUnavailable::new(
                         self.credential,
@@ -105,25 +109,20 @@ impl ClientCredentials {
                         ),
                     )
                     .into_azure()
-                })?)
-            }
+                })?),
+            ),
         };
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("client_id", &self.client_id)
                 .append_pair("grant_type", "client_credentials")
                 .append_pair("scope", scope);
-            match (&self.auth, &assertion) {
-                (ClientAuth::Secret(secret), _) => {
-                    form.append_pair("client_secret", secret);
-                }
-                (_, assertion) => {
-                    form.append_pair("client_assertion_type", JWT_BEARER)
-                        .append_pair(
-                            "client_assertion",
-                            assertion.as_deref().unwrap_or_default().trim(),
-                        );
-                }
+            if let Some(secret) = secret {
+                form.append_pair("client_secret", secret);
+            }
+            if let Some(assertion) = &assertion {
+                form.append_pair("client_assertion_type", JWT_BEARER)
+                    .append_pair("client_assertion", assertion.trim());
             }
             form.finish()
         };
