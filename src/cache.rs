@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use azure_core::credentials::{AccessToken, TokenCredential};
 use azure_core::error::ErrorKind;
+use azure_core::time::OffsetDateTime;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::watch;
 
@@ -48,6 +49,9 @@ pub const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The background task re-reads the wall clock at least this often (a suspended machine's
 /// monotonic timers do not notice the time it slept).
 const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
+/// Entra tokens live at most a day (managed identities); a margin, backoff or timeout longer
+/// than that cannot work, so the builder refuses it.
+const LONGEST_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Caches the access token for one scope and refreshes it ahead of expiry.
 ///
@@ -144,10 +148,16 @@ impl RefreshPolicy {
     ) -> (SystemTime, SystemTime) {
         let lifetime = expires.duration_since(now).unwrap_or(Duration::ZERO);
         let safety = self.expiry_margin.min(lifetime / 4);
-        let ahead = (self.margin + self.jitter.mul_f64(random))
+        let ahead = self
+            .margin
+            .saturating_add(self.jitter.mul_f64(random.clamp(0.0, 1.0)))
             .min(lifetime / 2)
             .max(safety);
-        (expires - ahead, expires - safety)
+        // Both are at most half the lifetime, so neither reaches back before `now`.
+        (
+            expires.checked_sub(ahead).unwrap_or(now),
+            expires.checked_sub(safety).unwrap_or(now),
+        )
     }
 
     /// The wait after the `failures`-th consecutive failure: exponential, capped, jittered
@@ -157,7 +167,7 @@ impl RefreshPolicy {
         self.min_backoff
             .saturating_mul(1u32 << exponent)
             .min(self.max_backoff)
-            .mul_f64(0.5 + 0.5 * random)
+            .mul_f64(0.5 + 0.5 * random.clamp(0.0, 1.0))
     }
 }
 
@@ -234,7 +244,8 @@ impl TokenCache {
                 Some(in_flight) => in_flight.clone(),
                 None => {
                     let interval = self.inner.policy.forced_interval;
-                    if state.last_forced.is_some_and(|t| now < t + interval) {
+                    let recently = |t: SystemTime| t.checked_add(interval).is_none_or(|end| now < end);
+                    if state.last_forced.is_some_and(recently) {
                         tracing::debug!("a forced token refresh ran recently; not forcing another");
                         return Ok(None);
                     }
@@ -342,15 +353,28 @@ impl Inner {
         let refresh = async move {
             match task.await {
                 Ok(outcome) => outcome,
-                // Only when the runtime shuts down mid-refresh: free the slot for the next.
-                Err(_) => {
-                    if let Some(inner) = weak.upgrade() {
-                        inner.finish_in_flight(&mut inner.lock_state(), generation);
-                    }
-                    Err(Arc::new(azure_core::Error::with_message(
+                // The task was cancelled (its runtime shut down) or panicked outside the
+                // credential call: free the slot and back off like any failure, or the next
+                // caller (and the background task) would start another refresh at once.
+                Err(join_error) => {
+                    let error = Arc::new(azure_core::Error::with_message(
                         ErrorKind::Credential,
-                        "the token refresh was cancelled (its runtime shut down)",
-                    )))
+                        if join_error.is_panic() {
+                            "the token refresh panicked"
+                        } else {
+                            "the token refresh was cancelled (its runtime shut down)"
+                        },
+                    ));
+                    if let Some(inner) = weak.upgrade() {
+                        let now = inner.clock.now();
+                        let mut state = inner.lock_state();
+                        if state.generation == generation && state.in_flight.is_some() {
+                            inner.finish_in_flight(&mut state, generation);
+                            inner.back_off(&mut state, now);
+                            state.last_error = Some(Arc::clone(&error));
+                        }
+                    }
+                    Err(error)
                 }
             }
         }
@@ -419,7 +443,8 @@ impl Inner {
         let delay = self
             .policy
             .backoff(state.consecutive_failures, unit_random());
-        state.not_before = Some(now + delay);
+        // The builder caps the backoff at a day, so this cannot overflow; saturate regardless.
+        state.not_before = Some(now.checked_add(delay).unwrap_or(now));
         delay
     }
 
@@ -449,7 +474,15 @@ impl Inner {
                 )))
             };
         }
-        let expires = SystemTime::from(token.expires_on());
+        let Some(expires) = system_time(token.expires_on()) else {
+            return Err(Arc::new(azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!(
+                    "the credential returned a token that expires at {}, which this system's clock cannot represent",
+                    token.expires_on()
+                ),
+            )));
+        };
         let (refresh_at, usable_until) = self.policy.schedule(expires, now, unit_random());
         if now >= usable_until {
             return Err(Arc::new(azure_core::Error::with_message(
@@ -493,6 +526,19 @@ impl Inner {
             .map_or(now, |entry| entry.refresh_at);
         state.not_before.map_or(due, |backoff| due.max(backoff))
     }
+}
+
+/// A wall-clock time as `SystemTime`, or `None` when the platform cannot hold it (`time` dates
+/// reach years ±9999; converting with `From` panics where `SystemTime` is narrower).
+fn system_time(at: OffsetDateTime) -> Option<SystemTime> {
+    let seconds = at.unix_timestamp();
+    let whole = Duration::from_secs(seconds.unsigned_abs());
+    let time = if seconds >= 0 {
+        SystemTime::UNIX_EPOCH.checked_add(whole)?
+    } else {
+        SystemTime::UNIX_EPOCH.checked_sub(whole)?
+    };
+    time.checked_add(Duration::from_nanos(u64::from(at.nanosecond())))
 }
 
 enum Accepted {
@@ -578,7 +624,8 @@ impl TokenCacheBuilder {
     }
 
     /// How long before expiry a token turns stale (default 5 minutes; at most half a token's
-    /// lifetime is used).
+    /// lifetime is used). With the jitter, at most 24 hours: [`build`](Self::build) refuses
+    /// more.
     pub fn refresh_margin(mut self, margin: Duration) -> Self {
         self.policy.margin = margin;
         self
@@ -597,20 +644,22 @@ impl TokenCacheBuilder {
         self
     }
 
-    /// The first and the largest wait after failed refreshes (defaults 1 s and 60 s).
+    /// The first and the largest wait after failed refreshes (defaults 1 s and 60 s; the
+    /// largest at most 24 hours).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.policy.min_backoff = min;
         self.policy.max_backoff = max;
         self
     }
 
-    /// The limit on one credential call (default 120 s).
+    /// The limit on one credential call (default 120 s, at most 24 hours).
     pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
         self.policy.refresh_timeout = timeout;
         self
     }
 
-    /// The shortest time between two refreshes forced by refused logins (default 30 s); see
+    /// The shortest time between two refreshes forced by refused logins (default 30 s, at most
+    /// 24 hours); see
     /// [`TokenCache::refresh_rejected`].
     pub fn forced_refresh_interval(mut self, interval: Duration) -> Self {
         self.policy.forced_interval = interval;
@@ -651,6 +700,23 @@ impl TokenCacheBuilder {
         }
         if policy.refresh_timeout.is_zero() {
             return Err(Error::config("the refresh timeout must be positive"));
+        }
+        let too_long = [
+            (
+                "refresh margin plus jitter",
+                policy.margin.saturating_add(policy.jitter),
+            ),
+            ("maximum backoff", policy.max_backoff),
+            ("refresh timeout", policy.refresh_timeout),
+            ("forced refresh interval", policy.forced_interval),
+        ]
+        .into_iter()
+        .find(|(_, value)| *value > LONGEST_TOKEN_LIFETIME);
+        if let Some((setting, value)) = too_long {
+            return Err(Error::config(format!(
+                "the {setting} ({value:?}) is longer than any Entra token lives (24 hours); \
+                 use a shorter one"
+            )));
         }
         let runtime = if self.background {
             Some(tokio::runtime::Handle::try_current().map_err(|_| {

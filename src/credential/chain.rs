@@ -10,12 +10,12 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::error::ErrorKind;
 
 use super::cli::{AzureCliCredential, AzureDeveloperCliCredential};
-use super::entra::{EnvironmentCredential, WorkloadIdentityCredential};
+use super::entra::{DEFAULT_REQUEST_TIMEOUT, EnvironmentCredential, WorkloadIdentityCredential};
 use super::managed_identity::ManagedIdentityCredential;
 use super::managed_identity_error::ManagedIdentityError;
 use super::retry::RetryOptions;
 use super::unavailable::CredentialUnavailable;
-use crate::cloud::Cloud;
+use crate::cloud::{Cloud, resource_for_scope};
 use crate::environment::Environment;
 use crate::error::Error;
 
@@ -216,12 +216,21 @@ impl fmt::Display for NoCredential {
 
 impl std::error::Error for NoCredential {}
 
-/// The managed identity as a chain member: IMDS is probed quickly until it has answered once;
-/// an IMDS that does not know the identity (HTTP 400) counts as unavailable.
+/// The managed identity as a chain member, following what the Python, .NET and Go SDKs do:
+/// - until IMDS has answered once, each attempt first probes it ([`probe_imds`]) with a short
+///   timeout, so that a machine without IMDS falls through in about a second; once anything
+///   IMDS-shaped has answered, the full retry policy and deadline apply (410 for up to 70 s,
+///   429/5xx with backoff, a cold identity taking seconds to mint);
+/// - "not here, try the next": no answer to the probe, an answer that is not IMDS's (HTML or
+///   text from a proxy, Docker Desktop's 403 "unreachable network"), HTTP 400 (the identity is
+///   not assigned), or an endpoint that does not speak the protocol at all;
+/// - anything else (a JSON 401/403, a source that kept failing) stops the chain with its error.
+///
+/// [`probe_imds`]: ManagedIdentityCredential::probe_imds
 struct ChainManagedIdentity {
-    full: ManagedIdentityCredential,
-    probe: Option<ManagedIdentityCredential>,
+    credential: ManagedIdentityCredential,
     probe_timeout: Duration,
+    /// Set once IMDS has answered the probe; other sources are never probed.
     imds_answered: AtomicBool,
 }
 
@@ -230,12 +239,27 @@ impl ChainManagedIdentity {
         CredentialUnavailable::new("ManagedIdentityCredential", reason).into_azure()
     }
 
-    /// HTTP 400: the endpoint is there but this resource has no such identity.
-    fn identity_unknown(error: &azure_core::Error) -> azure_core::Error {
-        Self::unavailable(format!(
-            "the endpoint does not know this identity ({error}); assign one to the resource, or \
-             set AZURE_CLIENT_ID to a user-assigned identity's client id"
-        ))
+    /// The error for the chain: "unavailable" for answers that say this identity is not here.
+    fn classify(error: azure_core::Error) -> azure_core::Error {
+        match error.downcast_ref::<ManagedIdentityError>() {
+            Some(managed) if managed.status() == Some(400) => Self::unavailable(format!(
+                "the endpoint does not know this identity ({error}); assign one to the resource, \
+                 or set AZURE_CLIENT_ID to a user-assigned identity's client id"
+            )),
+            Some(ManagedIdentityError::UnexpectedAnswer { .. }) => {
+                Self::unavailable(error.to_string())
+            }
+            Some(ManagedIdentityError::Refused {
+                status: 403,
+                description: Some(description),
+                ..
+            }) if description.to_ascii_lowercase().contains("unreachable") => {
+                Self::unavailable(format!(
+                    "the endpoint says the network is unreachable ({error}); not on Azure?"
+                ))
+            }
+            _ => error,
+        }
     }
 }
 
@@ -246,59 +270,26 @@ impl TokenCredential for ChainManagedIdentity {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        if let Some(probe) = &self.probe
+        if let [scope] = scopes
+            && self.credential.is_imds()
             && !self.imds_answered.load(Ordering::Acquire)
         {
-            match probe.get_token(scopes, options.clone()).await {
-                Ok(token) => {
-                    self.imds_answered.store(true, Ordering::Release);
-                    return Ok(token);
-                }
-                Err(error) => match error.downcast_ref::<ManagedIdentityError>() {
-                    Some(ManagedIdentityError::Unreachable { endpoint, last, .. }) => {
-                        return Err(Self::unavailable(format!(
-                            "no IMDS endpoint answered at {endpoint} ({last}); not on an Azure VM?"
-                        )));
-                    }
-                    Some(ManagedIdentityError::DeadlineExceeded { endpoint, .. }) => {
-                        return Err(Self::unavailable(format!(
-                            "no IMDS endpoint answered at {endpoint} within {:?}; not on an \
-                             Azure VM?",
-                            self.probe_timeout
-                        )));
-                    }
-                    Some(managed) if managed.status() == Some(400) => {
-                        return Err(Self::identity_unknown(&error));
-                    }
-                    // A transient answer: IMDS is here, so the full retry policy applies.
-                    Some(ManagedIdentityError::Failing { .. }) => {
-                        self.imds_answered.store(true, Ordering::Release);
-                    }
-                    // A definite answer (refused, unusable): the full policy would not retry it.
-                    _ => {
-                        self.imds_answered.store(true, Ordering::Release);
-                        return Err(error);
-                    }
-                },
-            }
+            self.credential
+                .probe_imds(resource_for_scope(scope), self.probe_timeout)
+                .await
+                .map_err(Self::unavailable)?;
+            self.imds_answered.store(true, Ordering::Release);
         }
-        match self.full.get_token(scopes, options).await {
-            Err(error)
-                if error
-                    .downcast_ref::<ManagedIdentityError>()
-                    .and_then(ManagedIdentityError::status)
-                    == Some(400) =>
-            {
-                Err(Self::identity_unknown(&error))
-            }
-            other => other,
-        }
+        self.credential
+            .get_token(scopes, options)
+            .await
+            .map_err(Self::classify)
     }
 }
 
 impl fmt::Debug for ChainManagedIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.full.fmt(f)
+        self.credential.fmt(f)
     }
 }
 
@@ -310,6 +301,7 @@ pub struct DefaultAzureCredentialBuilder {
     probe_timeout: Duration,
     managed_identity_retry: RetryOptions,
     cli_timeout: Option<Duration>,
+    entra_timeout: Duration,
 }
 
 impl Default for DefaultAzureCredentialBuilder {
@@ -320,6 +312,7 @@ impl Default for DefaultAzureCredentialBuilder {
             probe_timeout: DEFAULT_IMDS_PROBE_TIMEOUT,
             managed_identity_retry: RetryOptions::default(),
             cli_timeout: None,
+            entra_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -350,6 +343,13 @@ impl DefaultAzureCredentialBuilder {
         self
     }
 
+    /// How long one token request to Entra may take, connection included, for the service
+    /// principal and the workload identity (default 30 s; connecting alone at most 10 s).
+    pub fn entra_timeout(mut self, timeout: Duration) -> Self {
+        self.entra_timeout = timeout;
+        self
+    }
+
     /// How long each CLI may take (default 10 s).
     pub fn cli_timeout(mut self, timeout: Duration) -> Self {
         self.cli_timeout = Some(timeout);
@@ -364,43 +364,36 @@ impl DefaultAzureCredentialBuilder {
     pub fn build(self) -> Result<DefaultAzureCredential, Error> {
         let environment = &self.environment;
         let selected = Member::selected(environment.var(TOKEN_CREDENTIALS_VAR).as_deref())?;
+        let explicit = selected.len() == 1;
         let mut members: Vec<(Member, Arc<dyn TokenCredential>)> = Vec::new();
         for member in selected {
             let credential: Arc<dyn TokenCredential> = match member {
-                Member::Environment => Arc::new(EnvironmentCredential::from_environment(
+                Member::Environment => Arc::new(EnvironmentCredential::with_timeout(
                     environment,
                     self.cloud,
+                    self.entra_timeout,
                 )?),
-                Member::WorkloadIdentity => Arc::new(WorkloadIdentityCredential::from_environment(
+                Member::WorkloadIdentity => Arc::new(WorkloadIdentityCredential::with_timeout(
                     environment,
                     self.cloud,
+                    self.entra_timeout,
                 )?),
                 Member::ManagedIdentity => {
-                    let builder =
-                        || ManagedIdentityCredential::builder().environment(environment.clone());
-                    let full = builder()
+                    let credential = ManagedIdentityCredential::builder()
+                        .environment(environment.clone())
                         .retry(self.managed_identity_retry.clone())
                         .build()?;
-                    let probe = if full.is_imds() {
-                        Some(
-                            builder()
-                                .retry(RetryOptions {
-                                    max_retries: 0,
-                                    attempt_timeout: self.probe_timeout,
-                                    deadline: self.probe_timeout,
-                                    ..RetryOptions::default()
-                                })
-                                .build()?,
-                        )
+                    if explicit {
+                        // Chosen by name: used as it is on its own, without the probe or the
+                        // chain's reading of its errors.
+                        Arc::new(credential)
                     } else {
-                        None
-                    };
-                    Arc::new(ChainManagedIdentity {
-                        full,
-                        probe,
-                        probe_timeout: self.probe_timeout,
-                        imds_answered: AtomicBool::new(false),
-                    })
+                        Arc::new(ChainManagedIdentity {
+                            credential,
+                            probe_timeout: self.probe_timeout,
+                            imds_answered: AtomicBool::new(false),
+                        })
+                    }
                 }
                 Member::AzureCli => {
                     let mut cli = AzureCliCredential::builder().environment(environment);

@@ -11,6 +11,9 @@ use azure_core::error::ErrorKind;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use tokio::io::AsyncReadExt as _;
+
+use super::http::MAX_BODY_BYTES;
 use super::token_response::redact_bearer_tokens;
 use super::unavailable::CredentialUnavailable;
 use crate::environment::Environment;
@@ -159,21 +162,29 @@ impl CliCredential {
             None => return Err(self.unavailable("PATH is not set, so `az`/`azd` cannot be found")),
         }
         tracing::debug!(program, scope, "asking a developer CLI for a token");
-        let child = command.spawn().map_err(|error| {
+        let mut child = command.spawn().map_err(|error| {
             if error.kind() == std::io::ErrorKind::NotFound {
                 self.unavailable(format!("`{program}` is not installed or not on PATH"))
             } else {
                 self.unavailable(format!("cannot run `{program}`: {error}"))
             }
         })?;
-        let output = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
+        let output = match tokio::time::timeout(self.timeout, read_output(&mut child)).await {
             Err(_) => {
                 return Err(self.unavailable(format!(
                     "`{program}` did not answer within {:?}",
                     self.timeout
                 )));
             }
-            Ok(Err(error)) => return Err(self.unavailable(format!("`{program}` failed: {error}"))),
+            Ok(Err(OutputError::TooLarge)) => {
+                return Err(self.unavailable(format!(
+                    "`{program}` wrote more than {} KiB, which is not a token answer",
+                    MAX_BODY_BYTES / 1024
+                )));
+            }
+            Ok(Err(OutputError::Io(error))) => {
+                return Err(self.unavailable(format!("`{program}` failed: {error}")));
+            }
             Ok(Ok(output)) => output,
         };
         if !output.status.success() {
@@ -198,6 +209,49 @@ impl CliCredential {
             .parse(&output.stdout)
             .map_err(|problem| self.unavailable(format!("`{program}` answered, but {problem}")))
     }
+}
+
+/// What a CLI printed, and how it ended.
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+enum OutputError {
+    /// stdout or stderr passed the cap; the child is killed when dropped.
+    TooLarge,
+    Io(std::io::Error),
+}
+
+/// Reads the child's stdout and stderr, each up to [`MAX_BODY_BYTES`], and waits for it to exit.
+async fn read_output(child: &mut tokio::process::Child) -> Result<Output, OutputError> {
+    async fn capped(
+        stream: Option<impl tokio::io::AsyncRead + Unpin>,
+    ) -> Result<Vec<u8>, OutputError> {
+        let mut bytes = Vec::new();
+        if let Some(stream) = stream {
+            stream
+                .take(MAX_BODY_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(OutputError::Io)?;
+        }
+        if bytes.len() > MAX_BODY_BYTES {
+            return Err(OutputError::TooLarge);
+        }
+        Ok(bytes)
+    }
+    let (stdout, stderr) = tokio::try_join!(
+        capped(child.stdout.take()),
+        capped(child.stderr.take())
+    )?;
+    let status = child.wait().await.map_err(OutputError::Io)?;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 macro_rules! cli_credential {

@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 
+use super::http::{BodyError, Destination, innermost_cause, read_body};
 use super::token_response::{ErrorBody, parse_token_response, redact_bearer_tokens};
 use super::unavailable::CredentialUnavailable;
 use crate::cloud::Cloud;
@@ -24,6 +26,10 @@ const CLIENT_CERTIFICATE_PATH_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PATH";
 const CLIENT_CERTIFICATE_PASSWORD_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PASSWORD";
 const FEDERATED_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Default limit on reaching Entra's token endpoint (DNS, TCP, TLS).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default limit on one token request to Entra, connection included.
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the client proves itself.
 enum ClientAuth {
@@ -51,6 +57,7 @@ impl ClientCredentials {
         tenant: String,
         client_id: String,
         auth: ClientAuth,
+        request_timeout: Duration,
     ) -> Result<Self, Error> {
         let authority = environment
             .var(AUTHORITY_HOST_VAR)
@@ -58,9 +65,10 @@ impl ClientCredentials {
         let token_url = token_url(&authority, &tenant).map_err(|problem| {
             Error::config(format!("{AUTHORITY_HOST_VAR} {authority:?}: {problem}"))
         })?;
-        let http = reqwest::Client::builder()
-            .build()
-            .map_err(|e| Error::config(format!("cannot create an HTTP client: {e}")))?;
+        let http = super::http::client(Destination::Entra {
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT.min(request_timeout),
+            request_timeout,
+        })?;
         Ok(Self {
             credential,
             token_url,
@@ -126,6 +134,15 @@ impl ClientCredentials {
             }
             form.finish()
         };
+        let no_answer = |cause: String| {
+            azure_core::Error::with_message(
+                ErrorKind::Connection,
+                format!(
+                    "{}: no answer from {}: {cause}",
+                    self.credential, self.token_url
+                ),
+            )
+        };
         let response = self
             .http
             .post(self.token_url.clone())
@@ -133,20 +150,14 @@ impl ClientCredentials {
             .body(body)
             .send()
             .await
-            .map_err(|e| {
-                azure_core::Error::with_message(
-                    ErrorKind::Connection,
-                    format!(
-                        "{}: no answer from {}: {}",
-                        self.credential,
-                        self.token_url,
-                        super::managed_identity::innermost_cause(&e)
-                    ),
-                )
-            })?;
+            .map_err(|e| no_answer(describe_transport_error(&e)))?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(|e| {
-            azure_core::Error::with_message(ErrorKind::Io, format!("{}: {e}", self.credential))
+        let body = read_body(response).await.map_err(|e| match e {
+            BodyError::Transport(e) => no_answer(describe_transport_error(&e)),
+            too_large => azure_core::Error::with_message(
+                ErrorKind::Credential,
+                format!("{}: {} sent an unusable answer: {too_large}", self.credential, self.token_url),
+            ),
         })?;
         if status == 200 {
             return parse_token_response(&body, time::OffsetDateTime::now_utc()).map_err(
@@ -162,11 +173,15 @@ impl ClientCredentials {
             );
         }
         let error = ErrorBody::parse(&body);
-        let description = error
-            .description
-            .as_deref()
-            .map(redact_bearer_tokens)
-            .unwrap_or_default();
+        let description = match (&error.description, status / 100) {
+            (Some(description), _) => redact_bearer_tokens(description),
+            (None, 3) => "a redirect, which is never followed".to_owned(),
+            (None, _) => error
+                .excerpt
+                .as_deref()
+                .map(|words| format!("\"{words}\""))
+                .unwrap_or_default(),
+        };
         Err(azure_core::Error::with_message(
             ErrorKind::HttpResponse {
                 status: StatusCode::from(status),
@@ -180,6 +195,15 @@ impl ClientCredentials {
                 error.code.map(|c| format!(" ({c})")).unwrap_or_default(),
             ),
         ))
+    }
+}
+
+/// A failed exchange in words: a timeout says which limit ran out.
+fn describe_transport_error(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "no answer within the request timeout (DefaultAzureCredentialBuilder::entra_timeout)".into()
+    } else {
+        innermost_cause(error)
     }
 }
 
@@ -260,10 +284,19 @@ macro_rules! client_credential {
                 Self::from_environment(&Environment::process(), Cloud::Public)
             }
 
-            /// The credential `environment` describes, in `cloud`.
+            /// The credential `environment` describes, in `cloud`. Each token request may take
+            /// 30 s at most (10 s to connect).
             pub fn from_environment(environment: &Environment, cloud: Cloud) -> Result<Self, Error> {
+                Self::with_timeout(environment, cloud, DEFAULT_REQUEST_TIMEOUT)
+            }
+
+            pub(crate) fn with_timeout(
+                environment: &Environment,
+                cloud: Cloud,
+                request_timeout: Duration,
+            ) -> Result<Self, Error> {
                 Ok(Self {
-                    state: match Self::configure(environment, cloud)? {
+                    state: match Self::configure(environment, cloud, request_timeout)? {
                         FromEnvironment::Ready(client) => Ok(client),
                         FromEnvironment::Unavailable(reason) => Err(reason),
                     },
@@ -329,6 +362,7 @@ impl EnvironmentCredential {
     fn configure(
         environment: &Environment,
         cloud: Cloud,
+        request_timeout: Duration,
     ) -> Result<FromEnvironment<ClientCredentials>, Error> {
         const NAME: &str = "EnvironmentCredential";
         let ids = match required(environment, NAME, &[TENANT_ID_VAR, CLIENT_ID_VAR]) {
@@ -371,8 +405,16 @@ impl EnvironmentCredential {
         };
         let [tenant, client_id] =
             <[String; 2]>::try_from(ids).expect("two variables were required");
-        ClientCredentials::new(NAME, environment, cloud, tenant, client_id, auth)
-            .map(FromEnvironment::Ready)
+        ClientCredentials::new(
+            NAME,
+            environment,
+            cloud,
+            tenant,
+            client_id,
+            auth,
+            request_timeout,
+        )
+        .map(FromEnvironment::Ready)
     }
 }
 
@@ -380,6 +422,7 @@ impl WorkloadIdentityCredential {
     fn configure(
         environment: &Environment,
         cloud: Cloud,
+        request_timeout: Duration,
     ) -> Result<FromEnvironment<ClientCredentials>, Error> {
         const NAME: &str = "WorkloadIdentityCredential";
         let vars = match required(
@@ -399,6 +442,7 @@ impl WorkloadIdentityCredential {
             tenant,
             client_id,
             ClientAuth::AssertionFile(file.into()),
+            request_timeout,
         )
         .map(FromEnvironment::Ready)
     }

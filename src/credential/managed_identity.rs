@@ -13,9 +13,10 @@ use super::imds::{
     CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR,
 };
 use super::managed_identity_error::ManagedIdentityError;
+use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::retry::{AttemptFailure, RetryOptions, RetryState, parse_retry_after};
 use super::source::{Source, imds_token_url};
-use super::token_response::{ErrorBody, parse_token_response};
+use super::token_response::{ErrorBody, looks_like_imds, parse_token_response};
 use crate::cloud::resource_for_scope;
 use crate::environment::Environment;
 use crate::error::Error;
@@ -94,17 +95,16 @@ impl ManagedIdentityCredential {
     /// One token request, retried within the deadline.
     async fn fetch(&self, resource: &str) -> Result<AccessToken, ManagedIdentityError> {
         let started = Instant::now();
-        let deadline = started + self.retry.deadline;
+        // A deadline too far away to represent (say `Duration::MAX`) is no deadline.
+        let deadline = started.checked_add(self.retry.deadline);
+        let remaining = || deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
         let mut attempts = 0u32;
         let mut transient_retries = 0u32;
         let mut first_gone: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            attempts += 1;
-            let budget = self
-                .retry
-                .attempt_timeout
-                .min(deadline.saturating_duration_since(now));
+            attempts = attempts.saturating_add(1);
+            let budget = self.retry.attempt_timeout.min(remaining());
             let (failure, retry_after, last) = match self.attempt(resource, budget).await {
                 Attempt::Token(token) => {
                     tracing::debug!(attempts, source = self.source.name(), endpoint = %self.source.endpoint(), "managed identity token received");
@@ -113,23 +113,22 @@ impl ManagedIdentityCredential {
                 Attempt::Invalid(problem) => {
                     return Err(ManagedIdentityError::InvalidResponse {
                         endpoint: self.endpoint(),
-                        problem: problem.to_string(),
-                    });
-                }
-                Attempt::Challenge(problem) => {
-                    return Err(ManagedIdentityError::InvalidResponse {
-                        endpoint: self.endpoint(),
                         problem,
                     });
                 }
                 Attempt::Status {
                     status,
                     retry_after,
+                    content_type,
                     body,
                 } => (
                     AttemptFailure::Status(status),
                     retry_after,
-                    StatusOrCause::Status(status, body),
+                    StatusOrCause::Status {
+                        status,
+                        content_type,
+                        body,
+                    },
                 ),
                 Attempt::Timeout => (
                     AttemptFailure::Timeout,
@@ -155,7 +154,9 @@ impl ManagedIdentityCredential {
             let Some(delay) = self.retry.delay_before_retry(failure, state) else {
                 return Err(last.into_final_error(self.endpoint(), attempts));
             };
-            if Instant::now() + delay >= deadline {
+            // No wait may run past the deadline: a `Retry-After` of years (or of u64::MAX
+            // seconds) ends the call now, with the reason, instead of sleeping uselessly.
+            if delay >= remaining() {
                 return Err(ManagedIdentityError::DeadlineExceeded {
                     endpoint: self.endpoint(),
                     deadline: self.retry.deadline,
@@ -166,11 +167,11 @@ impl ManagedIdentityCredential {
             tracing::debug!(
                 attempts,
                 failure = %last.describe(),
-                delay_ms = delay.as_millis() as u64,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 "managed identity request failed; retrying"
             );
             if failure != AttemptFailure::Status(410) {
-                transient_retries += 1;
+                transient_retries = transient_retries.saturating_add(1);
             }
             tokio::time::sleep(delay).await;
         }
@@ -183,7 +184,7 @@ impl ManagedIdentityCredential {
                     .request(&self.http, resource, &self.identity, key)
                     .send()
             };
-            let mut response = send(None).await?;
+            let mut response = send(None).await.map_err(Exchange::Transport)?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
                 && matches!(self.source, Source::Arc { .. })
             {
@@ -191,10 +192,14 @@ impl ManagedIdentityCredential {
                     .headers()
                     .get(reqwest::header::WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok());
-                match self.source.arc_key(challenge).await {
-                    Ok(key) => response = send(Some(key.trim_end())).await?,
-                    Err(problem) => return Ok(Err(problem)),
-                }
+                let key = self
+                    .source
+                    .arc_key(challenge)
+                    .await
+                    .map_err(Exchange::Challenge)?;
+                response = send(Some(key.trim_end()))
+                    .await
+                    .map_err(Exchange::Transport)?;
             }
             let status = response.status().as_u16();
             let retry_after = response
@@ -202,27 +207,104 @@ impl ManagedIdentityCredential {
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()));
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>(Ok((status, retry_after, body)))
+            let content_type = content_type(&response);
+            let body = read_body(response).await.map_err(Exchange::Body)?;
+            Ok((status, retry_after, content_type, body))
         };
         match tokio::time::timeout(budget, exchange).await {
             Err(_) => Attempt::Timeout,
-            Ok(Ok(Err(problem))) => Attempt::Challenge(problem),
-            Ok(Err(error)) if error.is_timeout() => Attempt::Timeout,
-            Ok(Err(error)) => Attempt::Connection(innermost_cause(&error)),
-            Ok(Ok(Ok((200, _, body)))) => {
+            Ok(Err(Exchange::Challenge(problem))) => Attempt::Invalid(problem),
+            Ok(Err(Exchange::Body(BodyError::TooLarge))) => {
+                Attempt::Invalid(BodyError::TooLarge.to_string())
+            }
+            Ok(Err(Exchange::Body(BodyError::Transport(error)) | Exchange::Transport(error)))
+                if error.is_timeout() =>
+            {
+                Attempt::Timeout
+            }
+            Ok(Err(Exchange::Body(BodyError::Transport(error)) | Exchange::Transport(error))) => {
+                Attempt::Connection(innermost_cause(&error))
+            }
+            Ok(Ok((200, _, _, body))) => {
                 match parse_token_response(&body, time::OffsetDateTime::now_utc()) {
                     Ok(token) => Attempt::Token(token),
-                    Err(problem) => Attempt::Invalid(problem),
+                    Err(problem) => Attempt::Invalid(problem.to_string()),
                 }
             }
-            Ok(Ok(Ok((status, retry_after, body)))) => Attempt::Status {
+            Ok(Ok((status, retry_after, content_type, body))) => Attempt::Status {
                 status,
                 retry_after,
+                content_type,
                 body: ErrorBody::parse(&body),
             },
         }
     }
+
+    /// Whether IMDS is at the configured address, asked as the Python and Go SDKs ask inside
+    /// `DefaultAzureCredential`: with the token request minus its `Metadata` header, which IMDS
+    /// refuses at once (HTTP 400, JSON) without minting anything. `timeout` therefore bounds
+    /// reaching IMDS and its immediate answer, never the minting of a token, which on a cold
+    /// identity takes seconds. `Err` says why this is not IMDS.
+    pub(crate) async fn probe_imds(&self, resource: &str, timeout: Duration) -> Result<(), String> {
+        let endpoint = self.source.endpoint();
+        let exchange = async {
+            let response = self
+                .source
+                .imds_probe(&self.http, resource)
+                .send()
+                .await
+                .map_err(|e| innermost_cause(&e))?;
+            let status = response.status().as_u16();
+            let content_type = content_type(&response);
+            let body = read_body(response).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((status, content_type, body))
+        };
+        let (status, content_type, body) = match tokio::time::timeout(timeout, exchange).await {
+            Err(_) => {
+                return Err(format!(
+                    "no IMDS endpoint answered at {endpoint} within {timeout:?}; not on an Azure VM?"
+                ));
+            }
+            Ok(Err(cause)) => {
+                return Err(format!(
+                    "no IMDS endpoint answered at {endpoint} ({cause}); not on an Azure VM?"
+                ));
+            }
+            Ok(Ok(answer)) => answer,
+        };
+        let error = ErrorBody::parse(&body);
+        // Docker Desktop answers 169.254.169.254 itself, with 403 and "... unreachable network"
+        // (the Go SDK checks for the same word).
+        let unreachable = |text: &Option<String>| {
+            text.as_deref()
+                .is_some_and(|t| t.to_ascii_lowercase().contains("unreachable"))
+        };
+        if status == 403 && (unreachable(&error.description) || unreachable(&error.excerpt)) {
+            return Err(format!(
+                "{endpoint} answered HTTP 403 saying the network is unreachable (Docker Desktop \
+                 answers so for 169.254.169.254); not on an Azure VM"
+            ));
+        }
+        if !looks_like_imds(&body) {
+            return Err(ManagedIdentityError::UnexpectedAnswer {
+                endpoint: endpoint.to_string(),
+                status,
+                content_type,
+                excerpt: error.excerpt,
+            }
+            .to_string());
+        }
+        tracing::debug!(%endpoint, status, "IMDS answered the probe");
+        Ok(())
+    }
+}
+
+/// How one exchange with the endpoint failed before it gave an answer to judge.
+enum Exchange {
+    Transport(reqwest::Error),
+    Body(BodyError),
+    /// The Arc key challenge could not be answered.
+    Challenge(String),
 }
 
 #[async_trait::async_trait]
@@ -336,11 +418,7 @@ impl ManagedIdentityCredentialBuilder {
             Source::detect(&self.environment, imds_url, self.arc_key_directory)?
         };
         source.check_identity(&identity)?;
-        let http = reqwest::Client::builder()
-            // Managed identity endpoints are local to the host: never through a proxy.
-            .no_proxy()
-            .build()
-            .map_err(|e| Error::config(format!("cannot create an HTTP client: {e}")))?;
+        let http = super::http::client(Destination::HostLocal)?;
         tracing::debug!(source = source.name(), endpoint = %source.endpoint(), ?identity, "managed identity source chosen");
         Ok(ManagedIdentityCredential {
             source,
@@ -353,12 +431,12 @@ impl ManagedIdentityCredentialBuilder {
 
 enum Attempt {
     Token(AccessToken),
-    Invalid(super::token_response::ResponseProblem),
-    /// The Arc key challenge could not be answered.
-    Challenge(String),
+    /// A final answer that cannot be used (never the body itself).
+    Invalid(String),
     Status {
         status: u16,
         retry_after: Option<Duration>,
+        content_type: Option<String>,
         body: ErrorBody,
     },
     Timeout,
@@ -367,14 +445,18 @@ enum Attempt {
 
 /// The last failure of a request, kept to word the final error.
 enum StatusOrCause {
-    Status(u16, ErrorBody),
+    Status {
+        status: u16,
+        content_type: Option<String>,
+        body: ErrorBody,
+    },
     Cause(String),
 }
 
 impl StatusOrCause {
     fn describe(&self) -> String {
         match self {
-            StatusOrCause::Status(status, body) => match &body.code {
+            StatusOrCause::Status { status, body, .. } => match &body.code {
                 Some(code) => format!("HTTP {status} ({code})"),
                 None => format!("HTTP {status}"),
             },
@@ -384,9 +466,21 @@ impl StatusOrCause {
 
     fn into_final_error(self, endpoint: String, attempts: u32) -> ManagedIdentityError {
         match self {
-            StatusOrCause::Status(status, body)
-                if (400..500).contains(&status) && !matches!(status, 404 | 408 | 410 | 429) =>
-            {
+            // A redirect (never followed) or a page that is not JSON: whatever answered is not
+            // speaking the protocol, so this is no verdict on the identity.
+            StatusOrCause::Status {
+                status,
+                content_type,
+                body,
+            } if (300..400).contains(&status) || (!body.is_json && !is_retried(status)) => {
+                ManagedIdentityError::UnexpectedAnswer {
+                    endpoint,
+                    status,
+                    content_type,
+                    excerpt: body.excerpt,
+                }
+            }
+            StatusOrCause::Status { status, body, .. } if !is_retried(status) => {
                 ManagedIdentityError::Refused {
                     endpoint,
                     status,
@@ -394,7 +488,7 @@ impl StatusOrCause {
                     description: body.description,
                 }
             }
-            StatusOrCause::Status(status, body) => ManagedIdentityError::Failing {
+            StatusOrCause::Status { status, body, .. } => ManagedIdentityError::Failing {
                 endpoint,
                 status,
                 code: body.code,
@@ -409,12 +503,7 @@ impl StatusOrCause {
     }
 }
 
-/// The most specific message in an error chain ("Connection refused" rather than "error
-/// sending request").
-pub(crate) fn innermost_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
+/// Statuses the retry policy retries, so that running out of retries is "kept failing".
+fn is_retried(status: u16) -> bool {
+    AttemptFailure::Status(status).is_transient() || status == 410
 }

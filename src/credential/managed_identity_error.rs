@@ -84,6 +84,31 @@ pub enum ManagedIdentityError {
         last: String,
     },
 
+    /// Something answered that does not speak a managed identity protocol: an HTML or text
+    /// page, or a redirect (never followed). A proxy or Docker Desktop answering the address, or
+    /// an endpoint variable pointing at the wrong service; not a refusal of this identity.
+    #[error(
+        "the answer from {endpoint} is not a managed identity endpoint's: HTTP {status}{}{}; a \
+         proxy or Docker Desktop may be answering this address, or the endpoint variable \
+         (IDENTITY_ENDPOINT, MSI_ENDPOINT, AZURE_POD_IDENTITY_AUTHORITY_HOST) points elsewhere",
+        content_type.as_deref().map(|t| format!(", {t}")).unwrap_or_default(),
+        match (status / 100, excerpt.as_deref()) {
+            (3, _) => ", a redirect, which is never followed".to_owned(),
+            (_, Some(words)) => format!(", \"{words}\""),
+            (_, None) => String::new(),
+        }
+    )]
+    UnexpectedAnswer {
+        /// The endpoint.
+        endpoint: String,
+        /// The HTTP status.
+        status: u16,
+        /// The answer's content type, if it named one.
+        content_type: Option<String>,
+        /// The first words of the answer (markup dropped, anything token-shaped redacted).
+        excerpt: Option<String>,
+    },
+
     /// A managed identity token is for exactly one resource.
     #[error("a managed identity token is requested for exactly one scope; {count} were given")]
     ScopeCount {

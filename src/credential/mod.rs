@@ -8,6 +8,7 @@ mod cli;
 #[cfg(feature = "client-certificate")]
 mod client_certificate;
 mod entra;
+mod http;
 mod imds;
 mod managed_identity;
 mod managed_identity_error;

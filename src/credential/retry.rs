@@ -61,7 +61,7 @@ pub(crate) enum AttemptFailure {
 }
 
 impl AttemptFailure {
-    fn is_transient(self) -> bool {
+    pub(crate) fn is_transient(self) -> bool {
         match self {
             AttemptFailure::Status(status) => {
                 matches!(status, 404 | 408 | 429) || (500..600).contains(&status)
@@ -102,11 +102,14 @@ impl RetryOptions {
             return None;
         }
         let exponent = state.total_retries.min(16);
-        let backoff = self
+        let capped = self
             .initial_backoff
             .saturating_mul(1u32 << exponent)
-            .min(self.max_backoff)
-            .mul_f64(state.jitter.clamp(0.8, 1.2));
+            .min(self.max_backoff);
+        // `mul_f64` panics past `Duration::MAX`; a backoff that large saturates instead.
+        let backoff =
+            Duration::try_from_secs_f64(capped.as_secs_f64() * state.jitter.clamp(0.8, 1.2))
+                .unwrap_or(Duration::MAX);
         Some(match state.retry_after {
             Some(after) => backoff.max(after),
             None => backoff,
@@ -231,6 +234,30 @@ mod tests {
             options.delay_before_retry(AttemptFailure::Status(500), jittered(1.2)),
             Some(Duration::from_millis(2400))
         );
+    }
+
+    #[test]
+    fn huge_settings_and_headers_saturate_instead_of_panicking() {
+        let options = RetryOptions {
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            ..RetryOptions::default()
+        };
+        let jittered = RetryState {
+            jitter: 1.2,
+            retry_after: Some(Duration::from_secs(u64::MAX)),
+            ..state(3)
+        };
+        assert_eq!(
+            options.delay_before_retry(AttemptFailure::Status(503), jittered),
+            Some(Duration::MAX)
+        );
+        let now = time::macros::datetime!(2015-10-21 07:28:00 UTC);
+        assert_eq!(
+            parse_retry_after("18446744073709551615", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+        assert_eq!(parse_retry_after("99999999999999999999999", now), None);
     }
 
     #[test]

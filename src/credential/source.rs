@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tokio::io::AsyncReadExt as _;
+
 use super::imds::{IMDS_TOKEN_PATH, ManagedIdentityId};
 use crate::environment::Environment;
 use crate::error::Error;
@@ -188,6 +190,12 @@ impl Source {
         }
     }
 
+    /// The IMDS token request without its `Metadata` header: the chain's probe. IMDS refuses it
+    /// at once, which proves IMDS is there without waiting for a token to be minted.
+    pub(crate) fn imds_probe(&self, http: &reqwest::Client, resource: &str) -> reqwest::RequestBuilder {
+        http.get(with_query(self.endpoint(), "2018-02-01", resource, None))
+    }
+
     /// Answers the Arc agent's 401 challenge: reads the key file named by
     /// `WWW-Authenticate: Basic realm=<path>` after checking that it is one of the agent's keys.
     pub(crate) async fn arc_key(&self, challenge: Option<&str>) -> Result<String, String> {
@@ -199,18 +207,23 @@ impl Source {
             .map(|path| PathBuf::from(path.trim().trim_matches('"')))
             .ok_or("the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header")?;
         check_arc_key_path(&path, key_directory)?;
-        let metadata = tokio::fs::metadata(&path)
+        // One read, capped: checking the size first and reading after would let the file grow
+        // in between.
+        let unreadable = |e: std::io::Error| format!("cannot read the Arc key file {}: {e}", path.display());
+        let file = tokio::fs::File::open(&path).await.map_err(unreadable)?;
+        let mut key = Vec::new();
+        file.take(ARC_KEY_MAX_BYTES + 1)
+            .read_to_end(&mut key)
             .await
-            .map_err(|e| format!("cannot read the Arc key file {}: {e}", path.display()))?;
-        if metadata.len() > ARC_KEY_MAX_BYTES {
+            .map_err(unreadable)?;
+        if key.len() as u64 > ARC_KEY_MAX_BYTES {
             return Err(format!(
                 "the Arc key file {} is larger than {ARC_KEY_MAX_BYTES} bytes",
                 path.display()
             ));
         }
-        tokio::fs::read_to_string(&path)
-            .await
-            .map_err(|e| format!("cannot read the Arc key file {}: {e}", path.display()))
+        String::from_utf8(key)
+            .map_err(|_| format!("the Arc key file {} is not text", path.display()))
     }
 }
 

@@ -65,10 +65,23 @@ fn expires_on_from_json(value: &serde_json::Value) -> Option<OffsetDateTime> {
     if let Ok(date) = OffsetDateTime::parse(text, &Rfc3339) {
         return Some(date);
     }
-    let legacy = time::macros::format_description!(
-        "[month]/[day]/[year] [hour]:[minute]:[second] [offset_hour sign:mandatory]:[offset_minute]"
+    legacy_date(text)
+}
+
+/// The legacy App Service date (`06/20/2019 02:57:58 +00:00`), which Windows hosts also write
+/// on a 12-hour clock with unpadded fields (`11/23/2026 4:05:09 PM +00:00`).
+fn legacy_date(text: &str) -> Option<OffsetDateTime> {
+    let day_24h = time::macros::format_description!(
+        "[month padding:none]/[day padding:none]/[year] [hour padding:none]:[minute]:[second] \
+         [offset_hour sign:mandatory]:[offset_minute]"
     );
-    OffsetDateTime::parse(text, legacy).ok()
+    let day_12h = time::macros::format_description!(
+        "[month padding:none]/[day padding:none]/[year] [hour repr:12 padding:none]:[minute]:\
+         [second] [period case_sensitive:false] [offset_hour sign:mandatory]:[offset_minute]"
+    );
+    OffsetDateTime::parse(text, day_24h)
+        .or_else(|_| OffsetDateTime::parse(text, day_12h))
+        .ok()
 }
 
 /// A whole number given as a JSON number or a numeric string.
@@ -82,17 +95,26 @@ fn integer_from_json(value: &serde_json::Value) -> Option<i64> {
     }
 }
 
-/// The `error` code and `error_description` of an error body, when it is JSON.
+/// What an error answer said: the `error` code and `error_description` of an identity
+/// endpoint's JSON (App Service's `message` counts as a description), or, when the body is not
+/// JSON at all, a few of its words to say what answered instead.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ErrorBody {
     pub code: Option<String>,
     pub description: Option<String>,
+    /// Whether the body is a JSON object, as every identity endpoint's errors are.
+    pub is_json: bool,
+    /// For a body that is not JSON: its first words (tags dropped, tokens redacted).
+    pub excerpt: Option<String>,
 }
 
 impl ErrorBody {
     pub(crate) fn parse(body: &[u8]) -> Self {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(body) else {
-            return Self::default();
+            return Self {
+                excerpt: Some(excerpt(body)).filter(|e| !e.is_empty()),
+                ..Self::default()
+            };
         };
         let field = |name: &str| {
             object
@@ -101,7 +123,7 @@ impl ErrorBody {
                 .map(|s| redact_bearer_tokens(s.trim()))
                 .filter(|s| !s.is_empty())
         };
-        let description = field("error_description").map(|d| {
+        let description = field("error_description").or_else(|| field("message")).map(|d| {
             if d.chars().count() > MAX_DESCRIPTION_CHARS {
                 let cut: String = d.chars().take(MAX_DESCRIPTION_CHARS).collect();
                 format!("{cut}…")
@@ -112,8 +134,52 @@ impl ErrorBody {
         Self {
             code: field("error"),
             description,
+            is_json: true,
+            excerpt: None,
         }
     }
+}
+
+/// Whether a body has the shape IMDS always answers with: a JSON object holding `error` (its
+/// errors) or `access_token` (a token). Proxies and Docker Desktop answer 169.254.169.254 with
+/// HTML or plain text.
+pub(crate) fn looks_like_imds(body: &[u8]) -> bool {
+    matches!(
+        serde_json::from_slice::<serde_json::Value>(body),
+        Ok(serde_json::Value::Object(object))
+            if object.contains_key("error") || object.contains_key("access_token")
+    )
+}
+
+/// Words an excerpt keeps: enough to recognise a proxy's page, too few to carry a document.
+const EXCERPT_WORDS: usize = 12;
+const EXCERPT_CHARS: usize = 100;
+
+/// The first words of a body that is not JSON: markup dropped, whitespace collapsed, anything
+/// token-shaped redacted, and cut short.
+pub(crate) fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(4 * 1024)]);
+    let mut plain = String::new();
+    let mut in_tag = false;
+    for c in text.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                plain.push(' ');
+            }
+            '>' => in_tag = false,
+            c if !in_tag && !c.is_control() => plain.push(c),
+            _ if !in_tag => plain.push(' '),
+            _ => {}
+        }
+    }
+    let words: Vec<&str> = plain.split_whitespace().take(EXCERPT_WORDS).collect();
+    let mut excerpt = redact_bearer_tokens(&words.join(" "));
+    if excerpt.chars().count() > EXCERPT_CHARS {
+        excerpt = excerpt.chars().take(EXCERPT_CHARS).collect();
+        excerpt.push('…');
+    }
+    excerpt
 }
 
 /// Replaces anything shaped like a JWT (`eyJ….….…`) with `<redacted>`: an error description is
@@ -204,6 +270,45 @@ mod tests {
             body.description.as_deref(),
             Some("Identity not found <redacted>")
         );
-        assert_eq!(ErrorBody::parse(b"<html>"), ErrorBody::default());
+        let html = ErrorBody::parse(b"<html><head><title>Access denied</title></head></html>");
+        assert!(!html.is_json);
+        assert_eq!(html.excerpt.as_deref(), Some("Access denied"));
+        assert_eq!(html.code, None);
+    }
+
+    #[test]
+    fn imds_shape_and_excerpts() {
+        assert!(looks_like_imds(br#"{"error":"invalid_request"}"#));
+        assert!(looks_like_imds(br#"{"access_token":"t"}"#));
+        assert!(!looks_like_imds(br#"{"statusCode":403}"#));
+        assert!(!looks_like_imds(b"<html>Forbidden</html>"));
+        assert!(!looks_like_imds(b"connecting to 169.254.169.254:80: unreachable network"));
+        let long = format!("{} eyJhbGciOi.eyJzdWIiOi.c2ln", "word ".repeat(40));
+        let cut = excerpt(long.as_bytes());
+        assert_eq!(cut.split(' ').count(), EXCERPT_WORDS, "{cut}");
+        assert!(!cut.contains("eyJ"));
+        let secret = excerpt(b"denied eyJhbGciOi.eyJzdWIiOi.c2ln");
+        assert_eq!(secret, "denied <redacted>");
+    }
+
+    #[test]
+    fn legacy_dates_on_both_clocks() {
+        let expected = datetime!(2026-11-23 16:05:09 UTC);
+        for text in [
+            "11/23/2026 16:05:09 +00:00",
+            "11/23/2026 4:05:09 PM +00:00",
+            "11/23/2026 4:05:09 pm +00:00",
+        ] {
+            assert_eq!(legacy_date(text), Some(expected), "{text}");
+        }
+        assert_eq!(
+            legacy_date("1/2/2027 12:00:00 AM +00:00"),
+            Some(datetime!(2027-01-02 00:00:00 UTC))
+        );
+        assert_eq!(
+            legacy_date("1/2/2027 12:00:00 PM +01:00"),
+            Some(datetime!(2027-01-02 11:00:00 UTC))
+        );
+        assert_eq!(legacy_date("13/45/2027 99:00:00 PM +00:00"), None);
     }
 }
