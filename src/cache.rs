@@ -244,7 +244,8 @@ impl TokenCache {
                 Some(in_flight) => in_flight.clone(),
                 None => {
                     let interval = self.inner.policy.forced_interval;
-                    let recently = |t: SystemTime| t.checked_add(interval).is_none_or(|end| now < end);
+                    let recently =
+                        |t: SystemTime| t.checked_add(interval).is_none_or(|end| now < end);
                     if state.last_forced.is_some_and(recently) {
                         tracing::debug!("a forced token refresh ran recently; not forcing another");
                         return Ok(None);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use postgres_native_tls::{MakeTlsConnector, TlsStream};
+use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Socket};
 
 use crate::cache::TokenCache;
@@ -15,6 +16,7 @@ use crate::conninfo::Settings;
 use crate::credential::DefaultAzureCredential;
 use crate::environment::Environment;
 use crate::error::Error;
+use crate::jitter::unit_random;
 use crate::tls::{SslMode, make_tls_connector};
 use crate::token::Token;
 
@@ -23,6 +25,10 @@ pub const DEFAULT_PORT: u16 = 5432;
 /// Entra roles are created in `postgres`; connecting to a database named after the role (the
 /// libpq default) fails on a new server.
 pub const DEFAULT_DBNAME: &str = "postgres";
+/// The limit on one connection attempt to one host (DNS, TCP, TLS, startup and login) when
+/// none is configured. libpq waits forever; a service holding a bearer token must not hang on a
+/// server that accepted the connection and went silent. Azure answers in well under a second.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The connection half of [`Connector::connect_with_connection`]: poll it (usually by spawning
 /// it) to drive the session.
@@ -52,6 +58,10 @@ pub struct Connector {
 struct ConnectorInner {
     /// Everything but the password (and the user, when it comes from the token).
     base: tokio_postgres::Config,
+    /// The same, one per host, in the order they are tried: each attempt gets its own
+    /// `connect_timeout`, as in libpq.
+    per_host: Vec<HostConfig>,
+    connect_timeout: Duration,
     user_from_token: bool,
     /// The server name to append to user names (Single Server), if asked for.
     single_server: Option<String>,
@@ -126,7 +136,15 @@ impl Connector {
     }
 
     fn config_with(&self, token: &Token) -> Result<tokio_postgres::Config, Error> {
-        let mut config = self.inner.base.clone();
+        self.with_credentials(&self.inner.base, token)
+    }
+
+    fn with_credentials(
+        &self,
+        base: &tokio_postgres::Config,
+        token: &Token,
+    ) -> Result<tokio_postgres::Config, Error> {
+        let mut config = base.clone();
         if self.inner.user_from_token {
             let name = token.require_username()?;
             config.user(single_server_user(
@@ -138,17 +156,40 @@ impl Connector {
         Ok(config)
     }
 
+    /// Tries each host in turn, each attempt bounded as a whole (DNS, TCP, TLS, startup,
+    /// login) by the connect timeout; the last host's error is returned.
     async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
-        let config = self.config_with(token)?;
-        tracing::debug!(
-            hosts = ?config.get_hosts(),
-            user = config.get_user().unwrap_or("-"),
-            "connecting to PostgreSQL with an access token"
-        );
-        config
-            .connect(self.inner.tls.clone())
-            .await
-            .map_err(Error::from_postgres)
+        let mut order: Vec<&HostConfig> = self.inner.per_host.iter().collect();
+        if self.inner.base.get_load_balance_hosts() == LoadBalanceHosts::Random {
+            // Fisher-Yates with the crate's jitter source, as tokio-postgres shuffles its hosts.
+            for i in (1..order.len()).rev() {
+                let j = ((unit_random() * (i + 1) as f64) as usize).min(i);
+                order.swap(i, j);
+            }
+        }
+        let mut last_error = None;
+        for host in order {
+            let config = self.with_credentials(&host.config, token)?;
+            tracing::debug!(
+                host = %host.host,
+                port = host.port,
+                user = config.get_user().unwrap_or("-"),
+                "connecting to PostgreSQL with an access token"
+            );
+            let attempt = config.connect(self.inner.tls.clone());
+            let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
+                Ok(Ok(connected)) => return Ok(connected),
+                Ok(Err(error)) => Error::from_postgres(error),
+                Err(_) => Error::ConnectTimeout {
+                    host: host.host.clone(),
+                    port: host.port,
+                    timeout: self.inner.connect_timeout,
+                },
+            };
+            tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
+            last_error = Some(error);
+        }
+        Err(last_error.unwrap_or_else(|| Error::config("no server host")))
     }
 
     /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`).
@@ -181,7 +222,7 @@ impl fmt::Debug for Connector {
 
 /// Builds a [`Connector`]. Values set here beat the connection string, which beats the
 /// environment.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ConnectorBuilder {
     explicit: Settings,
     conninfo: Option<String>,
@@ -191,6 +232,26 @@ pub struct ConnectorBuilder {
     scope: Option<String>,
     cloud: Option<Cloud>,
     single_server: bool,
+}
+
+impl fmt::Debug for ConnectorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The connection string is not shown: it may hold a password (refused by `build`, but
+        // not before someone prints the builder).
+        f.debug_struct("ConnectorBuilder")
+            .field("settings", &self.explicit)
+            .field(
+                "connection_string",
+                &self.conninfo.as_ref().map(|_| "<not shown>"),
+            )
+            .field("environment", &self.environment)
+            .field("credential", &self.credential)
+            .field("token_cache", &self.token_cache)
+            .field("scope", &self.scope)
+            .field("cloud", &self.cloud)
+            .field("single_server", &self.single_server)
+            .finish()
+    }
 }
 
 impl ConnectorBuilder {
@@ -244,7 +305,10 @@ impl ConnectorBuilder {
         self
     }
 
-    /// The limit on establishing one connection (DNS, TCP, TLS, login).
+    /// The limit on one connection attempt to one host, as a whole: DNS, TCP, the TLS request
+    /// and handshake, startup and login (default 30 s; `PGCONNECT_TIMEOUT` or
+    /// `connect_timeout` in the connection string; 0 there means the default, not forever).
+    /// With several hosts, each gets this long, as in libpq.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.explicit.connect_timeout = Some(timeout);
         self
@@ -306,8 +370,6 @@ impl ConnectorBuilder {
             .over(from_conninfo)
             .over(Settings::from_env(&self.environment)?);
 
-        let mut base = tokio_postgres::Config::from_str(&settings.passthrough_conninfo())
-            .map_err(|e| Error::config(format!("connection option not understood: {e}")))?;
         let hosts = settings.hosts.clone().unwrap_or_default();
         if hosts.is_empty() || hosts.iter().any(|h| h.is_empty()) {
             return Err(Error::config(
@@ -321,9 +383,8 @@ impl ConnectorBuilder {
                      host name"
                 )));
             }
-            base.host(host);
         }
-        let ports = settings.ports.unwrap_or_else(|| vec![DEFAULT_PORT]);
+        let ports = settings.ports.clone().unwrap_or_else(|| vec![DEFAULT_PORT]);
         if ports.len() != 1 && ports.len() != hosts.len() {
             return Err(Error::config(format!(
                 "{} ports for {} hosts: give one port, or one per host",
@@ -331,30 +392,53 @@ impl ConnectorBuilder {
                 hosts.len()
             )));
         }
-        for port in ports {
-            base.port(port);
-        }
-        base.dbname(settings.dbname.as_deref().unwrap_or(DEFAULT_DBNAME));
+        let port_of = |index: usize| ports.get(index).copied().unwrap_or(ports[0]);
         // Single Server wants `<name>@<server>`; the server is the host's first label.
         let single_server = match self.single_server {
             false => None,
             true => Some(hosts[0].split('.').next().unwrap_or_default().to_owned()),
         };
-        if let Some(user) = &settings.user {
-            base.user(single_server_user(user, single_server.as_deref()));
+        let connect_timeout = settings.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let (passthrough, hostaddrs) = settings.split_hostaddrs(hosts.len())?;
+        // Everything but hosts, ports and host addresses, the same for every host.
+        let common = || -> Result<tokio_postgres::Config, Error> {
+            let mut config = tokio_postgres::Config::from_str(&passthrough)
+                .map_err(|e| Error::config(format!("connection option not understood: {e}")))?;
+            config.dbname(settings.dbname.as_deref().unwrap_or(DEFAULT_DBNAME));
+            if let Some(user) = &settings.user {
+                config.user(single_server_user(user, single_server.as_deref()));
+            }
+            if let Some(name) = &settings.application_name {
+                config.application_name(name);
+            }
+            config.connect_timeout(connect_timeout);
+            if let Some(options) = &settings.options {
+                config.options(options);
+            }
+            // Verification happens in the TLS connector; `require` makes tokio-postgres refuse
+            // a server that will not do TLS, before anything else is sent.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Ok(config)
+        };
+        let mut base = common()?;
+        let mut per_host = Vec::with_capacity(hosts.len());
+        for (index, host) in hosts.iter().enumerate() {
+            base.host(host);
+            let mut config = common()?;
+            config.host(host).port(port_of(index));
+            if let Some(address) = hostaddrs.get(index) {
+                base.hostaddr(*address);
+                config.hostaddr(*address);
+            }
+            per_host.push(HostConfig {
+                host: host.clone(),
+                port: port_of(index),
+                config,
+            });
         }
-        if let Some(name) = &settings.application_name {
-            base.application_name(name);
+        for port in &ports {
+            base.port(*port);
         }
-        if let Some(timeout) = settings.connect_timeout {
-            base.connect_timeout(timeout);
-        }
-        if let Some(options) = &settings.options {
-            base.options(options);
-        }
-        // Verification happens in the TLS connector; `require` makes tokio-postgres refuse a
-        // server that will not do TLS, before anything else is sent.
-        base.ssl_mode(tokio_postgres::config::SslMode::Require);
         let ssl_mode = settings.ssl_mode.unwrap_or_default();
         let tls = make_tls_connector(settings.ssl_root_cert.as_deref())?;
 
@@ -387,6 +471,8 @@ impl ConnectorBuilder {
         Ok(Connector {
             inner: Arc::new(ConnectorInner {
                 base,
+                per_host,
+                connect_timeout,
                 user_from_token: settings.user.is_none(),
                 single_server,
                 tokens,
@@ -395,6 +481,13 @@ impl ConnectorBuilder {
             }),
         })
     }
+}
+
+/// One host's settings, tried on its own.
+struct HostConfig {
+    host: String,
+    port: u16,
+    config: tokio_postgres::Config,
 }
 
 /// `name@server` for Single Server, unless the name already names its server.

@@ -111,7 +111,7 @@ impl Settings {
                 let seconds: u64 = value.trim().parse().map_err(|_| {
                     Error::config(format!("invalid connect_timeout {value:?} (whole seconds)"))
                 })?;
-                // libpq: zero means wait indefinitely.
+                // libpq waits forever on zero; here zero means the connector's default bound.
                 self.connect_timeout = (seconds > 0).then(|| Duration::from_secs(seconds));
             }
             "options" => self.options = Some(value.to_owned()),
@@ -140,6 +140,31 @@ impl Settings {
             options: self.options.or(lower.options),
             passthrough,
         }
+    }
+
+    /// The passed-through keys without `hostaddr`, and the `hostaddr` list (one address per
+    /// host, when given), so that each host can be tried with its own address.
+    pub(crate) fn split_hostaddrs(
+        &self,
+        hosts: usize,
+    ) -> Result<(String, Vec<std::net::IpAddr>), Error> {
+        let mut rest = self.clone();
+        rest.passthrough.retain(|(key, _)| key != "hostaddr");
+        let addresses = match self.passthrough.iter().find(|(key, _)| key == "hostaddr") {
+            None => Vec::new(),
+            Some((_, list)) => split_list(list)
+                .iter()
+                .map(|a| a.parse().ok())
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::config(format!("invalid hostaddr {list:?}")))?,
+        };
+        if !addresses.is_empty() && addresses.len() != hosts {
+            return Err(Error::config(format!(
+                "{} host addresses for {hosts} hosts: give one hostaddr per host",
+                addresses.len()
+            )));
+        }
+        Ok((rest.passthrough_conninfo(), addresses))
     }
 
     /// The passed-through keys as a libpq `key=value` string for tokio-postgres to parse.
@@ -222,6 +247,14 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
             .map_err(|_| Error::config("connection URL: percent-encoding is not valid UTF-8"))
     };
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    if has_unencoded_password_delimiter(rest) {
+        // Nothing of the URL is quoted: the part before `@` is a password.
+        return Err(Error::config(
+            "connection URL: the user info holds an unencoded `/` or `?`, so it looks like a \
+             password; the Entra access token is the password: remove it (and percent-encode \
+             `/` as %2F and `?` as %3F in user names)",
+        ));
+    }
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
     let mut pairs = Vec::new();
@@ -253,6 +286,12 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
                     None => (spec, None),
                 }
             };
+            if port.is_some_and(|p| !p.chars().all(|c| c.is_ascii_digit())) {
+                // Not echoed: in a mistyped URL this may be part of a password.
+                return Err(Error::config(
+                    "connection URL: a port is not a number (percent-encode `:` in host names)",
+                ));
+            }
             hosts.push(decode(host)?);
             ports.push(port.map(str::to_owned).unwrap_or_default());
         }
@@ -275,6 +314,19 @@ fn url_pairs(url: &str) -> Result<Vec<(String, String)>, Error> {
         pairs.push((decode(key)?, decode(value)?));
     }
     Ok(pairs)
+}
+
+/// `user:pa/ss@host` or `user:pa?ss@host`: the authority ends at the `/` or `?` inside the
+/// password, and what is left of it (`user:pa`) reads as a host with a port that is not a
+/// number, while the `@` turns up later. libpq would read a host `user` and a port `pa`.
+fn has_unencoded_password_delimiter(rest: &str) -> bool {
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, after) = rest.split_at(authority_end);
+    !authority.contains('@')
+        && after.contains('@')
+        && authority.rsplit_once(':').is_some_and(|(_, port)| {
+            !port.is_empty() && !port.chars().all(|c| c.is_ascii_digit() || c == ',')
+        })
 }
 
 #[cfg(test)]
@@ -334,6 +386,29 @@ mod tests {
         assert!(password.to_string().contains("token is the password"));
         assert!(!password.to_string().contains("hunter2"));
         assert!(Settings::parse("host=h password=x").is_err());
+    }
+
+    #[test]
+    fn passwords_with_url_delimiters_are_refused_without_echo() {
+        for url in [
+            "postgresql://u:pa/ss@h/db",
+            "postgresql://u:pa?ss@h/db",
+            "postgres://orders:s3cr/et?x@srv.postgres.database.azure.com:5432/db",
+            "postgresql://u:pass:wo/rd@h",
+        ] {
+            let error = Settings::parse(url).unwrap_err().to_string();
+            assert!(error.contains("password"), "{url}: {error}");
+            for fragment in ["pa/ss", "pa?ss", "ss@", "s3cr", "et?x", "wo/rd", "\"pa"] {
+                assert!(!error.contains(fragment), "{url}: {error}");
+            }
+        }
+        // Ports and `@` further on are not mistaken for passwords.
+        let fine = Settings::parse("postgresql://h:6432/db?application_name=a@b").unwrap();
+        assert_eq!(fine.ports, Some(vec![6432]));
+        let port = Settings::parse("postgresql://h:pa/db")
+            .unwrap_err()
+            .to_string();
+        assert!(!port.contains("pa\""), "{port}");
     }
 
     #[test]

@@ -93,6 +93,22 @@ pub enum Error {
         claims_present: Vec<String>,
     },
 
+    /// A connection attempt to one host took longer than the connect timeout as a whole (DNS,
+    /// TCP, TLS, startup and login): the server accepted and went silent, or the network is
+    /// dropping packets.
+    #[error(
+        "connecting to {host}:{port} did not complete within {timeout:?} (DNS, TCP, TLS and login \
+         together)"
+    )]
+    ConnectTimeout {
+        /// The host that did not answer in time.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// The limit that ran out.
+        timeout: std::time::Duration,
+    },
+
     /// PostgreSQL refused the connection or the session failed.
     #[error("PostgreSQL error")]
     Postgres {
@@ -173,6 +189,11 @@ impl Error {
                 "an Entra admin must create the role in the postgres database with \
                  `select * from pgaadauth_create_principal('<name>', false, false);` and the user \
                  name must be that principal's name (for a managed identity: its name in Azure)",
+            ),
+            Error::ConnectTimeout { .. } => Some(
+                "check the host name and port, that the server is running, and that a firewall \
+                 rule lets this machine in (silence, not a refusal, usually means a firewall); \
+                 raise PGCONNECT_TIMEOUT (or the connector's connect_timeout) if it is only slow",
             ),
             Error::Tls { .. } => Some(
                 "the server's certificate must chain to a trusted root; set PGSSLROOTCERT to an \

@@ -89,6 +89,26 @@ impl fmt::Debug for Token {
     }
 }
 
+/// A managed identity's name from its Azure resource id (`xms_mirid`): the last segment, except
+/// for an App Service deployment slot's system-assigned identity, which Microsoft names
+/// `<app-name>/slots/<slot-name>` after its resource `…/Microsoft.Web/sites/<app>/slots/<slot>`.
+fn identity_name_from_resource_id(id: &str) -> Option<String> {
+    let segments: Vec<&str> = id.trim_end_matches('/').split('/').collect();
+    match segments.as_slice() {
+        [.., provider, sites, app, slots, slot]
+            if provider.eq_ignore_ascii_case("Microsoft.Web")
+                && sites.eq_ignore_ascii_case("sites")
+                && slots.eq_ignore_ascii_case("slots")
+                && !app.is_empty()
+                && !slot.is_empty() =>
+        {
+            Some(format!("{app}/slots/{slot}"))
+        }
+        [.., last] if !last.is_empty() => Some((*last).to_owned()),
+        _ => None,
+    }
+}
+
 /// What the token says about who it belongs to. Only non-secret claims are kept.
 #[derive(Debug, Default)]
 struct PrincipalClaims {
@@ -124,12 +144,7 @@ impl PrincipalClaims {
         let username = USERNAME_CLAIMS.iter().find_map(|&name| {
             let value = text(name)?;
             if name == "xms_mirid" {
-                value
-                    .trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
+                identity_name_from_resource_id(value)
             } else {
                 Some(value.to_owned())
             }
@@ -168,6 +183,34 @@ mod tests {
             expiry(),
         );
         assert_eq!(token.username(), Some("my-vm"));
+    }
+
+    #[test]
+    fn deployment_slots_are_named_app_slots_slot() {
+        let name = |mirid: &str| identity_name_from_resource_id(mirid);
+        assert_eq!(
+            name("/subscriptions/s/resourcegroups/rg/providers/Microsoft.Web/sites/shop/slots/staging")
+                .as_deref(),
+            Some("shop/slots/staging")
+        );
+        assert_eq!(
+            name(
+                "/subscriptions/s/resourceGroups/rg/providers/microsoft.web/SITES/shop/Slots/blue/"
+            )
+            .as_deref(),
+            Some("shop/slots/blue")
+        );
+        // The app itself, and things that merely look similar, keep the last segment.
+        assert_eq!(
+            name("/subscriptions/s/resourcegroups/rg/providers/Microsoft.Web/sites/shop")
+                .as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            name("/providers/Microsoft.Compute/sites/shop/slots/x").as_deref(),
+            Some("x")
+        );
+        assert_eq!(name("/"), None);
     }
 
     #[test]

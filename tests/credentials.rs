@@ -338,10 +338,15 @@ async fn the_chain_remembers_the_winner() {
     .unwrap();
     chain_token(&chain).await.unwrap();
     assert_eq!(chain.selected_credential(), Some("AzureCliCredential"));
-    assert_eq!(imds.requests(), 1);
+    // The probe (no `Metadata` header, refused at once), then the token request (400).
+    let seen = imds.recorded();
+    assert_eq!(
+        seen.iter().map(|r| r.metadata_header).collect::<Vec<_>>(),
+        [false, true]
+    );
     chain_token(&chain).await.unwrap();
     chain_token(&chain).await.unwrap();
-    assert_eq!(imds.requests(), 1, "later calls go straight to the winner");
+    assert_eq!(imds.requests(), 2, "later calls go straight to the winner");
     assert_eq!(tools.runs("az"), 3);
 }
 
@@ -604,4 +609,221 @@ async fn a_refusal_inside_the_chain_stays_a_rejection_through_the_connector() {
         "{error:?}"
     );
     assert!(!format!("{error:?}").contains("not-the-secret"));
+}
+
+/// The chain as on an Azure VM: IMDS at `imds`, nothing else configured, test-speed retries.
+fn chain_on_a_vm(imds: &IdentityEndpoint, tools: &FakeTools) -> DefaultAzureCredential {
+    DefaultAzureCredential::builder()
+        .environment(Environment::from_vars([
+            ("PATH", tools.path()),
+            ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
+        ]))
+        // The real default: the probe must not be what decides these cases.
+        .imds_probe_timeout(Duration::from_secs(1))
+        .managed_identity_retry(pg_entra::RetryOptions {
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            ..pg_entra::RetryOptions::default()
+        })
+        .cli_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_restarting_imds_is_waited_for_not_skipped() {
+    let tools = FakeTools::new();
+    let imds = IdentityEndpoint::builder()
+        .principal(Principal::system_assigned("restarting-vm"))
+        .start()
+        .await
+        .unwrap();
+    // IMDS answers 410 while it restarts, then issues the token.
+    imds.script([
+        pg_entra::testing::Reply::status(410),
+        pg_entra::testing::Reply::status(410),
+    ]);
+    let chain = chain_on_a_vm(&imds, &tools);
+    let token = chain_token(&chain).await.unwrap();
+    assert_eq!(token.username(), Some("restarting-vm"));
+    assert_eq!(
+        chain.selected_credential(),
+        Some("ManagedIdentityCredential")
+    );
+    assert_eq!(imds.tokens_issued(), 1);
+}
+
+#[tokio::test]
+async fn a_cold_identity_that_takes_seconds_to_mint_is_waited_for() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    let imds = IdentityEndpoint::builder()
+        .principal(Principal::system_assigned("cold-vm"))
+        .start()
+        .await
+        .unwrap();
+    imds.script([pg_entra::testing::Reply::token().delay(Duration::from_millis(1600))]);
+    let chain = chain_on_a_vm(&imds, &tools);
+    let token = chain_token(&chain).await.unwrap();
+    assert_eq!(token.username(), Some("cold-vm"));
+    assert_eq!(
+        chain.selected_credential(),
+        Some("ManagedIdentityCredential")
+    );
+    assert_eq!(
+        tools.runs("az"),
+        0,
+        "IMDS answered, so the chain never reached the CLI"
+    );
+}
+
+#[tokio::test]
+async fn proxies_and_docker_desktop_answering_for_imds_are_not_imds() {
+    use pg_entra::testing::Reply;
+    let docker_desktop = "connecting to 169.254.169.254:80: connecting to 169.254.169.254:80: \
+        dial tcp 169.254.169.254:80: connectex: A socket operation was attempted to an \
+        unreachable network.";
+    for (answer, words) in [
+        (Reply::raw(403, "text/plain", docker_desktop), "unreachable"),
+        (
+            Reply::raw(
+                403,
+                "text/html; charset=utf-8",
+                "<html><head><title>Access Denied</title></head><body><h1>Blocked by the \
+                 corporate proxy</h1></body></html>",
+            ),
+            "\"Access Denied Blocked by the corporate proxy\"",
+        ),
+        (
+            Reply::raw(403, "text/plain", "Forbidden by policy"),
+            "\"Forbidden by policy\"",
+        ),
+        // A captive portal answers 200 with a page.
+        (
+            Reply::raw(200, "text/html", "<html>Sign in to the guest Wi-Fi</html>"),
+            "\"Sign in to the guest Wi-Fi\"",
+        ),
+        // JSON, but not IMDS's.
+        (
+            Reply::raw(403, "application/json", r#"{"message":"denied"}"#),
+            "application/json",
+        ),
+    ] {
+        let tools = FakeTools::new();
+        tools.az_logged_in("alice@contoso.com");
+        let imds = IdentityEndpoint::builder().start().await.unwrap();
+        imds.impersonate(Some(answer.clone()));
+        let chain = chain_on_a_vm(&imds, &tools);
+        let started = std::time::Instant::now();
+        let token = chain_token(&chain).await.unwrap();
+        eprintln!(
+            "{answer:?}: fell through to the CLI in {:?}",
+            started.elapsed()
+        );
+        assert_eq!(token.username(), Some("alice@contoso.com"));
+        assert_eq!(chain.selected_credential(), Some("AzureCliCredential"));
+        assert_eq!(imds.requests(), 1, "only the probe: {answer:?}");
+
+        // What the chain says about it, when nothing else works either.
+        tools.az_logged_out();
+        let imds_down = chain_on_a_vm(&imds, &tools);
+        let error = chain_token(&imds_down).await.unwrap_err().to_string();
+        assert!(
+            error.contains("ManagedIdentityCredential is unavailable"),
+            "{error}"
+        );
+        assert!(error.contains(words), "{words} in {error}");
+        assert!(error.contains("HTTP "), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_json_refusal_from_imds_still_stops_the_chain() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    let imds = IdentityEndpoint::builder().start().await.unwrap();
+    imds.impersonate(Some(pg_entra::testing::Reply::raw(
+        403,
+        "application/json",
+        r#"{"error":"forbidden","error_description":"The identity is not allowed here"}"#,
+    )));
+    let chain = chain_on_a_vm(&imds, &tools);
+    let error = chain_token(&chain).await.unwrap_err();
+    assert!(!is_unavailable(&error), "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("ManagedIdentityCredential was tried and failed"),
+        "{text}"
+    );
+    assert!(text.contains("HTTP 403"), "{text}");
+    assert_eq!(tools.runs("az"), 0, "the chain stopped before the CLI");
+}
+
+#[tokio::test]
+async fn a_managed_identity_chosen_by_name_is_not_probed() {
+    let imds = IdentityEndpoint::builder()
+        .principal(Principal::system_assigned("named-vm"))
+        .start()
+        .await
+        .unwrap();
+    let chain = chain(vec![
+        ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
+        (
+            "AZURE_TOKEN_CREDENTIALS",
+            "ManagedIdentityCredential".into(),
+        ),
+    ])
+    .unwrap();
+    let token = chain_token(&chain).await.unwrap();
+    assert_eq!(token.username(), Some("named-vm"));
+    let seen = imds.recorded();
+    assert_eq!(seen.len(), 1, "no probe before the token request");
+    assert!(seen[0].metadata_header);
+}
+
+#[tokio::test]
+async fn a_silent_entra_endpoint_times_out() {
+    let (endpoint, app, _) = entra().await;
+    let _hold = endpoint.hold();
+    let mut vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
+    vars.push(("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential".into()));
+    let chain = DefaultAzureCredential::builder()
+        .environment(Environment::from_vars(vars))
+        .entra_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let error = chain_token(&chain).await.unwrap_err().to_string();
+    assert!(error.contains("request timeout"), "{error}");
+    assert_eq!(endpoint.requests(), 1);
+}
+
+#[tokio::test]
+async fn entra_redirects_are_not_followed() {
+    let (endpoint, app, _) = entra().await;
+    let elsewhere = IdentityEndpoint::builder().start().await.unwrap();
+    endpoint.script([pg_entra::testing::Reply::redirect(format!(
+        "{}/contoso.onmicrosoft.com/oauth2/v2.0/token",
+        elsewhere.authority_host()
+    ))]);
+    let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
+    let credential =
+        EnvironmentCredential::from_environment(&Environment::from_vars(vars), Default::default())
+            .unwrap();
+    let error = token_from(&credential).await.unwrap_err().to_string();
+    assert!(error.contains("HTTP 307"), "{error}");
+    assert!(error.contains("never followed"), "{error}");
+    assert_eq!(elsewhere.requests(), 0, "the secret went nowhere else");
+    assert!(!error.contains(endpoint.client_secret()));
+}
+
+#[tokio::test]
+async fn cli_output_is_read_with_a_cap() {
+    let tools = FakeTools::new();
+    // 200 KiB of output: more than any token answer.
+    tools.add("az", "head -c 204800 /dev/zero | tr '\\0' 'a'");
+    let env = Environment::from_vars([("PATH", tools.path())]);
+    let az = AzureCliCredential::builder().environment(&env).build();
+    let error = token_from(&az).await.unwrap_err();
+    assert!(is_unavailable(&error));
+    assert!(error.to_string().contains("more than 64 KiB"), "{error}");
 }

@@ -253,11 +253,9 @@ impl ChainManagedIdentity {
                 status: 403,
                 description: Some(description),
                 ..
-            }) if description.to_ascii_lowercase().contains("unreachable") => {
-                Self::unavailable(format!(
-                    "the endpoint says the network is unreachable ({error}); not on Azure?"
-                ))
-            }
+            }) if description.to_ascii_lowercase().contains("unreachable") => Self::unavailable(
+                format!("the endpoint says the network is unreachable ({error}); not on Azure?"),
+            ),
             _ => error,
         }
     }

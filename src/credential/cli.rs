@@ -242,10 +242,8 @@ async fn read_output(child: &mut tokio::process::Child) -> Result<Output, Output
         }
         Ok(bytes)
     }
-    let (stdout, stderr) = tokio::try_join!(
-        capped(child.stdout.take()),
-        capped(child.stderr.take())
-    )?;
+    let (stdout, stderr) =
+        tokio::try_join!(capped(child.stdout.take()), capped(child.stderr.take()))?;
     let status = child.wait().await.map_err(OutputError::Io)?;
     Ok(Output {
         status,

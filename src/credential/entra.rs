@@ -156,7 +156,10 @@ impl ClientCredentials {
             BodyError::Transport(e) => no_answer(describe_transport_error(&e)),
             too_large => azure_core::Error::with_message(
                 ErrorKind::Credential,
-                format!("{}: {} sent an unusable answer: {too_large}", self.credential, self.token_url),
+                format!(
+                    "{}: {} sent an unusable answer: {too_large}",
+                    self.credential, self.token_url
+                ),
             ),
         })?;
         if status == 200 {

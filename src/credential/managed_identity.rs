@@ -9,11 +9,11 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::error::ErrorKind;
 use tokio::time::Instant;
 
+use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::imds::{
     CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR,
 };
 use super::managed_identity_error::ManagedIdentityError;
-use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::retry::{AttemptFailure, RetryOptions, RetryState, parse_retry_after};
 use super::source::{Source, imds_token_url};
 use super::token_response::{ErrorBody, looks_like_imds, parse_token_response};
@@ -97,7 +97,11 @@ impl ManagedIdentityCredential {
         let started = Instant::now();
         // A deadline too far away to represent (say `Duration::MAX`) is no deadline.
         let deadline = started.checked_add(self.retry.deadline);
-        let remaining = || deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(Instant::now()));
+        let remaining = || {
+            deadline.map_or(Duration::MAX, |d| {
+                d.saturating_duration_since(Instant::now())
+            })
+        };
         let mut attempts = 0u32;
         let mut transient_retries = 0u32;
         let mut first_gone: Option<Instant> = None;
@@ -272,14 +276,13 @@ impl ManagedIdentityCredential {
             }
             Ok(Ok(answer)) => answer,
         };
-        let error = ErrorBody::parse(&body);
         // Docker Desktop answers 169.254.169.254 itself, with 403 and "... unreachable network"
         // (the Go SDK checks for the same word).
-        let unreachable = |text: &Option<String>| {
-            text.as_deref()
-                .is_some_and(|t| t.to_ascii_lowercase().contains("unreachable"))
-        };
-        if status == 403 && (unreachable(&error.description) || unreachable(&error.excerpt)) {
+        if status == 403
+            && String::from_utf8_lossy(&body)
+                .to_ascii_lowercase()
+                .contains("unreachable")
+        {
             return Err(format!(
                 "{endpoint} answered HTTP 403 saying the network is unreachable (Docker Desktop \
                  answers so for 169.254.169.254); not on an Azure VM"
@@ -290,7 +293,7 @@ impl ManagedIdentityCredential {
                 endpoint: endpoint.to_string(),
                 status,
                 content_type,
-                excerpt: error.excerpt,
+                excerpt: ErrorBody::parse(&body).excerpt,
             }
             .to_string());
         }

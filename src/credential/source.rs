@@ -192,7 +192,11 @@ impl Source {
 
     /// The IMDS token request without its `Metadata` header: the chain's probe. IMDS refuses it
     /// at once, which proves IMDS is there without waiting for a token to be minted.
-    pub(crate) fn imds_probe(&self, http: &reqwest::Client, resource: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn imds_probe(
+        &self,
+        http: &reqwest::Client,
+        resource: &str,
+    ) -> reqwest::RequestBuilder {
         http.get(with_query(self.endpoint(), "2018-02-01", resource, None))
     }
 
@@ -209,7 +213,8 @@ impl Source {
         check_arc_key_path(&path, key_directory)?;
         // One read, capped: checking the size first and reading after would let the file grow
         // in between.
-        let unreadable = |e: std::io::Error| format!("cannot read the Arc key file {}: {e}", path.display());
+        let unreadable =
+            |e: std::io::Error| format!("cannot read the Arc key file {}: {e}", path.display());
         let file = tokio::fs::File::open(&path).await.map_err(unreadable)?;
         let mut key = Vec::new();
         file.take(ARC_KEY_MAX_BYTES + 1)

@@ -123,14 +123,16 @@ impl ErrorBody {
                 .map(|s| redact_bearer_tokens(s.trim()))
                 .filter(|s| !s.is_empty())
         };
-        let description = field("error_description").or_else(|| field("message")).map(|d| {
-            if d.chars().count() > MAX_DESCRIPTION_CHARS {
-                let cut: String = d.chars().take(MAX_DESCRIPTION_CHARS).collect();
-                format!("{cut}…")
-            } else {
-                d
-            }
-        });
+        let description = field("error_description")
+            .or_else(|| field("message"))
+            .map(|d| {
+                if d.chars().count() > MAX_DESCRIPTION_CHARS {
+                    let cut: String = d.chars().take(MAX_DESCRIPTION_CHARS).collect();
+                    format!("{cut}…")
+                } else {
+                    d
+                }
+            });
         Self {
             code: field("error"),
             description,
@@ -282,7 +284,9 @@ mod tests {
         assert!(looks_like_imds(br#"{"access_token":"t"}"#));
         assert!(!looks_like_imds(br#"{"statusCode":403}"#));
         assert!(!looks_like_imds(b"<html>Forbidden</html>"));
-        assert!(!looks_like_imds(b"connecting to 169.254.169.254:80: unreachable network"));
+        assert!(!looks_like_imds(
+            b"connecting to 169.254.169.254:80: unreachable network"
+        ));
         let long = format!("{} eyJhbGciOi.eyJzdWIiOi.c2ln", "word ".repeat(40));
         let cut = excerpt(long.as_bytes());
         assert_eq!(cut.split(' ').count(), EXCERPT_WORDS, "{cut}");

@@ -39,6 +39,16 @@ impl Principal {
         )
     }
 
+    /// The system-assigned identity of the App Service deployment slot `slot` of the app `app`:
+    /// Microsoft names it `<app>/slots/<slot>`, and so is its role.
+    pub fn app_service_slot(app: &str, slot: &str) -> Self {
+        Self::new(
+            &format!("{app}/slots/{slot}"),
+            Kind::SystemAssigned,
+            format!("providers/Microsoft.Web/sites/{app}/slots/{slot}"),
+        )
+    }
+
     /// A user-assigned identity named `name`.
     pub fn user_assigned(name: &str) -> Self {
         Self::new(

@@ -56,6 +56,8 @@ pub enum ExpiresOnFormat {
     Absent,
     /// `"expires_on": "06/20/2019 02:57:58 +00:00"` (legacy App Service).
     LegacyDate,
+    /// `"expires_on": "11/23/2026 4:05:09 PM +00:00"`: legacy App Service on a 12-hour clock.
+    LegacyDate12Hour,
 }
 
 /// One scripted answer. Requests consume scripted replies in order; when the script is empty
@@ -73,6 +75,17 @@ enum ReplyKind {
     Status(u16),
     MalformedJson,
     MissingToken,
+    /// Any status, content type and body.
+    Raw {
+        status: u16,
+        content_type: String,
+        body: String,
+    },
+    /// A redirect to another URL.
+    Redirect {
+        status: u16,
+        location: String,
+    },
 }
 
 impl Reply {
@@ -96,13 +109,31 @@ impl Reply {
         Self::of(ReplyKind::MissingToken)
     }
 
+    /// Any status with this content type and body, as something other than an identity
+    /// endpoint might answer (an HTML page from a proxy, say).
+    pub fn raw(status: u16, content_type: &str, body: impl Into<String>) -> Self {
+        Self::of(ReplyKind::Raw {
+            status,
+            content_type: content_type.to_owned(),
+            body: body.into(),
+        })
+    }
+
+    /// `307 Temporary Redirect` to `location`.
+    pub fn redirect(location: impl Into<String>) -> Self {
+        Self::of(ReplyKind::Redirect {
+            status: 307,
+            location: location.into(),
+        })
+    }
+
     /// Waits this long before answering.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
     }
 
-    /// Sends `Retry-After: <seconds>`.
+    /// Sends `Retry-After: <seconds>` (any `u64`, as a hostile endpoint might).
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds.to_string());
         self
@@ -163,6 +194,8 @@ struct EndpointState {
     password_setter: Option<PasswordSetter>,
     /// Added before every answer.
     latency: Mutex<Duration>,
+    /// When set, every request gets this answer: something else squatting on the address.
+    impersonation: Mutex<Option<Reply>>,
     /// The App Service protocol's shared secret (`IDENTITY_HEADER`, also `MSI_SECRET`).
     identity_header: String,
     /// Holds the Arc agent's key file.
@@ -253,6 +286,7 @@ impl IdentityEndpointBuilder {
             held: watch::Sender::new(false),
             password_setter: self.password_setter,
             latency: Mutex::new(Duration::ZERO),
+            impersonation: Mutex::new(None),
             identity_header: random_hex(),
             client_secret: random_hex(),
             federated_token: Mutex::new(random_hex()),
@@ -383,6 +417,13 @@ impl IdentityEndpoint {
         let next = random_hex();
         *locked(&self.state.federated_token) = next.clone();
         next
+    }
+
+    /// From now on answers every request, whatever its path or headers, with `reply`: the
+    /// endpoint plays a proxy or Docker Desktop answering the address instead of the real
+    /// service. `None` goes back to normal.
+    pub fn impersonate(&self, reply: Option<Reply>) {
+        *locked(&self.state.impersonation) = reply;
     }
 
     /// Adds this much latency to every answer from now on (scripted delays come on top).
@@ -521,8 +562,14 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
     // Ends at once when not held; an error means the endpoint is gone, so answer anyway.
     let _ = held.wait_for(|held| !*held).await;
 
-    let reply = locked(&state.script)
-        .pop_front()
+    let impersonation = locked(&state.impersonation).clone();
+    // IMDS validates a request before it does any work: one without `Metadata: true` (the
+    // DefaultAzureCredential probe) is refused at once, without a scripted delay or fault.
+    if impersonation.is_none() && recorded.path == TOKEN_PATH && !recorded.metadata_header {
+        return error_response(400, "Required metadata header not specified");
+    }
+    let reply = impersonation
+        .or_else(|| locked(&state.script).pop_front())
         .unwrap_or_else(Reply::token);
     let delay = reply.delay + *locked(&state.latency);
     if !delay.is_zero() {
@@ -538,6 +585,32 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
             StatusCode::OK,
             r#"{"expires_in":"3599","token_type":"Bearer"}"#.to_owned(),
         ),
+        ReplyKind::Raw {
+            status,
+            content_type,
+            body,
+        } => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if let Ok(value) = content_type.parse() {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONTENT_TYPE, value);
+            }
+            response
+        }
+        ReplyKind::Redirect { status, location } => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::TEMPORARY_REDIRECT);
+            if let Ok(value) = location.parse() {
+                response
+                    .headers_mut()
+                    .insert(hyper::header::LOCATION, value);
+            }
+            response
+        }
         ReplyKind::Token => issue(state, &recorded).await,
     };
     if let Some(after) = reply.retry_after
@@ -637,10 +710,12 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         return error_response(400, "Identity not found");
     };
 
-    let format = if request.path == LEGACY_APP_SERVICE_PATH {
-        ExpiresOnFormat::LegacyDate
-    } else {
-        *locked(&state.expires_on_format)
+    let format = match (request.path.as_str(), *locked(&state.expires_on_format)) {
+        (LEGACY_APP_SERVICE_PATH, ExpiresOnFormat::LegacyDate12Hour) => {
+            ExpiresOnFormat::LegacyDate12Hour
+        }
+        (LEGACY_APP_SERVICE_PATH, _) => ExpiresOnFormat::LegacyDate,
+        (_, format) => format,
     };
     let principal = principal.clone();
     token_response(state, &principal, resource, format).await
@@ -695,6 +770,13 @@ async fn token_response(
         ExpiresOnFormat::LegacyDate => {
             let format = time::macros::format_description!(
                 "[month]/[day]/[year] [hour]:[minute]:[second] +00:00"
+            );
+            expires.format(format).ok().map(serde_json::Value::from)
+        }
+        ExpiresOnFormat::LegacyDate12Hour => {
+            let format = time::macros::format_description!(
+                "[month padding:none]/[day padding:none]/[year] [hour repr:12 padding:none]:\
+                 [minute]:[second] [period] +00:00"
             );
             expires.format(format).ok().map(serde_json::Value::from)
         }
