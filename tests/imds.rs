@@ -303,3 +303,74 @@ async fn exactly_one_scope_is_required() {
     ));
     assert_eq!(endpoint.requests(), 0);
 }
+
+#[tokio::test]
+async fn numbers_from_the_endpoint_or_the_settings_never_panic() {
+    let (endpoint, _) = endpoint().await;
+    // Retry-After: u64::MAX seconds. The wait cannot fit in the deadline: give up at once.
+    let credential = fast(&endpoint, fast_retry());
+    endpoint.script([Reply::status(429).retry_after(u64::MAX)]);
+    let error = fetch(&credential).await.unwrap_err();
+    assert!(
+        matches!(
+            managed(&error),
+            ManagedIdentityError::DeadlineExceeded { attempts: 1, .. }
+        ),
+        "{error}"
+    );
+    // Through the cache the caller gets the credential's error, not "the credential panicked".
+    endpoint.script([Reply::status(503).retry_after(u64::MAX)]);
+    let cache = TokenCache::builder(Arc::new(fast(&endpoint, fast_retry())))
+        .build()
+        .unwrap();
+    let error = cache.token().await.unwrap_err();
+    assert!(
+        matches!(error, Error::CredentialUnavailable { .. }),
+        "{error:?}"
+    );
+    assert!(!format!("{error:?}").contains("panicked"), "{error:?}");
+
+    // Settings of `Duration::MAX` everywhere: still a token, or a typed error.
+    let unbounded = fast(
+        &endpoint,
+        RetryOptions {
+            initial_backoff: Duration::MAX,
+            max_backoff: Duration::MAX,
+            gone_window: Duration::MAX,
+            attempt_timeout: Duration::MAX,
+            deadline: Duration::MAX,
+            ..RetryOptions::default()
+        },
+    );
+    fetch(&unbounded).await.unwrap();
+    endpoint.script([Reply::status(500).retry_after(u64::MAX)]);
+    let error = fetch(&unbounded).await.unwrap_err();
+    assert!(
+        matches!(
+            managed(&error),
+            ManagedIdentityError::DeadlineExceeded { .. }
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_answers_are_refused_without_reading_them_whole() {
+    let (endpoint, _) = endpoint().await;
+    let credential = fast(&endpoint, fast_retry());
+    let huge = format!(
+        r#"{{"access_token":"eyJhuge.eyJbody.c2ln","expires_in":"3599","padding":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    endpoint.script([Reply::raw(200, "application/json", huge)]);
+    let error = fetch(&credential).await.unwrap_err();
+    assert!(
+        matches!(
+            managed(&error),
+            ManagedIdentityError::InvalidResponse { .. }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("larger than 64 KiB"), "{error}");
+    assert!(!error.to_string().contains("eyJhuge"), "{error}");
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use pg_entra::testing::{IdentityEndpoint, Principal};
+use pg_entra::testing::{IdentityEndpoint, Principal, Reply};
 use pg_entra::{
     Environment, Error, ManagedIdentityCredential, ManagedIdentityError, ManagedIdentityId,
     PUBLIC_SCOPE, RetryOptions, Token, TokenCredential,
@@ -267,4 +267,94 @@ async fn detection_order_and_refusals() {
         ),
         Err(Error::Config { .. })
     ));
+}
+
+#[tokio::test]
+async fn legacy_app_service_dates_on_a_twelve_hour_clock() {
+    let (endpoint, app, _) = endpoint().await;
+    endpoint.set_expires_on_format(pg_entra::testing::ExpiresOnFormat::LegacyDate12Hour);
+    let vars = vec![
+        ("MSI_ENDPOINT", endpoint.legacy_app_service_endpoint()),
+        ("MSI_SECRET", endpoint.identity_header().to_owned()),
+    ];
+    let legacy = credential(vars, None, &endpoint).unwrap();
+    let token = legacy.get_token(&[PUBLIC_SCOPE], None).await.unwrap();
+    let lifetime = token.expires_on - azure_core::time::OffsetDateTime::now_utc();
+    assert!(
+        lifetime > time::Duration::minutes(59) && lifetime <= time::Duration::hours(1),
+        "{lifetime}"
+    );
+    assert_eq!(Token::from(token).username(), Some(app.name()));
+}
+
+#[tokio::test]
+async fn a_deployment_slot_identity_is_named_app_slots_slot() {
+    let slot = Principal::app_service_slot("shop", "staging");
+    let endpoint = IdentityEndpoint::builder()
+        .principal(slot.clone())
+        .start()
+        .await
+        .unwrap();
+    let app_service = credential(app_service_vars(&endpoint), None, &endpoint).unwrap();
+    assert_eq!(user_of(&app_service).await, "shop/slots/staging");
+    assert_eq!(slot.name(), "shop/slots/staging");
+}
+
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    let (endpoint, _, _) = endpoint().await;
+    // A second endpoint that records everything: the identity header must never reach it.
+    let elsewhere = IdentityEndpoint::builder().start().await.unwrap();
+    endpoint.script([Reply::redirect(elsewhere.app_service_endpoint())]);
+    let error = credential(app_service_vars(&endpoint), None, &endpoint)
+        .unwrap()
+        .get_token(&[PUBLIC_SCOPE], None)
+        .await
+        .unwrap_err();
+    let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
+    assert!(
+        matches!(
+            managed,
+            ManagedIdentityError::UnexpectedAnswer { status: 307, .. }
+        ),
+        "{managed:?}"
+    );
+    assert!(error.to_string().contains("never followed"), "{error}");
+    assert!(!managed.is_rejection());
+    assert_eq!(elsewhere.requests(), 0);
+    assert_eq!(endpoint.requests(), 1, "not retried");
+}
+
+#[tokio::test]
+async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusal() {
+    let (endpoint, _, _) = endpoint().await;
+    endpoint.impersonate(Some(Reply::raw(
+        403,
+        "text/html",
+        "<html><body><h1>403 Forbidden</h1><p>nginx</p></body></html>",
+    )));
+    let error = credential(app_service_vars(&endpoint), None, &endpoint)
+        .unwrap()
+        .get_token(&[PUBLIC_SCOPE], None)
+        .await
+        .unwrap_err();
+    let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
+    assert!(!managed.is_rejection(), "{managed:?}");
+    let text = error.to_string();
+    assert!(text.contains("not a managed identity endpoint's"), "{text}");
+    assert!(text.contains("\"403 Forbidden nginx\""), "{text}");
+    assert!(!text.contains(endpoint.identity_header()), "{text}");
+    // Through the connector's error type: unavailable, not rejected.
+    let classified = pg_entra::TokenCache::builder(std::sync::Arc::new(
+        credential(app_service_vars(&endpoint), None, &endpoint).unwrap(),
+    ))
+    .build()
+    .unwrap()
+    .token()
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(classified, Error::CredentialUnavailable { .. }),
+        "{classified:?}"
+    );
 }

@@ -22,6 +22,9 @@ use crate::environment::Environment;
 use crate::error::Error;
 use crate::jitter::unit_random;
 
+/// The longest single wait between two attempts, whatever the settings or `Retry-After` say.
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A token credential for the managed identity of the Azure host the process runs on.
 ///
 /// The source is chosen from the environment as the Azure SDKs choose it:
@@ -158,9 +161,10 @@ impl ManagedIdentityCredential {
             let Some(delay) = self.retry.delay_before_retry(failure, state) else {
                 return Err(last.into_final_error(self.endpoint(), attempts));
             };
-            // No wait may run past the deadline: a `Retry-After` of years (or of u64::MAX
-            // seconds) ends the call now, with the reason, instead of sleeping uselessly.
-            if delay >= remaining() {
+            // No wait may run past the deadline, nor last longer than a day (with an unbounded
+            // deadline): a `Retry-After` of years, or of u64::MAX seconds, ends the call now
+            // with the reason instead of sleeping uselessly.
+            if delay >= remaining() || delay > LONGEST_WAIT {
                 return Err(ManagedIdentityError::DeadlineExceeded {
                     endpoint: self.endpoint(),
                     deadline: self.retry.deadline,

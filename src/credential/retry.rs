@@ -26,7 +26,8 @@ pub struct RetryOptions {
     pub max_retries: u32,
     /// The first backoff; doubled on each retry, jittered by ±20 %.
     pub initial_backoff: Duration,
-    /// The cap on one backoff (a longer `Retry-After` is still honoured).
+    /// The cap on one backoff (a longer `Retry-After` is still honoured, within the deadline;
+    /// no wait longer than a day is ever made: the call ends instead).
     pub max_backoff: Duration,
     /// How long to keep retrying 410 ("IMDS is restarting"), from the first 410.
     pub gone_window: Duration,
