@@ -24,6 +24,8 @@ enum Step {
     Fail,
     Panic,
     Hang,
+    /// A token that expires at this instant, however far away.
+    ExpiresAt(azure_core::time::OffsetDateTime),
 }
 
 /// Answers from a script (then with one-hour tokens), optionally held at a gate.
@@ -90,6 +92,7 @@ impl TokenCredential for ScriptedCredential {
                 azure_core::time::OffsetDateTime::from(self.clock.now() + lifetime)
             }
             Step::SameExpiry => last.expect("a previous token"),
+            Step::ExpiresAt(at) => at,
             Step::Fail => {
                 return Err(azure_core::Error::with_message(
                     ErrorKind::Credential,
@@ -425,6 +428,93 @@ fn backoff_doubles_and_caps() {
     assert!(top(2) > Duration::from_millis(1990) && top(2) <= Duration::from_secs(2));
     assert!(top(10) <= DEFAULT_MAX_BACKOFF);
     assert_eq!(policy.backoff(3, 0.0), Duration::from_secs(2));
+}
+
+#[test]
+fn builder_refuses_settings_no_token_can_satisfy() {
+    let credential: Arc<dyn TokenCredential> =
+        Arc::new(ScriptedCredential::new(&ManualClock::starting_now(), []));
+    let day = Duration::from_secs(24 * 3600);
+    let settings: [(&str, fn(TokenCacheBuilder) -> TokenCacheBuilder); 5] = [
+        ("refresh margin", |b| {
+            b.refresh_margin(Duration::from_secs(25 * 3600))
+        }),
+        ("refresh margin", |b| b.refresh_jitter(Duration::MAX)),
+        ("maximum backoff", |b| {
+            b.backoff(Duration::from_secs(1), Duration::MAX)
+        }),
+        ("refresh timeout", |b| b.refresh_timeout(Duration::MAX)),
+        ("forced refresh interval", |b| {
+            b.forced_refresh_interval(Duration::MAX)
+        }),
+    ];
+    for (name, setting) in settings {
+        let error = setting(TokenCache::builder(Arc::clone(&credential)))
+            .build()
+            .unwrap_err();
+        assert!(matches!(error, Error::Config { .. }), "{name}: {error:?}");
+        assert!(error.to_string().contains(name), "{name}: {error}");
+    }
+    // A day exactly is allowed.
+    TokenCache::builder(credential)
+        .refresh_margin(day - DEFAULT_REFRESH_JITTER)
+        .backoff(Duration::from_secs(1), day)
+        .build()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn far_and_ancient_expiries_are_handled_without_panicking() {
+    use azure_core::time::OffsetDateTime;
+    let clock = ManualClock::starting_now();
+    let far = OffsetDateTime::parse(
+        "9999-12-31T23:59:59Z",
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ancient = OffsetDateTime::from_unix_timestamp(-377_705_116_800).unwrap();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::ExpiresAt(ancient), Step::ExpiresAt(far)],
+    ));
+    let cache = cache(&clock, &credential);
+    let error = cache.token().await.unwrap_err();
+    assert!(
+        matches!(error, Error::CredentialUnavailable { .. }),
+        "{error:?}"
+    );
+    clock.advance(DEFAULT_MAX_BACKOFF);
+    assert_eq!(cache.token().await.unwrap().expires_on(), far);
+}
+
+#[tokio::test]
+async fn a_cancelled_refresh_still_backs_off() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Hang]));
+    let cache = cache(&clock, &credential);
+    // The refresh is spawned on another runtime, which then shuts down under it.
+    let elsewhere = cache.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let gave_up = tokio::time::timeout(Duration::from_millis(50), elsewhere.token()).await;
+            assert!(gave_up.is_err(), "the credential hangs");
+        });
+    })
+    .join()
+    .unwrap();
+    assert_eq!(credential.calls(), 1);
+    // The next caller finds the cancelled refresh, and the cache backs off as after a failure.
+    let error = cache.token().await.unwrap_err();
+    let cause = std::error::Error::source(&error).unwrap().to_string();
+    assert!(cause.contains("cancelled"), "{cause}");
+    assert!(cache.token().await.is_err(), "backing off");
+    assert_eq!(credential.calls(), 1, "no new refresh during the backoff");
+    clock.advance(DEFAULT_MIN_BACKOFF);
+    assert_eq!(secret(&cache.token().await.unwrap()), "token-0");
 }
 
 #[test]

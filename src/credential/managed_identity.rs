@@ -258,7 +258,7 @@ impl ManagedIdentityCredential {
         let exchange = async {
             let response = self
                 .source
-                .imds_probe(&self.http, resource)
+                .imds_probe(&self.http, resource, &self.identity)
                 .send()
                 .await
                 .map_err(|e| innermost_cause(&e))?;

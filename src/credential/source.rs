@@ -142,16 +142,9 @@ impl Source {
         arc_key: Option<&str>,
     ) -> reqwest::RequestBuilder {
         match self {
-            Source::Imds { url } => {
-                let id = match identity {
-                    ManagedIdentityId::SystemAssigned => None,
-                    ManagedIdentityId::ClientId(id) => Some(("client_id", id)),
-                    ManagedIdentityId::ObjectId(id) => Some(("object_id", id)),
-                    ManagedIdentityId::ResourceId(id) => Some(("msi_res_id", id)),
-                };
-                http.get(with_query(url, "2018-02-01", resource, id))
-                    .header("Metadata", "true")
-            }
+            Source::Imds { url } => http
+                .get(imds_query(url, resource, identity))
+                .header("Metadata", "true"),
             Source::AppService { url, secret } => {
                 let id = match identity {
                     ManagedIdentityId::SystemAssigned => None,
@@ -196,8 +189,9 @@ impl Source {
         &self,
         http: &reqwest::Client,
         resource: &str,
+        identity: &ManagedIdentityId,
     ) -> reqwest::RequestBuilder {
-        http.get(with_query(self.endpoint(), "2018-02-01", resource, None))
+        http.get(imds_query(self.endpoint(), resource, identity))
     }
 
     /// Answers the Arc agent's 401 challenge: reads the key file named by
@@ -260,6 +254,17 @@ fn check_arc_key_path(path: &Path, directory: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The IMDS token URL with its query (api-version 2018-02-01).
+fn imds_query(url: &reqwest::Url, resource: &str, identity: &ManagedIdentityId) -> reqwest::Url {
+    let id = match identity {
+        ManagedIdentityId::SystemAssigned => None,
+        ManagedIdentityId::ClientId(id) => Some(("client_id", id)),
+        ManagedIdentityId::ObjectId(id) => Some(("object_id", id)),
+        ManagedIdentityId::ResourceId(id) => Some(("msi_res_id", id)),
+    };
+    with_query(url, "2018-02-01", resource, id)
 }
 
 fn with_query(

@@ -5,6 +5,7 @@ mod expiry;
 mod no_secrets;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
+mod timeouts;
 mod tls;
 
 use pg_entra::Connector;
