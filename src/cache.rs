@@ -150,7 +150,7 @@ impl RefreshPolicy {
         let safety = self.expiry_margin.min(lifetime / 4);
         let ahead = self
             .margin
-            .saturating_add(self.jitter.mul_f64(random.clamp(0.0, 1.0)))
+            .saturating_add(self.jitter.mul_f64(unit(random)))
             .min(lifetime / 2)
             .max(safety);
         // Both are at most half the lifetime, so neither reaches back before `now`.
@@ -167,7 +167,7 @@ impl RefreshPolicy {
         self.min_backoff
             .saturating_mul(1u32 << exponent)
             .min(self.max_backoff)
-            .mul_f64(0.5 + 0.5 * random.clamp(0.0, 1.0))
+            .mul_f64(0.5 + 0.5 * unit(random))
     }
 }
 
@@ -526,6 +526,15 @@ impl Inner {
             .as_deref()
             .map_or(now, |entry| entry.refresh_at);
         state.not_before.map_or(due, |backoff| due.max(backoff))
+    }
+}
+
+/// `random` forced into [0, 1]: `mul_f64` panics on NaN and on results past `Duration::MAX`.
+fn unit(random: f64) -> f64 {
+    if random.is_nan() {
+        0.0
+    } else {
+        random.clamp(0.0, 1.0)
     }
 }
 

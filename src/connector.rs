@@ -512,6 +512,42 @@ mod tests {
     }
 
     #[test]
+    fn builder_debug_never_shows_the_connection_string() {
+        let builder = Connector::builder()
+            .connection_string("postgresql://app:hunter2@srv.postgres.database.azure.com/db")
+            .connection_string("host=h password='s3cret pass'");
+        let debug = format!("{builder:?}");
+        assert!(!debug.contains("s3cret"), "{debug}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("<not shown>"), "{debug}");
+        // And building refuses the password without repeating it.
+        let error = builder.build().unwrap_err().to_string();
+        assert!(!error.contains("s3cret"), "{error}");
+    }
+
+    #[test]
+    fn connect_timeout_defaults_and_zero_means_the_default() {
+        let timeout = |vars: &[(&str, &str)]| build(vars, |b| b).unwrap().inner.connect_timeout;
+        assert_eq!(timeout(&[("PGHOST", "h")]), DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(
+            timeout(&[("PGHOST", "h"), ("PGCONNECT_TIMEOUT", "0")]),
+            DEFAULT_CONNECT_TIMEOUT
+        );
+        assert_eq!(
+            timeout(&[("PGHOST", "h"), ("PGCONNECT_TIMEOUT", "7")]),
+            Duration::from_secs(7)
+        );
+        let per_host = build(&[("PGHOST", "a,b"), ("PGPORT", "1,2")], |b| b).unwrap();
+        let targets: Vec<_> = per_host
+            .inner
+            .per_host
+            .iter()
+            .map(|h| (h.host.as_str(), h.port, h.config.get_hosts().len()))
+            .collect();
+        assert_eq!(targets, [("a", 1, 1), ("b", 2, 1)]);
+    }
+
+    #[test]
     fn single_server_user_names() {
         let user = |pguser: &str, single: bool| {
             let connector = build(

@@ -287,3 +287,43 @@ mod tests {
         assert!(shown.contains("a@b.c"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use base64::Engine as _;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_is_a_token_with_or_without_a_name(text in ".{0,200}") {
+            let token = Token::new(text, OffsetDateTime::UNIX_EPOCH);
+            let _ = token.username();
+            let _ = token.audience();
+        }
+
+        #[test]
+        fn any_payload_is_decoded_or_ignored(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let part = URL_SAFE_NO_PAD.encode(&payload);
+            let _ = Token::new(format!("eyJ.{part}.c2ln"), OffsetDateTime::UNIX_EPOCH).username();
+        }
+
+        #[test]
+        fn any_resource_id_names_an_identity_or_nothing(
+            segments in proptest::collection::vec("[a-zA-Z./]{0,12}", 0..10),
+        ) {
+            let id = segments.join("/");
+            let token = Token::new(
+                format!(
+                    "eyJ.{}.c2ln",
+                    URL_SAFE_NO_PAD.encode(serde_json::json!({"xms_mirid": id}).to_string())
+                ),
+                OffsetDateTime::UNIX_EPOCH,
+            );
+            if let Some(name) = token.username() {
+                prop_assert!(!name.is_empty());
+            }
+        }
+    }
+}

@@ -435,7 +435,8 @@ fn builder_refuses_settings_no_token_can_satisfy() {
     let credential: Arc<dyn TokenCredential> =
         Arc::new(ScriptedCredential::new(&ManualClock::starting_now(), []));
     let day = Duration::from_secs(24 * 3600);
-    let settings: [(&str, fn(TokenCacheBuilder) -> TokenCacheBuilder); 5] = [
+    type Setting = fn(TokenCacheBuilder) -> TokenCacheBuilder;
+    let settings: [(&str, Setting); 5] = [
         ("refresh margin", |b| {
             b.refresh_margin(Duration::from_secs(25 * 3600))
         }),
@@ -646,4 +647,39 @@ async fn a_forced_refresh_ignores_the_backoff_and_reports_its_failure() {
     clock.advance(Duration::from_secs(1));
     let next = cache.refresh_rejected(&refused).await.unwrap().unwrap();
     assert_eq!(secret(&next), "token-1");
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Durations up to a day: what the builder lets through.
+    fn allowed() -> impl Strategy<Value = Duration> {
+        (0u64..=24 * 3600 * 1000).prop_map(Duration::from_millis)
+    }
+
+    proptest! {
+        #[test]
+        fn schedules_and_backoffs_never_panic(
+            margin in allowed(), jitter in allowed(), expiry_margin in allowed(),
+            min in allowed(), max in allowed(), random in any::<f64>(), failures in any::<u32>(),
+            now_s in 0u64..=253_402_300_799, expires_s in 0u64..=253_402_300_799,
+        ) {
+            let policy = RefreshPolicy {
+                margin,
+                jitter,
+                expiry_margin,
+                min_backoff: min,
+                max_backoff: max,
+                refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
+                forced_interval: DEFAULT_FORCED_REFRESH_INTERVAL,
+            };
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now_s);
+            let expires = SystemTime::UNIX_EPOCH + Duration::from_secs(expires_s);
+            let (refresh_at, usable_until) = policy.schedule(expires, now, random);
+            prop_assert!(refresh_at <= usable_until || expires <= now);
+            prop_assert!(policy.backoff(failures, random) <= max.max(min));
+        }
+    }
 }

@@ -421,3 +421,31 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_cli_output_gives_a_token_or_a_reason(stdout in proptest::collection::vec(any::<u8>(), 0..512)) {
+            for tool in [Tool::AzureCli, Tool::AzureDeveloperCli] {
+                let _ = tool.parse(&stdout);
+            }
+        }
+
+        #[test]
+        fn any_expiry_in_cli_json_gives_a_token_or_a_reason(
+            epoch in any::<i64>(), text in ".{0,40}", float in any::<f64>(),
+        ) {
+            for expires in [serde_json::json!(epoch), serde_json::json!(text), serde_json::json!(float)] {
+                let az = serde_json::json!({"accessToken": "t", "expires_on": expires});
+                let _ = Tool::AzureCli.parse(az.to_string().as_bytes());
+                let azd = serde_json::json!({"token": "t", "expiresOn": expires});
+                let _ = Tool::AzureDeveloperCli.parse(azd.to_string().as_bytes());
+            }
+        }
+    }
+}

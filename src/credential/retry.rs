@@ -276,3 +276,46 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn any_duration() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::MAX),
+            (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+            (0u64..100_000).prop_map(Duration::from_millis),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn retry_after_never_panics(value in ".{0,64}", seconds in any::<i64>()) {
+            let now = time::OffsetDateTime::from_unix_timestamp(seconds.clamp(-377_705_116_800, 253_402_300_799)).unwrap();
+            let _ = parse_retry_after(&value, now);
+        }
+
+        #[test]
+        fn any_settings_and_state_give_a_delay_or_none(
+            initial in any_duration(), max in any_duration(), window in any_duration(),
+            retry_after in proptest::option::of(any_duration()), gone_for in proptest::option::of(any_duration()),
+            retries in any::<u32>(), max_retries in any::<u32>(), status in any::<u16>(), jitter in any::<f64>(),
+        ) {
+            let options = RetryOptions {
+                max_retries,
+                initial_backoff: initial,
+                max_backoff: max,
+                gone_window: window,
+                ..RetryOptions::default()
+            };
+            let state = RetryState { transient_retries: retries, total_retries: retries, gone_for, retry_after, jitter };
+            for failure in [AttemptFailure::Status(status), AttemptFailure::Timeout, AttemptFailure::Connection] {
+                let _ = options.delay_before_retry(failure, state);
+            }
+        }
+    }
+}

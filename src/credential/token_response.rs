@@ -316,3 +316,62 @@ mod tests {
         assert_eq!(legacy_date("13/45/2027 99:00:00 PM +00:00"), None);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Any instant `time` can hold, the far ends included.
+    fn any_now() -> impl Strategy<Value = OffsetDateTime> {
+        (-377_705_116_800i64..=253_402_300_799)
+            .prop_map(|s| OffsetDateTime::from_unix_timestamp(s).expect("within time's range"))
+    }
+
+    /// A JSON value of the kinds endpoints put in `expires_on` / `expires_in`, extremes included.
+    fn any_number_or_text() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            any::<i64>().prop_map(|n| serde_json::Value::from(n.to_string())),
+            ".{0,40}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from("11/23/2026 4:05:09 PM +00:00")),
+            Just(serde_json::Value::from("99/99/9999 99:99:99 +99:99")),
+            Just(serde_json::Value::Null),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn token_responses_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), now in any_now()) {
+            let _ = parse_token_response(&body, now);
+            let parsed = ErrorBody::parse(&body);
+            let _ = looks_like_imds(&body);
+            if let Some(excerpt) = parsed.excerpt {
+                prop_assert!(excerpt.chars().count() <= EXCERPT_CHARS + 1);
+            }
+        }
+
+        #[test]
+        fn every_expiry_shape_gives_a_token_or_a_typed_problem(
+            expires_on in proptest::option::of(any_number_or_text()),
+            expires_in in proptest::option::of(any_number_or_text()),
+            now in any_now(),
+        ) {
+            let mut body = serde_json::json!({"access_token": "t"});
+            if let Some(value) = expires_on { body["expires_on"] = value; }
+            if let Some(value) = expires_in { body["expires_in"] = value; }
+            match parse_token_response(body.to_string().as_bytes(), now) {
+                Ok(token) => prop_assert_eq!(token.token.secret(), "t"),
+                Err(problem) => prop_assert_eq!(problem, ResponseProblem::MissingExpiry),
+            }
+        }
+
+        #[test]
+        fn legacy_dates_never_panic(text in ".{0,40}") {
+            let _ = legacy_date(&text);
+        }
+    }
+}

@@ -168,6 +168,32 @@ async fn app_service_identity_through_the_default_chain() {
 }
 
 #[tokio::test]
+async fn a_deployment_slot_logs_in_as_app_slots_slot() {
+    // Microsoft names a slot's system-assigned identity `<app>/slots/<slot>`, and that is the
+    // role an Entra admin creates for it.
+    let bed = TestBed::start_with(Principal::app_service_slot("shop", "staging"))
+        .await
+        .unwrap();
+    let mut vars = bed.postgres().libpq_vars();
+    vars.push((
+        "IDENTITY_ENDPOINT".into(),
+        bed.identity().app_service_endpoint(),
+    ));
+    vars.push((
+        "IDENTITY_HEADER".into(),
+        bed.identity().identity_header().into(),
+    ));
+    let connector = Connector::builder()
+        .environment(Environment::from_vars(vars))
+        .build()
+        .unwrap();
+    assert_eq!(
+        current_user(&connector).await.unwrap(),
+        "shop/slots/staging"
+    );
+}
+
+#[tokio::test]
 async fn a_service_principal_needs_an_explicit_user_and_then_connects() {
     let app = Principal::service_principal("reporting-app");
     let bed = TestBed::start_with(app.clone()).await.unwrap();
