@@ -766,19 +766,28 @@ async fn a_managed_identity_chosen_by_name_is_not_probed() {
         .start()
         .await
         .unwrap();
-    let chain = chain(vec![
-        ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
-        (
-            "AZURE_TOKEN_CREDENTIALS",
-            "ManagedIdentityCredential".into(),
-        ),
-    ])
-    .unwrap();
+    // Restarting: with a probe in the way this would read as "no IMDS here".
+    imds.script([pg_entra::testing::Reply::status(410)]);
+    let chain = DefaultAzureCredential::builder()
+        .environment(Environment::from_vars([
+            ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
+            (
+                "AZURE_TOKEN_CREDENTIALS",
+                "ManagedIdentityCredential".into(),
+            ),
+        ]))
+        .imds_probe_timeout(Duration::from_millis(300))
+        .managed_identity_retry(pg_entra::RetryOptions {
+            initial_backoff: Duration::from_millis(20),
+            ..pg_entra::RetryOptions::default()
+        })
+        .build()
+        .unwrap();
     let token = chain_token(&chain).await.unwrap();
     assert_eq!(token.username(), Some("named-vm"));
     let seen = imds.recorded();
-    assert_eq!(seen.len(), 1, "no probe before the token request");
-    assert!(seen[0].metadata_header);
+    assert_eq!(seen.len(), 2, "the 410, then the token: no probe");
+    assert!(seen.iter().all(|r| r.metadata_header));
 }
 
 #[tokio::test]

@@ -784,6 +784,16 @@ async fn token_response(
     if let Some(expires_on) = expires_on {
         body["expires_on"] = expires_on;
     }
+    // The 2017-09-01 protocol sends only the date: its expiry must be read from `expires_on`.
+    if matches!(
+        format,
+        ExpiresOnFormat::LegacyDate | ExpiresOnFormat::LegacyDate12Hour
+    ) && let Some(fields) = body.as_object_mut()
+    {
+        for field in ["expires_in", "ext_expires_in", "not_before", "client_id"] {
+            fields.remove(field);
+        }
+    }
     json_response(StatusCode::OK, body.to_string())
 }
 
