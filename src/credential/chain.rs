@@ -95,8 +95,12 @@ impl Member {
 ///   logged in) passes to the next; one that was tried and refused stops the chain with its
 ///   error.
 /// - Once one succeeds, later calls go straight to it.
-/// - Off Azure, IMDS is probed once with a short timeout (1 s) instead of the full retry
-///   budget, so the chain reaches the CLIs at once; once IMDS has answered, full retries apply.
+/// - IMDS is probed first, as the Python and Go SDKs do: the token request without its
+///   `Metadata` header, which IMDS refuses at once. No answer within 1 s, or an answer that is
+///   not IMDS's (a proxy's page, Docker Desktop's 403), means "not here"; once IMDS has
+///   answered, the real request gets the full retry policy (a restart's 410s, a slow first
+///   token). A `400` (identity not assigned) is "not here" too; any other JSON 401/403 stops
+///   the chain. A managed identity chosen by name is not probed.
 /// - `AZURE_TOKEN_CREDENTIALS` narrows the chain: `prod` (the first three), `dev` (the two
 ///   CLIs) or one credential's name; any other value is an error when the chain is built.
 /// - When every one is unavailable, the error lists each and why, in order.
@@ -329,7 +333,8 @@ impl DefaultAzureCredentialBuilder {
         self
     }
 
-    /// How long the first IMDS request may take (default 1 s).
+    /// How long the IMDS probe may take, connection and answer together (default 1 s). The
+    /// probe asks nothing IMDS must compute, so this never limits the minting of a token.
     pub fn imds_probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
         self
