@@ -144,9 +144,8 @@ impl pg_entra::TokenCredential for StaticCredential {
     }
 }
 
-#[tokio::test]
-async fn app_service_identity_through_the_default_chain() {
-    let bed = bed().await;
+/// A connector configured as on App Service: only `PG*` and the App Service variables.
+fn app_service_connector(bed: &TestBed) -> Connector {
     let mut vars = bed.postgres().libpq_vars();
     vars.push((
         "IDENTITY_ENDPOINT".into(),
@@ -156,10 +155,16 @@ async fn app_service_identity_through_the_default_chain() {
         "IDENTITY_HEADER".into(),
         bed.identity().identity_header().into(),
     ));
-    let connector = Connector::builder()
+    Connector::builder()
         .environment(Environment::from_vars(vars))
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn app_service_identity_through_the_default_chain() {
+    let bed = bed().await;
+    let connector = app_service_connector(&bed);
     assert_eq!(
         current_user(&connector).await.unwrap(),
         bed.principal().name()
@@ -174,19 +179,7 @@ async fn a_deployment_slot_logs_in_as_app_slots_slot() {
     let bed = TestBed::start_with(Principal::app_service_slot("shop", "staging"))
         .await
         .unwrap();
-    let mut vars = bed.postgres().libpq_vars();
-    vars.push((
-        "IDENTITY_ENDPOINT".into(),
-        bed.identity().app_service_endpoint(),
-    ));
-    vars.push((
-        "IDENTITY_HEADER".into(),
-        bed.identity().identity_header().into(),
-    ));
-    let connector = Connector::builder()
-        .environment(Environment::from_vars(vars))
-        .build()
-        .unwrap();
+    let connector = app_service_connector(&bed);
     assert_eq!(
         current_user(&connector).await.unwrap(),
         "shop/slots/staging"
