@@ -318,6 +318,7 @@ async fn numbers_from_the_endpoint_or_the_settings_never_panic() {
         ),
         "{error}"
     );
+    assert!(error.to_string().contains("asking to wait"), "{error}");
     // Through the cache the caller gets the credential's error, not "the credential panicked".
     endpoint.script([Reply::status(503).retry_after(u64::MAX)]);
     let cache = TokenCache::builder(Arc::new(fast(&endpoint, fast_retry())))

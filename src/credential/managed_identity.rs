@@ -165,11 +165,20 @@ impl ManagedIdentityCredential {
             // deadline): a `Retry-After` of years, or of u64::MAX seconds, ends the call now
             // with the reason instead of sleeping uselessly.
             if delay >= remaining() || delay > LONGEST_WAIT {
+                let last = match retry_after {
+                    Some(after) if after >= delay => {
+                        format!(
+                            "{}, asking to wait {after:?} before retrying",
+                            last.describe()
+                        )
+                    }
+                    _ => last.describe(),
+                };
                 return Err(ManagedIdentityError::DeadlineExceeded {
                     endpoint: self.endpoint(),
                     deadline: self.retry.deadline,
                     attempts,
-                    last: last.describe(),
+                    last,
                 });
             }
             tracing::debug!(
