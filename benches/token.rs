@@ -3,12 +3,16 @@
 //! local identity endpoint, measured in the same run.
 //!
 //! ```sh
-//! cargo bench --bench token                      # all three
-//! cargo bench --bench token -- fresh_read        # one of: fresh_read, cold_herd, refresh_boundary
+//! cargo bench --bench token                      # all of them
+//! cargo bench --bench token -- fresh_read        # one of: fresh_read, config, clock, cold_herd,
+//!                                                # refresh_boundary
 //! ```
 //!
-//! - `fresh_read`: a warm token read by 1, 8 and 64 concurrent tasks (criterion; compare the
-//!   throughputs).
+//! - `fresh_read`: a warm token read by 1, 8 and 64 concurrent tasks, owned (`token()`) and
+//!   borrowed (`token_ref()`) (criterion; compare the throughputs).
+//! - `config`: a connection config with the current token (`Connector::config()`) against the
+//!   anchor's token plus a config clone with it as password.
+//! - `clock`: the coarse wall clock the cache reads against `SystemTime::now()`.
 //! - `cold_herd`: 1,000 concurrent first requests on an empty cache (criterion), and how many
 //!   endpoint requests each side made.
 //! - `refresh_boundary`: latency percentiles of getting a connection config for calls spread
@@ -61,6 +65,8 @@ fn main() {
         .measurement_time(Duration::from_secs(4))
         .configure_from_args();
     bench.fresh_read(&mut criterion);
+    bench.config(&mut criterion);
+    bench.clock(&mut criterion);
     bench.cold_herd(&mut criterion);
     criterion.final_summary();
     if selected("refresh_boundary") {
@@ -75,6 +81,16 @@ struct ReadToken(TokenCache);
 impl Call for ReadToken {
     async fn call(&self) {
         black_box(self.0.token().await.expect("a token"));
+    }
+}
+
+/// pg-entra: borrow the cached token and copy its secret's length out (no reference count).
+#[derive(Clone)]
+struct BorrowToken(TokenCache);
+
+impl Call for BorrowToken {
+    async fn call(&self) {
+        black_box(self.0.token_ref().await.expect("a token").secret().len());
     }
 }
 
@@ -146,7 +162,9 @@ impl Bench {
     }
 
     fn fresh_read(&self, criterion: &mut Criterion) {
-        let ours = ReadToken(self.cache());
+        let cache = self.cache();
+        let ours = ReadToken(cache.clone());
+        let borrowed = BorrowToken(cache);
         let theirs = AnchorToken(anchor::credential());
         self.runtime.block_on(async {
             ours.call().await;
@@ -160,6 +178,15 @@ impl Bench {
                     .iter_custom(|iterations| concurrent_calls(tasks, iterations, ours.clone()))
             });
             group.bench_with_input(
+                BenchmarkId::new("pg-entra-borrowed", tasks),
+                &tasks,
+                |b, &tasks| {
+                    b.to_async(&self.runtime).iter_custom(|iterations| {
+                        concurrent_calls(tasks, iterations, borrowed.clone())
+                    })
+                },
+            );
+            group.bench_with_input(
                 BenchmarkId::new("azure_identity", tasks),
                 &tasks,
                 |b, &tasks| {
@@ -169,6 +196,57 @@ impl Bench {
                 },
             );
         }
+        group.finish();
+    }
+
+    /// What a connect pays before it touches the network: a config with the current token.
+    fn config(&self, criterion: &mut Criterion) {
+        let connector = Connector::builder()
+            .environment(Environment::empty())
+            .host("localhost")
+            .token_cache(self.cache())
+            .build()
+            .expect("a connector");
+        let ours = ConnectorConfig(connector);
+        let theirs = AnchorConfig {
+            credential: anchor::credential(),
+            base: {
+                let mut config = tokio_postgres::Config::new();
+                config
+                    .host("localhost")
+                    .dbname("postgres")
+                    .user(self.principal.name());
+                config
+            },
+        };
+        self.runtime.block_on(async {
+            ours.call().await;
+            theirs.call().await;
+        });
+        let mut group = criterion.benchmark_group("config");
+        group.throughput(Throughput::Elements(1));
+        group.bench_function("pg-entra", |b| {
+            b.to_async(&self.runtime)
+                .iter_custom(|iterations| concurrent_calls(1, iterations, ours.clone()))
+        });
+        group.bench_function("azure_identity", |b| {
+            b.to_async(&self.runtime)
+                .iter_custom(|iterations| concurrent_calls(1, iterations, theirs.clone()))
+        });
+        group.finish();
+    }
+
+    /// The wall clock freshness is judged on: the coarse one the cache uses, against
+    /// `SystemTime::now()`.
+    fn clock(&self, criterion: &mut Criterion) {
+        use pg_entra::Clock as _;
+        let mut group = criterion.benchmark_group("clock");
+        group.bench_function("SystemClock (CLOCK_REALTIME_COARSE)", |b| {
+            b.iter(|| black_box(pg_entra::SystemClock.now()))
+        });
+        group.bench_function("SystemTime::now", |b| {
+            b.iter(|| black_box(std::time::SystemTime::now()))
+        });
         group.finish();
     }
 

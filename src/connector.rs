@@ -5,6 +5,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use azure_core::credentials::TokenCredential;
 use postgres_native_tls::{MakeTlsConnector, TlsStream};
 use tokio_postgres::config::LoadBalanceHosts;
@@ -68,6 +69,19 @@ struct ConnectorInner {
     tokens: TokenCache,
     tls: MakeTlsConnector,
     ssl_mode: SslMode,
+    /// The configurations with the current token's password and user, built once per token
+    /// rather than once per connect.
+    with_token: ArcSwapOption<TokenConfigs>,
+}
+
+/// The connector's configurations with one token filled in.
+struct TokenConfigs {
+    /// The token they carry (compared by identity, not by value).
+    token: Token,
+    /// Every host, for [`Connector::config`].
+    all_hosts: Arc<tokio_postgres::Config>,
+    /// One per host, in the order of `ConnectorInner::per_host`.
+    per_host: Vec<tokio_postgres::Config>,
 }
 
 impl Connector {
@@ -89,9 +103,41 @@ impl Connector {
     /// A tokio-postgres configuration with the current token as password, for callers that
     /// connect themselves. Use it with [`tls_connector`](Self::tls_connector): its TLS mode is
     /// `require`, which only that connector makes verifying.
-    pub async fn config(&self) -> Result<tokio_postgres::Config, Error> {
-        let token = self.inner.tokens.token().await?;
-        self.config_with(&token)
+    ///
+    /// The configuration is built once per token and shared: while the token is fresh this
+    /// allocates nothing and costs a few nanoseconds. Clone it (`(*config).clone()`) to change
+    /// it.
+    pub async fn config(&self) -> Result<Arc<tokio_postgres::Config>, Error> {
+        let token = self.inner.tokens.token_ref().await?;
+        if let Some(configs) = self.inner.with_token.load().as_deref()
+            && configs.token.is_same(&token)
+        {
+            return Ok(Arc::clone(&configs.all_hosts));
+        }
+        Ok(Arc::clone(&self.configs_for(&token)?.all_hosts))
+    }
+
+    /// The configurations carrying `token`: the shared ones if they were built for it, else
+    /// new ones, which replace them.
+    fn configs_for(&self, token: &Token) -> Result<Arc<TokenConfigs>, Error> {
+        if let Some(configs) = self.inner.with_token.load_full()
+            && configs.token.is_same(token)
+        {
+            return Ok(configs);
+        }
+        let per_host = self
+            .inner
+            .per_host
+            .iter()
+            .map(|host| self.with_credentials(&host.config, token))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let configs = Arc::new(TokenConfigs {
+            token: token.clone(),
+            all_hosts: Arc::new(self.with_credentials(&self.inner.base, token)?),
+            per_host,
+        });
+        self.inner.with_token.store(Some(Arc::clone(&configs)));
+        Ok(configs)
     }
 
     /// Connects and spawns the connection task on the current Tokio runtime. Connection errors
@@ -135,10 +181,6 @@ impl Connector {
         }
     }
 
-    fn config_with(&self, token: &Token) -> Result<tokio_postgres::Config, Error> {
-        self.with_credentials(&self.inner.base, token)
-    }
-
     fn with_credentials(
         &self,
         base: &tokio_postgres::Config,
@@ -159,7 +201,9 @@ impl Connector {
     /// Tries each host in turn, each attempt bounded as a whole (DNS, TCP, TLS, startup,
     /// login) by the connect timeout; the last host's error is returned.
     async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
-        let mut order: Vec<&HostConfig> = self.inner.per_host.iter().collect();
+        let configs = self.configs_for(token)?;
+        let mut order: Vec<(&HostConfig, &tokio_postgres::Config)> =
+            self.inner.per_host.iter().zip(&configs.per_host).collect();
         if self.inner.base.get_load_balance_hosts() == LoadBalanceHosts::Random {
             // Fisher-Yates with the crate's jitter source, as tokio-postgres shuffles its hosts.
             for i in (1..order.len()).rev() {
@@ -168,8 +212,7 @@ impl Connector {
             }
         }
         let mut last_error = None;
-        for host in order {
-            let config = self.with_credentials(&host.config, token)?;
+        for (host, config) in order {
             tracing::debug!(
                 host = %host.host,
                 port = host.port,
@@ -478,6 +521,7 @@ impl ConnectorBuilder {
                 tokens,
                 tls,
                 ssl_mode,
+                with_token: ArcSwapOption::empty(),
             }),
         })
     }

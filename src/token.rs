@@ -19,10 +19,10 @@ const USERNAME_CLAIMS: [&str; 4] = ["xms_mirid", "upn", "preferred_username", "u
 /// never the secret; there is no `Display`.
 #[derive(Clone)]
 pub struct Token {
-    inner: Arc<TokenInner>,
+    pub(crate) inner: Arc<TokenInner>,
 }
 
-struct TokenInner {
+pub(crate) struct TokenInner {
     secret: Secret,
     expires_on: OffsetDateTime,
     claims: PrincipalClaims,
@@ -65,6 +65,11 @@ impl Token {
         self.username().ok_or_else(|| Error::UnknownUser {
             claims_present: self.inner.claims.present.clone(),
         })
+    }
+
+    /// Whether `other` is this very token (a clone of it), not merely an equal one.
+    pub(crate) fn is_same(&self, other: &Token) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// The `aud` claim, when the token is a JWT that has one.

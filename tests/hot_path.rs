@@ -1,6 +1,7 @@
-//! A fresh-token read allocates nothing. (That it takes no lock is a unit test in the cache:
-//! it reads with the refresh lock held elsewhere.) This binary counts every allocation of the
-//! thread that reads.
+//! The hot paths allocate nothing and are ready on the first poll: a fresh-token read (owned
+//! or borrowed) and a connection config for a fresh token. (That they take no lock is a unit
+//! test in the cache: it reads with the refresh lock held elsewhere.) This binary counts every
+//! allocation of the thread that reads.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use pg_entra::{AccessToken, TokenCache, TokenCredential, TokenRequestOptions};
+use pg_entra::{
+    AccessToken, Connector, Environment, TokenCache, TokenCredential, TokenRequestOptions,
+};
 
 struct CountingAllocator;
 
@@ -51,24 +54,52 @@ impl TokenCredential for HourLongTokens {
     }
 }
 
+/// Allocations made by `calls` calls of `read`, each of which must be ready on its first poll.
+fn allocations_of<F: std::future::Future>(calls: usize, read: impl Fn() -> F) -> u64 {
+    let before = ALLOCATIONS.with(Cell::get);
+    for _ in 0..calls {
+        // Ready on the first poll: no `.await` parks on the fresh path.
+        let value = read().now_or_never().expect("ready on the first poll");
+        std::hint::black_box(value);
+    }
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+fn cache() -> TokenCache {
+    TokenCache::builder(Arc::new(HourLongTokens))
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn reading_a_fresh_token_allocates_nothing() {
-    let cache = TokenCache::builder(Arc::new(HourLongTokens))
-        .build()
-        .unwrap();
+    let cache = cache();
     cache.token().await.unwrap();
     // Warm this thread's arc-swap slot.
     cache.token().now_or_never().unwrap().unwrap();
-
-    let before = ALLOCATIONS.with(Cell::get);
-    for _ in 0..10_000 {
-        // Ready on the first poll: no `.await` parks on the fresh path.
-        let token = cache.token().now_or_never().expect("ready").unwrap();
-        std::hint::black_box(token);
-    }
-    let allocations = ALLOCATIONS.with(Cell::get) - before;
+    let allocations = allocations_of(10_000, || cache.token());
+    assert_eq!(allocations, 0, "{allocations} allocations in 10,000 fresh reads");
+    let allocations = allocations_of(10_000, || cache.token_ref());
     assert_eq!(
         allocations, 0,
-        "{allocations} allocations in 10,000 fresh reads"
+        "{allocations} allocations in 10,000 borrowed reads"
     );
+}
+
+#[tokio::test]
+async fn a_config_for_a_fresh_token_allocates_nothing() {
+    let connector = Connector::builder()
+        .environment(Environment::empty())
+        .host("srv.postgres.database.azure.com")
+        .user("orders-api")
+        .token_cache(cache())
+        .build()
+        .unwrap();
+    // The first call builds the token's config; later ones share it.
+    let first = connector.config().await.unwrap();
+    assert_eq!(first.get_password(), Some(&b"header.payload.signature"[..]));
+    let allocations = allocations_of(10_000, || connector.config());
+    assert_eq!(allocations, 0, "{allocations} allocations in 10,000 configs");
+    let again = connector.config().now_or_never().unwrap().unwrap();
+    assert!(Arc::ptr_eq(&first, &again), "one config per token");
 }

@@ -392,6 +392,37 @@ async fn the_fresh_path_takes_no_lock() {
     let _held = cache.inner.state.lock().unwrap();
     let token = cache.token().now_or_never().expect("no wait").unwrap();
     assert_eq!(secret(&token), "token-0");
+    let borrowed = cache.token_ref().now_or_never().expect("no wait").unwrap();
+    assert_eq!(borrowed.secret(), "token-0");
+}
+
+#[tokio::test]
+async fn a_borrowed_token_touches_no_reference_count_and_follows_the_cache() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(
+        &clock,
+        [Step::Token(HOUR), Step::Token(2 * HOUR)],
+    ));
+    let cache = cache(&clock, &credential);
+    let owned = cache.token().await.unwrap();
+    let count = |token: &Token| Arc::strong_count(&token.inner);
+    let before = count(&owned);
+    let borrowed: Vec<_> = (0..4)
+        .map(|_| cache.token_ref().now_or_never().unwrap().unwrap())
+        .collect();
+    assert_eq!(count(&owned), before, "borrows do not count");
+    assert!(borrowed.iter().all(|t| t.secret() == "token-0"));
+    drop(borrowed);
+    // Stale: a borrow is still served at once while the refresh runs.
+    clock.advance(HOUR - Duration::from_secs(60));
+    assert_eq!(
+        cache.token_ref().now_or_never().unwrap().unwrap().secret(),
+        "token-0"
+    );
+    settle(&cache, &credential, 2).await;
+    let next = cache.token_ref().await.unwrap();
+    assert_eq!(next.secret(), "token-1");
+    assert_eq!(next.into_owned().secret(), "token-1");
 }
 
 #[test]
