@@ -9,7 +9,7 @@
 //! ```
 //!
 //! - `fresh_read`: a warm token read by 1, 8 and 64 concurrent tasks, owned (`token()`) and
-//!   borrowed (`token_ref()`) (criterion; compare the throughputs).
+//!   borrowed (`with_token()`) (criterion; compare the throughputs).
 //! - `config`: a connection config with the current token (`Connector::config()`) against the
 //!   anchor's token plus a config clone with it as password.
 //! - `clock`: the coarse wall clock the cache reads against `SystemTime::now()`.
@@ -84,13 +84,28 @@ impl Call for ReadToken {
     }
 }
 
-/// pg-entra: borrow the cached token and copy its secret's length out (no reference count).
+/// pg-entra: read the cached token in place and copy its secret's length out.
 #[derive(Clone)]
 struct BorrowToken(TokenCache);
 
 impl Call for BorrowToken {
     async fn call(&self) {
-        black_box(self.0.token_ref().await.expect("a token").secret().len());
+        black_box(
+            self.0
+                .with_token(|token| token.secret().len())
+                .await
+                .expect("a token"),
+        );
+    }
+}
+
+/// Nothing: what the harness itself costs per call (spawned tasks, one `.await` per call).
+#[derive(Clone)]
+struct Nothing;
+
+impl Call for Nothing {
+    async fn call(&self) {
+        black_box(());
     }
 }
 
@@ -177,6 +192,14 @@ impl Bench {
                 b.to_async(&self.runtime)
                     .iter_custom(|iterations| concurrent_calls(tasks, iterations, ours.clone()))
             });
+            group.bench_with_input(
+                BenchmarkId::new("harness-floor", tasks),
+                &tasks,
+                |b, &tasks| {
+                    b.to_async(&self.runtime)
+                        .iter_custom(|iterations| concurrent_calls(tasks, iterations, Nothing))
+                },
+            );
             group.bench_with_input(
                 BenchmarkId::new("pg-entra-borrowed", tasks),
                 &tasks,

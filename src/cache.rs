@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -76,6 +77,11 @@ pub struct TokenCache {
 }
 
 struct Inner {
+    /// Tells this cache's per-thread references apart from other caches'.
+    id: u64,
+    /// Moves on every stored token: a thread's reference to an entry of an older generation is
+    /// not used.
+    generation: AtomicU64,
     credential: Arc<dyn TokenCredential>,
     scope: String,
     policy: RefreshPolicy,
@@ -204,30 +210,43 @@ impl TokenCache {
         Inner::wait_for_refresh(&self.inner).await
     }
 
-    /// The current token, borrowed: like [`token`](Self::token), but while the token is fresh
-    /// (or stale) this touches no reference count, so readers on many cores do not contend on
-    /// one cache line. For callers that only copy the secret, as a connect does; do not hold
-    /// it across an `.await` (each thread has a few borrow slots; past those a borrow falls
-    /// back to a reference count).
+    /// Runs `read` on the current token and returns what it returns: like
+    /// [`token`](Self::token), but while the token is fresh this writes no memory shared with
+    /// other threads (each thread keeps its own reference to the current token; no reference
+    /// count moves), so readers on many cores do not slow each other down. For callers that only
+    /// copy something out of the token, as a connect copies the secret.
+    ///
+    /// ```no_run
+    /// # async fn run(cache: pg_entra::TokenCache) -> Result<(), pg_entra::Error> {
+    /// let password: Vec<u8> = cache.with_token(|token| token.secret().as_bytes().to_vec()).await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// As [`token`](Self::token).
-    pub async fn token_ref(&self) -> Result<TokenRef, Error> {
-        let now = self.inner.clock.now();
-        let current = self.inner.current.load();
-        if let Some(entry) = current.as_deref() {
+    pub async fn with_token<R>(&self, read: impl FnOnce(&Token) -> R) -> Result<R, Error> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let generation = inner.generation.load(Ordering::Acquire);
+        let read = match per_thread::read_fresh(inner.id, generation, now, read) {
+            Ok(value) => return Ok(value),
+            Err(read) => read,
+        };
+        // This thread has no reference to the current entry yet, or it is not fresh: the
+        // shared entry, loaded after the generation, so at least as new as it.
+        if let Some(entry) = inner.current.load_full()
+            && now < entry.usable_until
+        {
             if now < entry.refresh_at {
-                return Ok(TokenRef(Held::Borrowed(current)));
+                let value = read(&entry.token);
+                per_thread::remember(inner.id, generation, entry, Arc::downgrade(inner));
+                return Ok(value);
             }
-            if now < entry.usable_until {
-                self.inner.refresh_in_background(now);
-                return Ok(TokenRef(Held::Borrowed(current)));
-            }
+            inner.refresh_in_background(now);
+            return Ok(read(&entry.token));
         }
-        drop(current);
-        Inner::wait_for_refresh(&self.inner)
-            .await
-            .map(|token| TokenRef(Held::Owned(token)))
+        let token = Inner::wait_for_refresh(inner).await?;
+        Ok(read(&token))
     }
 
     /// The scope tokens are requested for.
@@ -288,50 +307,6 @@ impl TokenCache {
             // Not `failure()`: the refused token may still be far from expiry.
             Err(cause) => Err(Error::from_credential(cause)),
         }
-    }
-}
-
-/// A token read from a [`TokenCache`] with [`token_ref`](TokenCache::token_ref): derefs to
-/// [`Token`]. Copy what you need (the secret, the user name) and drop it;
-/// [`into_owned`](Self::into_owned) keeps the token.
-pub struct TokenRef(Held);
-
-/// What a [`TokenRef`] holds.
-enum Held {
-    /// Borrowed from the cache's current entry (an arc-swap guard: no reference count).
-    Borrowed(arc_swap::Guard<Option<Arc<Entry>>>),
-    /// A token that had to be fetched.
-    Owned(Token),
-}
-
-impl TokenRef {
-    /// The token, owned (one reference-count increment when it was borrowed).
-    pub fn into_owned(self) -> Token {
-        match self.0 {
-            Held::Owned(token) => token,
-            Held::Borrowed(_) => (*self).clone(),
-        }
-    }
-}
-
-impl std::ops::Deref for TokenRef {
-    type Target = Token;
-
-    fn deref(&self) -> &Token {
-        match &self.0 {
-            Held::Owned(token) => token,
-            Held::Borrowed(entry) => match entry.as_deref() {
-                Some(entry) => &entry.token,
-                // `token_ref` borrows only an entry it has seen present.
-                None => unreachable!("a borrowed token reference always holds an entry"),
-            },
-        }
-    }
-}
-
-impl fmt::Debug for TokenRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&**self, f)
     }
 }
 
@@ -585,6 +560,8 @@ impl Inner {
             refresh_at,
             usable_until,
         })));
+        // After the store: a reader that sees the new generation also sees the new entry.
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(Accepted::New(token))
     }
 
@@ -811,6 +788,8 @@ impl TokenCacheBuilder {
             scope: self.scope,
             policy,
             clock: self.clock,
+            id: per_thread::next_cache_id(),
+            generation: AtomicU64::new(0),
             current: ArcSwapOption::empty(),
             state: Mutex::new(RefreshState::default()),
             _stop_background: runtime.is_some().then_some(stop),
@@ -822,5 +801,6 @@ impl TokenCacheBuilder {
     }
 }
 
+mod per_thread;
 #[cfg(test)]
 mod tests;

@@ -108,13 +108,13 @@ impl Connector {
     /// allocates nothing and costs a few nanoseconds. Clone it (`(*config).clone()`) to change
     /// it.
     pub async fn config(&self) -> Result<Arc<tokio_postgres::Config>, Error> {
-        let token = self.inner.tokens.token_ref().await?;
-        if let Some(configs) = self.inner.with_token.load().as_deref()
-            && configs.token.is_same(&token)
-        {
-            return Ok(Arc::clone(&configs.all_hosts));
-        }
-        Ok(Arc::clone(&self.configs_for(&token)?.all_hosts))
+        self.inner
+            .tokens
+            .with_token(|token| match self.inner.with_token.load().as_deref() {
+                Some(configs) if configs.token.is_same(token) => Ok(Arc::clone(&configs.all_hosts)),
+                _ => Ok(Arc::clone(&self.configs_for(token)?.all_hosts)),
+            })
+            .await?
     }
 
     /// The configurations carrying `token`: the shared ones if they were built for it, else

@@ -68,7 +68,7 @@ pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOpti
 pub use cache::{
     DEFAULT_EXPIRY_MARGIN, DEFAULT_FORCED_REFRESH_INTERVAL, DEFAULT_MAX_BACKOFF,
     DEFAULT_MIN_BACKOFF, DEFAULT_REFRESH_JITTER, DEFAULT_REFRESH_MARGIN, DEFAULT_REFRESH_TIMEOUT,
-    TokenCache, TokenCacheBuilder, TokenRef,
+    TokenCache, TokenCacheBuilder,
 };
 pub use clock::{Clock, SystemClock};
 pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};

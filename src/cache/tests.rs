@@ -8,6 +8,7 @@ use azure_core::credentials::TokenRequestOptions;
 use futures_util::FutureExt as _;
 use tokio::sync::Semaphore;
 
+use super::per_thread;
 use super::*;
 use crate::clock::ManualClock;
 
@@ -392,12 +393,16 @@ async fn the_fresh_path_takes_no_lock() {
     let _held = cache.inner.state.lock().unwrap();
     let token = cache.token().now_or_never().expect("no wait").unwrap();
     assert_eq!(secret(&token), "token-0");
-    let borrowed = cache.token_ref().now_or_never().expect("no wait").unwrap();
-    assert_eq!(borrowed.secret(), "token-0");
+    let borrowed = cache
+        .with_token(|token| token.secret().to_owned())
+        .now_or_never()
+        .expect("no wait")
+        .unwrap();
+    assert_eq!(borrowed, "token-0");
 }
 
 #[tokio::test]
-async fn a_borrowed_token_touches_no_reference_count_and_follows_the_cache() {
+async fn a_borrowed_read_moves_no_reference_count_and_follows_the_cache() {
     let clock = ManualClock::starting_now();
     let credential = Arc::new(ScriptedCredential::new(
         &clock,
@@ -405,24 +410,35 @@ async fn a_borrowed_token_touches_no_reference_count_and_follows_the_cache() {
     ));
     let cache = cache(&clock, &credential);
     let owned = cache.token().await.unwrap();
-    let count = |token: &Token| Arc::strong_count(&token.inner);
-    let before = count(&owned);
-    let borrowed: Vec<_> = (0..4)
-        .map(|_| cache.token_ref().now_or_never().unwrap().unwrap())
-        .collect();
-    assert_eq!(count(&owned), before, "borrows do not count");
-    assert!(borrowed.iter().all(|t| t.secret() == "token-0"));
-    drop(borrowed);
-    // Stale: a borrow is still served at once while the refresh runs.
+    let read = || {
+        cache
+            .with_token(|token| token.secret().to_owned())
+            .now_or_never()
+            .expect("ready at once")
+            .unwrap()
+    };
+    assert_eq!(read(), "token-0");
+    // This thread now holds its own reference to the entry; later reads move no count.
+    let count = || Arc::strong_count(&owned.inner);
+    let entries = || Arc::strong_count(&cache.inner.current.load_full().unwrap()) - 1;
+    let (tokens_before, entries_before) = (count(), entries());
+    assert_eq!(per_thread::slots_on_this_thread(), 1);
+    for _ in 0..100 {
+        assert_eq!(read(), "token-0");
+    }
+    assert_eq!((count(), entries()), (tokens_before, entries_before));
+    // Stale: still served at once while the refresh runs; then the new token, not the old one.
     clock.advance(HOUR - Duration::from_secs(60));
-    assert_eq!(
-        cache.token_ref().now_or_never().unwrap().unwrap().secret(),
-        "token-0"
-    );
+    assert_eq!(read(), "token-0");
     settle(&cache, &credential, 2).await;
-    let next = cache.token_ref().await.unwrap();
-    assert_eq!(next.secret(), "token-1");
-    assert_eq!(next.into_owned().secret(), "token-1");
+    assert_eq!(read(), "token-1");
+    assert_eq!(per_thread::slots_on_this_thread(), 1);
+    // A dropped cache's reference is forgotten when this thread next remembers one.
+    let other = self::cache(&clock, &Arc::new(ScriptedCredential::new(&clock, [])));
+    other.token().await.unwrap();
+    drop(cache);
+    other.with_token(|_| ()).await.unwrap();
+    assert_eq!(per_thread::slots_on_this_thread(), 1);
 }
 
 #[test]

@@ -1,0 +1,87 @@
+//! Each thread keeps its own reference to each cache's current entry, so that a fresh read
+//! writes no memory that another core reads: it costs one load of the cache's generation (a
+//! cache line every core only reads) and thread-local data. A thread takes a new reference
+//! only when the cache has stored a new token.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::SystemTime;
+
+use super::{Entry, Inner};
+use crate::token::Token;
+
+/// Caches are told apart by a number never reused (an address could be, after a drop).
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new cache's id.
+pub(super) fn next_cache_id() -> u64 {
+    NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// This thread's reference to one cache's entry, valid while the cache's generation is the
+/// same.
+struct Slot {
+    cache: u64,
+    generation: u64,
+    entry: Arc<Entry>,
+    /// To forget the slots of dropped caches.
+    owner: Weak<Inner>,
+}
+
+thread_local! {
+    static SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `read` on this thread's reference to the entry of `cache` if it is from `generation`
+/// and still fresh at `now`; otherwise gives `read` back.
+#[inline]
+pub(super) fn read_fresh<R, F: FnOnce(&Token) -> R>(
+    cache: u64,
+    generation: u64,
+    now: SystemTime,
+    read: F,
+) -> Result<R, F> {
+    let mut read = Some(read);
+    let result = SLOTS.try_with(|slots| {
+        // Borrowed already only if `read` itself reads a cache: then take the shared path.
+        let slots = slots.try_borrow().ok()?;
+        let slot = slots
+            .iter()
+            .find(|slot| slot.cache == cache && slot.generation == generation)?;
+        if now < slot.entry.refresh_at {
+            read.take().map(|read| read(&slot.entry.token))
+        } else {
+            None
+        }
+    });
+    match (result, read) {
+        (Ok(Some(value)), _) => Ok(value),
+        (_, Some(read)) => Err(read),
+        // `read` ran only if it returned a value.
+        (_, None) => unreachable!("the reader ran but returned nothing"),
+    }
+}
+
+/// Keeps `entry` as this thread's reference for `cache` at `generation`, and forgets the
+/// references of caches that have been dropped.
+pub(super) fn remember(cache: u64, generation: u64, entry: Arc<Entry>, owner: Weak<Inner>) {
+    let _ = SLOTS.try_with(|slots| {
+        let Ok(mut slots) = slots.try_borrow_mut() else {
+            return;
+        };
+        slots.retain(|slot| slot.cache != cache && slot.owner.strong_count() > 0);
+        slots.push(Slot {
+            cache,
+            generation,
+            entry,
+            owner,
+        });
+    });
+}
+
+/// How many slots this thread holds (for tests).
+#[cfg(test)]
+pub(super) fn slots_on_this_thread() -> usize {
+    SLOTS.with(|slots| slots.borrow().len())
+}
