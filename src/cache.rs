@@ -1,8 +1,10 @@
 //! A token cache that refreshes ahead of expiry without making callers wait.
 //!
 //! States, decided on the wall clock of the injected [`Clock`]:
-//! - **fresh** (before the refresh point): the cached token is returned at once. This is one
-//!   atomic load and one reference-count increment: no lock, no allocation, no `.await`.
+//! - **fresh** (before the refresh point): the cached token is returned at once: no lock, no
+//!   allocation, no `.await`. [`TokenCache::with_token`] reads it in place through the
+//!   thread's own reference (one shared atomic load, no reference count moved);
+//!   [`TokenCache::token`] hands out a reference-counted clone.
 //! - **stale** (refresh point .. expiry minus a safety margin): the cached token is returned at
 //!   once and one background refresh is started, unless one is running or the cache is backing
 //!   off after a failure.
