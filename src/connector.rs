@@ -1,7 +1,6 @@
 //! From settings and a credential to verified TLS connections with the token as password.
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -312,7 +311,7 @@ impl ConnectorBuilder {
 
     /// The server's port (default 5432).
     pub fn port(mut self, port: u16) -> Self {
-        self.explicit.ports = Some(vec![port]);
+        self.explicit.ports = Some(vec![Some(port)]);
         self
     }
 
@@ -353,7 +352,7 @@ impl ConnectorBuilder {
     /// `connect_timeout` in the connection string; 0 there means the default, not forever).
     /// With several hosts, each gets this long, as in libpq.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.explicit.connect_timeout = Some(timeout);
+        self.explicit.connect_timeout = Some(Some(timeout));
         self
     }
 
@@ -427,7 +426,18 @@ impl ConnectorBuilder {
                 )));
             }
         }
-        let ports = settings.ports.clone().unwrap_or_else(|| vec![DEFAULT_PORT]);
+        let ports: Vec<u16> = settings
+            .ports
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|port| port.unwrap_or(DEFAULT_PORT))
+            .collect();
+        let ports = if ports.is_empty() {
+            vec![DEFAULT_PORT]
+        } else {
+            ports
+        };
         if ports.len() != 1 && ports.len() != hosts.len() {
             return Err(Error::config(format!(
                 "{} ports for {} hosts: give one port, or one per host",
@@ -441,33 +451,43 @@ impl ConnectorBuilder {
             false => None,
             true => Some(hosts[0].split('.').next().unwrap_or_default().to_owned()),
         };
-        let connect_timeout = settings.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let (passthrough, hostaddrs) = settings.split_hostaddrs(hosts.len())?;
+        let connect_timeout = settings
+            .connect_timeout
+            .flatten()
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let hostaddrs = settings.hostaddrs.clone().unwrap_or_default();
+        if !hostaddrs.is_empty() && hostaddrs.len() != hosts.len() {
+            return Err(Error::config(format!(
+                "{} host addresses for {} hosts: give one hostaddr per host",
+                hostaddrs.len(),
+                hosts.len()
+            )));
+        }
         // Everything but hosts, ports and host addresses, the same for every host.
-        let common = || -> Result<tokio_postgres::Config, Error> {
-            let mut config = tokio_postgres::Config::from_str(&passthrough)
-                .map_err(|e| Error::config(format!("connection option not understood: {e}")))?;
-            config.dbname(settings.dbname.as_deref().unwrap_or(DEFAULT_DBNAME));
+        let common = || {
+            let mut config = tokio_postgres::Config::new();
+            settings.apply(&mut config);
+            config.dbname(
+                settings
+                    .dbname
+                    .as_deref()
+                    .filter(|name| !name.is_empty())
+                    .unwrap_or(DEFAULT_DBNAME),
+            );
             if let Some(user) = &settings.user {
                 config.user(single_server_user(user, single_server.as_deref()));
             }
-            if let Some(name) = &settings.application_name {
-                config.application_name(name);
-            }
             config.connect_timeout(connect_timeout);
-            if let Some(options) = &settings.options {
-                config.options(options);
-            }
             // Verification happens in the TLS connector; `require` makes tokio-postgres refuse
             // a server that will not do TLS, before anything else is sent.
             config.ssl_mode(tokio_postgres::config::SslMode::Require);
-            Ok(config)
+            config
         };
-        let mut base = common()?;
+        let mut base = common();
         let mut per_host = Vec::with_capacity(hosts.len());
         for (index, host) in hosts.iter().enumerate() {
             base.host(host);
-            let mut config = common()?;
+            let mut config = common();
             config.host(host).port(port_of(index));
             if let Some(address) = hostaddrs.get(index) {
                 base.hostaddr(*address);
@@ -715,17 +735,26 @@ mod tests {
     }
 
     #[test]
-    fn passthrough_options_reach_tokio_postgres() {
-        let connector = build(&[("PGHOST", "h")], |b| {
-            b.connection_string("keepalives_idle=45 target_session_attrs=read-write")
+    fn libpq_options_reach_tokio_postgres_as_typed_fields() {
+        let connector = build(&[("PGHOST", "h"), ("PGTARGETSESSIONATTRS", "read-write")], |b| {
+            b.connection_string(
+                "keepalives_idle=45 keepalives_count=3 tcp_user_timeout=1500 \
+                 fallback_application_name=fallback options='-c search_path=app'",
+            )
         })
         .unwrap();
+        let base = &connector.inner.base;
+        assert_eq!(base.get_keepalives_idle(), Duration::from_secs(45));
+        assert_eq!(base.get_keepalives_retries(), Some(3));
+        assert_eq!(base.get_tcp_user_timeout(), Some(&Duration::from_millis(1500)));
+        assert_eq!(base.get_application_name(), Some("fallback"));
+        assert_eq!(base.get_options(), Some("-c search_path=app"));
         assert_eq!(
-            connector.inner.base.get_keepalives_idle(),
-            Duration::from_secs(45)
+            base.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
         );
         let unknown =
             build(&[("PGHOST", "h")], |b| b.connection_string("frobnicate=1")).unwrap_err();
-        assert!(unknown.to_string().contains("not understood"), "{unknown}");
+        assert!(unknown.to_string().contains("\"frobnicate\""), "{unknown}");
     }
 }
