@@ -297,7 +297,10 @@ impl fmt::Debug for ConnectorBuilder {
 }
 
 impl ConnectorBuilder {
-    /// A `postgresql://` URL or libpq `key=value` string; parsed by [`build`](Self::build).
+    /// A `postgresql://` URL or libpq `key=value` string, read exactly as libpq reads it;
+    /// parsed by [`build`](Self::build), which refuses a keyword libpq does not know, a
+    /// password, a Unix socket, a plaintext `sslmode` and the libpq features this crate cannot
+    /// use (see the README's configuration section).
     pub fn connection_string(mut self, conninfo: impl Into<String>) -> Self {
         self.conninfo = Some(conninfo.into());
         self
@@ -736,17 +739,23 @@ mod tests {
 
     #[test]
     fn libpq_options_reach_tokio_postgres_as_typed_fields() {
-        let connector = build(&[("PGHOST", "h"), ("PGTARGETSESSIONATTRS", "read-write")], |b| {
-            b.connection_string(
-                "keepalives_idle=45 keepalives_count=3 tcp_user_timeout=1500 \
+        let connector = build(
+            &[("PGHOST", "h"), ("PGTARGETSESSIONATTRS", "read-write")],
+            |b| {
+                b.connection_string(
+                    "keepalives_idle=45 keepalives_count=3 tcp_user_timeout=1500 \
                  fallback_application_name=fallback options='-c search_path=app'",
-            )
-        })
+                )
+            },
+        )
         .unwrap();
         let base = &connector.inner.base;
         assert_eq!(base.get_keepalives_idle(), Duration::from_secs(45));
         assert_eq!(base.get_keepalives_retries(), Some(3));
-        assert_eq!(base.get_tcp_user_timeout(), Some(&Duration::from_millis(1500)));
+        assert_eq!(
+            base.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(1500))
+        );
         assert_eq!(base.get_application_name(), Some("fallback"));
         assert_eq!(base.get_options(), Some("-c search_path=app"));
         assert_eq!(

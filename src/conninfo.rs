@@ -188,9 +188,7 @@ impl Settings {
             "user" => self.user = Some(value.to_owned()),
             "options" => self.options = Some(value.to_owned()),
             "application_name" => self.application_name = Some(value.to_owned()),
-            "fallback_application_name" => {
-                self.fallback_application_name = Some(value.to_owned())
-            }
+            "fallback_application_name" => self.fallback_application_name = Some(value.to_owned()),
             "password" => {
                 return Err(Error::config(
                     "a password was given, but the Entra access token is the password; remove it",
@@ -284,10 +282,21 @@ impl Settings {
                      are not read; give the host, port, dbname and user directly",
                 ));
             }
-            "client_encoding" | "sslsni" | "gssencmode" | "passfile" | "sslcert" | "sslkey"
-            | "sslpassword" | "sslcrl" | "sslcrldir" | "requirepeer"
-            | "ssl_min_protocol_version" | "ssl_max_protocol_version" | "krbsrvname"
-            | "gsslib" | "replication" => {
+            "client_encoding"
+            | "sslsni"
+            | "gssencmode"
+            | "passfile"
+            | "sslcert"
+            | "sslkey"
+            | "sslpassword"
+            | "sslcrl"
+            | "sslcrldir"
+            | "requirepeer"
+            | "ssl_min_protocol_version"
+            | "ssl_max_protocol_version"
+            | "krbsrvname"
+            | "gsslib"
+            | "replication" => {
                 return Err(Error::config(format!(
                     "{key} is not supported: the connection authenticates with an Entra token \
                      over verified TLS"
@@ -754,14 +763,19 @@ mod tests {
         .to_string();
         assert!(error.contains("not a libpq connection keyword"), "{error}");
         assert!(error.contains("keepalives=1 host=evil.example"), "{error}");
-        let unknown = Settings::parse("host=h frobnicate=1").unwrap_err().to_string();
+        let unknown = Settings::parse("host=h frobnicate=1")
+            .unwrap_err()
+            .to_string();
         assert!(unknown.contains("\"frobnicate\""), "{unknown}");
     }
 
     #[test]
     fn environment_variables_and_their_errors() {
         let env = Environment::from_vars([
-            ("PGHOST", "a.postgres.database.azure.com,b.postgres.database.azure.com"),
+            (
+                "PGHOST",
+                "a.postgres.database.azure.com,b.postgres.database.azure.com",
+            ),
             ("PGPORT", "6432,6433"),
             ("PGDATABASE", "orders"),
             ("PGUSER", "orders-api"),
@@ -778,10 +792,7 @@ mod tests {
         assert_eq!(settings.dbname.as_deref(), Some("orders"));
         assert_eq!(settings.ssl_mode, Some(SslMode::Require));
         assert_eq!(settings.options.as_deref(), Some("-c search_path=app"));
-        assert_eq!(
-            settings.connect_timeout,
-            Some(Some(Duration::from_secs(5)))
-        );
+        assert_eq!(settings.connect_timeout, Some(Some(Duration::from_secs(5))));
 
         let bad = Settings::from_env(&Environment::from_vars([("PGPORT", "x")])).unwrap_err();
         assert!(bad.to_string().contains("PGPORT"), "{bad}");

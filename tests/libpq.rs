@@ -30,8 +30,7 @@ struct ConninfoOption {
 
 #[link(name = "pq")]
 unsafe extern "C" {
-    fn PQconninfoParse(conninfo: *const c_char, errmsg: *mut *mut c_char)
-    -> *mut ConninfoOption;
+    fn PQconninfoParse(conninfo: *const c_char, errmsg: *mut *mut c_char) -> *mut ConninfoOption;
     fn PQconninfoFree(options: *mut ConninfoOption);
     fn PQfreemem(ptr: *mut c_void);
     fn PQlibVersion() -> c_int;
@@ -188,16 +187,16 @@ fn documented_refusal(error: &Error) -> bool {
     }
     let text = error.to_string();
     [
-        "password",             // the token is the password
-        "Unix-domain socket",   // no TLS
-        "no server host",       // no host name to verify
-        "is not supported",     // client certificates, GSS, service files, …
-        "invalid ",             // a value libpq checks only when connecting
-        "unknown sslmode",      // likewise
+        "password",               // the token is the password
+        "Unix-domain socket",     // no TLS
+        "no server host",         // no host name to verify
+        "is not supported",       // client certificates, GSS, service files, …
+        "invalid ",               // a value libpq checks only when connecting
+        "unknown sslmode",        // likewise
         "a port is not a number", // likewise, in a URL (not repeated)
-        "ports for",            // libpq: "could not match N port numbers to M hosts"
-        "host addresses for",   // likewise for hostaddr
-        "not valid UTF-8",      // names that are not text
+        "ports for",              // libpq: "could not match N port numbers to M hosts"
+        "host addresses for",     // likewise for hostaddr
+        "not valid UTF-8",        // names that are not text
     ]
     .iter()
     .any(|reason| text.contains(reason))
@@ -415,12 +414,36 @@ const KEY_VALUES: &[&str] = &[
     "host=srv dbname=\\",
 ];
 
+/// Lines of an extra corpus file, one input per line: `PG_ENTRA_LIBPQ_CORPUS` may name
+/// PostgreSQL's own `src/interfaces/libpq/test/regress.in` (PostgreSQL Licence), which this
+/// repository does not carry.
+fn extra_corpus() -> Vec<String> {
+    match std::env::var_os("PG_ENTRA_LIBPQ_CORPUS") {
+        Some(path) => std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("PG_ENTRA_LIBPQ_CORPUS={path:?}: {e}"))
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => {
+            eprintln!(
+                "PG_ENTRA_LIBPQ_CORPUS is not set: only the built-in corpus runs (set it to \
+                 PostgreSQL's src/interfaces/libpq/test/regress.in to add that one)"
+            );
+            Vec::new()
+        }
+    }
+}
+
 #[test]
 fn corpus_agrees_with_libpq() {
     let cache = cache();
+    let extra = extra_corpus();
     let disagreements: Vec<String> = URLS
         .iter()
         .chain(KEY_VALUES)
+        .copied()
+        .chain(extra.iter().map(String::as_str))
         .filter_map(|conninfo| compare(&cache, conninfo).err())
         .collect();
     assert!(
@@ -450,8 +473,19 @@ fn url_piece() -> impl Strategy<Value = String> {
         "[0-9]{1,5}",
         "%[0-9a-fA-FxX]{0,2}",
         prop::sample::select(vec![
-            "user", "port", "dbname", "host", "sslmode", "ssl", "connect_timeout", "options",
-            "application_name", "hostaddr", "uzer", "keepalives", "service",
+            "user",
+            "port",
+            "dbname",
+            "host",
+            "sslmode",
+            "ssl",
+            "connect_timeout",
+            "options",
+            "application_name",
+            "hostaddr",
+            "uzer",
+            "keepalives",
+            "service",
         ])
         .prop_map(str::to_owned),
         prop::sample::select(vec!["require", "verify-full", "prefer", "true", "1", "-1"])
@@ -462,8 +496,18 @@ fn url_piece() -> impl Strategy<Value = String> {
 fn key_value_piece() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
-            "host", "port", "dbname", "user", "options", "application_name", "connect_timeout",
-            "sslmode", "password", "frobnicate", "hostaddr", "keepalives",
+            "host",
+            "port",
+            "dbname",
+            "user",
+            "options",
+            "application_name",
+            "connect_timeout",
+            "sslmode",
+            "password",
+            "frobnicate",
+            "hostaddr",
+            "keepalives",
         ])
         .prop_map(str::to_owned),
         Just("=".to_owned()),
@@ -518,12 +562,18 @@ fn generated_inputs_include_strings_both_accept() {
     let urls = prop::collection::vec(url_piece(), 1..8);
     let key_values = prop::collection::vec(key_value_piece(), 1..8);
     for _ in 0..300 {
-        let url = format!("postgresql://{}", urls.new_tree(&mut runner).unwrap().current().concat());
+        let url = format!(
+            "postgresql://{}",
+            urls.new_tree(&mut runner).unwrap().current().concat()
+        );
         assert_eq!(compare(&cache, &url), Ok(()));
         let kv = key_values.new_tree(&mut runner).unwrap().current().concat();
         assert_eq!(compare(&cache, &kv), Ok(()));
     }
     let accepted = BOTH_ACCEPTED.load(std::sync::atomic::Ordering::Relaxed) - before;
     eprintln!("{accepted} of 600 generated inputs accepted by both and compared");
-    assert!(accepted >= 30, "only {accepted} of 600 generated inputs were accepted by both");
+    assert!(
+        accepted >= 30,
+        "only {accepted} of 600 generated inputs were accepted by both"
+    );
 }

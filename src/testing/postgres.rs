@@ -154,6 +154,47 @@ impl LocalPostgres {
         Err(last_error.unwrap_or_else(|| TestBedError::message("PostgreSQL did not start")))
     }
 
+    /// Stops the server with a fast shutdown, as a restart or a failover does: open sessions
+    /// are cut and new connections refused until [`start_again`](Self::start_again). Blocks
+    /// while `pg_ctl` runs (about a second): call it from `spawn_blocking`.
+    pub fn stop(&self) -> Result<(), TestBedError> {
+        let data = self.dir.path().join("data");
+        self.run_tool(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-m".as_ref(),
+                "fast".as_ref(),
+                "-w".as_ref(),
+                "stop".as_ref(),
+            ],
+        )
+    }
+
+    /// Starts the server stopped by [`stop`](Self::stop) again, on the same port; blocks until
+    /// it accepts connections.
+    pub fn start_again(&self) -> Result<(), TestBedError> {
+        let data = self.dir.path().join("data");
+        let log = self.log_path();
+        let port_option = format!("-p {}", self.port);
+        self.run_tool(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                port_option.as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                "60".as_ref(),
+                "start".as_ref(),
+            ],
+        )
+    }
+
     /// The host name to connect to (the certificate is for it).
     pub fn host(&self) -> &'static str {
         TEST_HOST

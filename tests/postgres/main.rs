@@ -5,6 +5,8 @@ mod expiry;
 mod no_secrets;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
+#[cfg(all(feature = "deadpool", feature = "bb8"))]
+mod soak;
 mod timeouts;
 mod tls;
 
