@@ -125,24 +125,7 @@ impl LocalPostgres {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
             postgres.port = free_port()?;
-            let port_option = format!("-p {}", postgres.port);
-            let log = postgres.log_path();
-            let started = postgres.run_tool(
-                "pg_ctl",
-                &[
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-l".as_ref(),
-                    log.as_os_str(),
-                    "-o".as_ref(),
-                    port_option.as_ref(),
-                    "-w".as_ref(),
-                    "-t".as_ref(),
-                    "60".as_ref(),
-                    "start".as_ref(),
-                ],
-            );
-            match started {
+            match postgres.pg_ctl_start() {
                 Ok(()) => {
                     tracing::debug!(port = postgres.port, dir = %postgres.dir.path().display(), "test PostgreSQL started");
                     return Ok(postgres);
@@ -175,6 +158,11 @@ impl LocalPostgres {
     /// Starts the server stopped by [`stop`](Self::stop) again, on the same port; blocks until
     /// it accepts connections.
     pub fn start_again(&self) -> Result<(), TestBedError> {
+        self.pg_ctl_start()
+    }
+
+    /// `pg_ctl start` on this server's port; waits until it accepts connections.
+    fn pg_ctl_start(&self) -> Result<(), TestBedError> {
         let data = self.dir.path().join("data");
         let log = self.log_path();
         let port_option = format!("-p {}", self.port);

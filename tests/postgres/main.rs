@@ -10,8 +10,12 @@ mod soak;
 mod timeouts;
 mod tls;
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
 use pg_entra::Connector;
 use pg_entra::testing::TestBed;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// `select current_user` through a fresh connection.
 async fn current_user(connector: &Connector) -> Result<String, pg_entra::Error> {
@@ -25,4 +29,25 @@ async fn current_user(connector: &Connector) -> Result<String, pg_entra::Error> 
 
 async fn bed() -> TestBed {
     TestBed::start().await.expect("test bed starts")
+}
+
+/// Log lines, kept to look for tokens in.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }

@@ -1,33 +1,10 @@
 //! No token in a log line (at TRACE), a `Debug`, a `Display` or an error.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pg_entra::testing::Reply;
-use tracing_subscriber::fmt::MakeWriter;
 
-use super::{bed, current_user};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
+use super::{Captured, bed, current_user};
 
 #[tokio::test]
 async fn tokens_stay_out_of_logs_debug_display_and_errors() {

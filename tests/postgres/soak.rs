@@ -12,7 +12,6 @@
 //! fault cycle for 5 minutes and prints the figures the README's Reliability table shows.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +22,8 @@ use pg_entra::pool::{Bb8Manager, DeadpoolManager, DeadpoolPool};
 use pg_entra::testing::{Reply, TestBed};
 use pg_entra::{Connector, Error};
 use time::OffsetDateTime;
-use tracing_subscriber::fmt::MakeWriter;
+
+use super::Captured;
 
 const WORKERS_PER_POOL: usize = 16;
 const POOL_SIZE: u32 = 8;
@@ -94,27 +94,6 @@ impl std::fmt::Display for Report {
             self.identity_requests, self.request_bound, self.scripted_faults
         )?;
         write!(f, "  tokens issued (rotations):     {}", self.tokens_issued)
-    }
-}
-
-/// Log lines, kept to look for tokens in.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
     }
 }
 
