@@ -220,7 +220,17 @@ impl fmt::Display for NoCredential {
 
 impl std::error::Error for NoCredential {}
 
-/// The managed identity as a chain member, following what the Python, .NET and Go SDKs do:
+/// The managed identity as a chain member. What it follows, by behaviour:
+/// - Python (`ImdsCredential` inside a chain): the first request is the token request without
+///   the `Metadata` header, with a 1 s connection timeout and no retries; any HTTP answer means
+///   IMDS is there (except Docker Desktop's 403), and the real request follows;
+/// - Go (`managedIdentityClient`, `probeIMDS`): a header-less request under a 1 s deadline; an
+///   answer that is not JSON means something else answered (unavailable); a 400 for a
+///   system-assigned identity and a 403 whose body says "unreachable" are unavailable;
+/// - .NET (its older IMDS source) bounded only a TCP connection to the IMDS address by 1 s
+///   before deciding IMDS was there.
+///
+/// Here:
 /// - until IMDS has answered once, each attempt first probes it ([`probe_imds`]) with a short
 ///   timeout, so that a machine without IMDS falls through in about a second; once anything
 ///   IMDS-shaped has answered, the full retry policy and deadline apply (410 for up to 70 s,
