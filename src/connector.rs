@@ -70,7 +70,7 @@ struct ConnectorInner {
     ssl_mode: SslMode,
     /// The configurations with the current token's password and user, built once per token
     /// rather than once per connect.
-    with_token: ArcSwapOption<TokenConfigs>,
+    token_configs: ArcSwapOption<TokenConfigs>,
 }
 
 /// The connector's configurations with one token filled in.
@@ -109,7 +109,7 @@ impl Connector {
     pub async fn config(&self) -> Result<Arc<tokio_postgres::Config>, Error> {
         self.inner
             .tokens
-            .with_token(|token| match self.inner.with_token.load().as_deref() {
+            .with_token(|token| match self.inner.token_configs.load().as_deref() {
                 Some(configs) if configs.token.is_same(token) => Ok(Arc::clone(&configs.all_hosts)),
                 _ => Ok(Arc::clone(&self.configs_for(token)?.all_hosts)),
             })
@@ -119,7 +119,7 @@ impl Connector {
     /// The configurations carrying `token`: the shared ones if they were built for it, else
     /// new ones, which replace them.
     fn configs_for(&self, token: &Token) -> Result<Arc<TokenConfigs>, Error> {
-        if let Some(configs) = self.inner.with_token.load_full()
+        if let Some(configs) = self.inner.token_configs.load_full()
             && configs.token.is_same(token)
         {
             return Ok(configs);
@@ -135,7 +135,7 @@ impl Connector {
             all_hosts: Arc::new(self.with_credentials(&self.inner.base, token)?),
             per_host,
         });
-        self.inner.with_token.store(Some(Arc::clone(&configs)));
+        self.inner.token_configs.store(Some(Arc::clone(&configs)));
         Ok(configs)
     }
 
@@ -544,7 +544,7 @@ impl ConnectorBuilder {
                 tokens,
                 tls,
                 ssl_mode,
-                with_token: ArcSwapOption::empty(),
+                token_configs: ArcSwapOption::empty(),
             }),
         })
     }

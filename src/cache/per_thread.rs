@@ -1,7 +1,8 @@
 //! Each thread keeps its own reference to each cache's current entry, so that a fresh read
 //! writes no memory that another core reads: it costs one load of the cache's generation (a
 //! cache line every core only reads) and thread-local data. A thread takes a new reference
-//! only when the cache has stored a new token.
+//! only when the cache has stored a new token. The cost: a thread that stops reading keeps
+//! its reference, and so a superseded token, in memory until it reads again or ends.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
