@@ -45,8 +45,7 @@ pub type Connection = tokio_postgres::Connection<Socket, TlsStream<Socket>>;
 /// // PGHOST, PGUSER, ... from the environment; token from the managed identity.
 /// let connector = pg_entra::Connector::from_env()?;
 /// let client = connector.connect().await?;
-/// let row = client.query_one("select current_user", &[]).await
-///     .map_err(|e| pg_entra::Error::Postgres { source: e })?;
+/// let row = client.query_one("select current_user", &[]).await?;
 /// let user: String = row.get(0);
 /// # Ok(()) }
 /// ```

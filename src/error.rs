@@ -204,6 +204,14 @@ impl Error {
     }
 }
 
+/// `?` on a tokio-postgres result gives this crate's error, with TLS failures lifted into
+/// [`Error::Tls`] as the connector lifts them.
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Self {
+        Error::from_postgres(error)
+    }
+}
+
 /// Whether a credential's error means "the endpoint answered and said no" rather than
 /// "could not get an answer".
 /// Looks through wrapping (the credential chain wraps its members' errors): the first

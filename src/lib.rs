@@ -11,10 +11,7 @@
 //! // PGHOST=myserver.postgres.database.azure.com PGUSER=my-identity-name
 //! let connector = pg_entra::Connector::from_env()?;
 //! let client = connector.connect().await?;
-//! let row = client
-//!     .query_one("select version()", &[])
-//!     .await
-//!     .map_err(|source| pg_entra::Error::Postgres { source })?;
+//! let row = client.query_one("select version()", &[]).await?;
 //! let version: String = row.get(0);
 //! # Ok(()) }
 //! ```
@@ -47,6 +44,7 @@
     rust_2018_idioms
 )]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
 mod clock;
@@ -58,11 +56,13 @@ mod environment;
 mod error;
 mod jitter;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
 mod tls;
 mod token;
 
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
@@ -88,11 +88,19 @@ pub use environment::Environment;
 pub use error::{Error, Result};
 pub use tls::SslMode;
 
+/// The TLS connector type [`Connector::tls_connector`] returns comes from here.
+pub use postgres_native_tls;
+/// The tokio-postgres the connector builds on: [`Connector::connect`] returns its `Client`,
+/// [`Connector::config`] its `Config`. Use it rather than pinning your own version.
+pub use tokio_postgres;
+
 /// The bb8 version the `bb8` feature builds on, so that callers need not pin it themselves.
 #[cfg(feature = "bb8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
 pub use bb8;
 /// The deadpool version the `deadpool` feature builds on, so that callers need not pin it
 /// themselves.
 #[cfg(feature = "deadpool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
 pub use deadpool;
 pub use token::Token;

@@ -53,11 +53,7 @@ async fn run(connector: &Connector, chain: Option<&DefaultAzureCredential>) -> R
     println!("Opening connection using access token...");
     let client = connector.connect().await?;
     println!("Connected!");
-    let version: String = client
-        .query_one("select version()", &[])
-        .await
-        .map_err(|source| Error::Postgres { source })?
-        .get(0);
+    let version: String = client.query_one("select version()", &[]).await?.get(0);
     println!("Postgres version: {version}");
     Ok(())
 }

@@ -73,7 +73,7 @@ impl ManageConnection for Bb8Manager {
             .simple_query("SELECT 1")
             .await
             .map(drop)
-            .map_err(|source| Error::Postgres { source })
+            .map_err(Error::from)
     }
 
     fn has_broken(&self, client: &mut Client) -> bool {
@@ -103,6 +103,7 @@ impl Connector {
     ///
     /// # Errors
     /// [`Error::Config`] when `max_size` is zero.
+    #[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
     pub fn bb8_pool(&self, max_size: u32) -> Result<Bb8Pool, Error> {
         if max_size == 0 {
             return Err(Error::config(

@@ -96,7 +96,7 @@ impl Manager for DeadpoolManager {
             client
                 .simple_query("SELECT 1")
                 .await
-                .map_err(|source| RecycleError::Backend(Error::Postgres { source }))?;
+                .map_err(|source| RecycleError::Backend(Error::from(source)))?;
         }
         Ok(())
     }
@@ -110,6 +110,7 @@ impl Connector {
     ///
     /// # Errors
     /// [`Error::Config`] when `max_size` is zero.
+    #[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
     pub fn deadpool_pool(&self, max_size: usize) -> Result<DeadpoolPool, Error> {
         if max_size == 0 {
             return Err(Error::config(

@@ -27,8 +27,10 @@ mod deadpool;
 use std::time::Duration;
 
 #[cfg(feature = "bb8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
 pub use self::bb8::{Bb8Manager, Bb8Pool, Bb8PooledConnection};
 #[cfg(feature = "deadpool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
 pub use self::deadpool::{DeadpoolError, DeadpoolManager, DeadpoolObject, DeadpoolPool};
 
 /// How long a convenience pool waits for a free connection, and for a new one to be made,

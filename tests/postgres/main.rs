@@ -20,10 +20,7 @@ use tracing_subscriber::fmt::MakeWriter;
 /// `select current_user` through a fresh connection.
 async fn current_user(connector: &Connector) -> Result<String, pg_entra::Error> {
     let client = connector.connect().await?;
-    let row = client
-        .query_one("select current_user", &[])
-        .await
-        .map_err(|source| pg_entra::Error::Postgres { source })?;
+    let row = client.query_one("select current_user", &[]).await?;
     Ok(row.get(0))
 }
 
