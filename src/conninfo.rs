@@ -185,7 +185,8 @@ impl Settings {
                 self.ports = Some(ports);
             }
             "dbname" => self.dbname = Some(value.to_owned()),
-            "user" => self.user = Some(value.to_owned()),
+            // As in libpq, an empty user means "not given": here, derived from the token.
+            "user" => self.user = Some(value.to_owned()).filter(|user| !user.is_empty()),
             "options" => self.options = Some(value.to_owned()),
             "application_name" => self.application_name = Some(value.to_owned()),
             "fallback_application_name" => self.fallback_application_name = Some(value.to_owned()),

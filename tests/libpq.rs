@@ -166,10 +166,7 @@ fn expected(values: &HashMap<String, String>) -> Reading {
         hosts: values.get("host").cloned().unwrap_or_default(),
         ports,
         dbname: value("dbname").unwrap_or_else(|| "postgres".to_owned()),
-        user: values
-            .get("user")
-            .cloned()
-            .unwrap_or_else(|| TOKEN_USER.to_owned()),
+        user: value("user").unwrap_or_else(|| TOKEN_USER.to_owned()),
         options: values.get("options").cloned(),
         application_name: values
             .get("application_name")
