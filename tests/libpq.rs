@@ -1,5 +1,5 @@
 //! Connection strings and URLs read exactly as libpq reads them: each input goes to libpq's
-//! own parser (`PQconninfoParse`, linked from the system's libpq) and to the connector, and
+//! own parser (`PQconninfoParse`, from the system's libpq, loaded at run time) and to the connector, and
 //! the two must agree: both refuse it, or both accept it and read the same host list, port
 //! list, database, user, options, application name and connect timeout. The connector may
 //! also refuse what libpq accepts, but only for one of its documented reasons (see
@@ -28,37 +28,79 @@ struct ConninfoOption {
     dispsize: c_int,
 }
 
-#[link(name = "pq")]
-unsafe extern "C" {
-    fn PQconninfoParse(conninfo: *const c_char, errmsg: *mut *mut c_char) -> *mut ConninfoOption;
-    fn PQconninfoFree(options: *mut ConninfoOption);
-    fn PQfreemem(ptr: *mut c_void);
-    fn PQlibVersion() -> c_int;
+type ConninfoParse = unsafe extern "C" fn(*const c_char, *mut *mut c_char) -> *mut ConninfoOption;
+type ConninfoFree = unsafe extern "C" fn(*mut ConninfoOption);
+type FreeMem = unsafe extern "C" fn(*mut c_void);
+type LibVersion = unsafe extern "C" fn() -> c_int;
+
+/// The system's libpq, loaded at run time: it comes with PostgreSQL (`libpq5`), so the test
+/// needs no development package to link.
+struct Libpq {
+    parse: ConninfoParse,
+    free: ConninfoFree,
+    free_mem: FreeMem,
+    version: c_int,
+    /// Keeps the functions above loaded.
+    _library: libloading::Library,
 }
+
+impl Libpq {
+    fn load() -> Self {
+        // SAFETY: loading libpq runs its initialisers, which have no preconditions; the
+        // symbols are looked up by their documented C names and given their C signatures.
+        unsafe {
+            let library = ["libpq.so.5", "libpq.so", "libpq.5.dylib"]
+                .iter()
+                .find_map(|name| libloading::Library::new(name).ok())
+                .expect(
+                    "this test needs the system's libpq (Debian/Ubuntu: libpq5, installed with \
+                     PostgreSQL)",
+                );
+            let parse = *library
+                .get::<ConninfoParse>(b"PQconninfoParse\0")
+                .expect("PQconninfoParse");
+            let free = *library
+                .get::<ConninfoFree>(b"PQconninfoFree\0")
+                .expect("PQconninfoFree");
+            let free_mem = *library.get::<FreeMem>(b"PQfreemem\0").expect("PQfreemem");
+            let version = (*library
+                .get::<LibVersion>(b"PQlibVersion\0")
+                .expect("PQlibVersion"))();
+            Self {
+                parse,
+                free,
+                free_mem,
+                version,
+                _library: library,
+            }
+        }
+    }
+}
+
+static LIBPQ: std::sync::LazyLock<Libpq> = std::sync::LazyLock::new(Libpq::load);
 
 /// `load_balance_hosts` came with libpq 16; an older system libpq refuses it, the connector
 /// (and tokio-postgres) knows it.
 fn newer_than_this_libpq(conninfo: &str) -> bool {
-    // SAFETY: takes nothing, returns a number.
-    let version = unsafe { PQlibVersion() };
-    version < 160_000 && conninfo.contains("load_balance_hosts")
+    LIBPQ.version < 160_000 && conninfo.contains("load_balance_hosts")
 }
 
 /// libpq's reading of `conninfo`: the keywords it set, or its error message.
 fn libpq_parse(conninfo: &str) -> Result<HashMap<String, String>, String> {
+    let libpq = &*LIBPQ;
     let text = CString::new(conninfo).expect("inputs have no NUL");
     let mut error: *mut c_char = std::ptr::null_mut();
     // SAFETY: `text` is a valid C string for the call; libpq returns either an array ended by
     // an entry with a null keyword, or null with `error` set (or null if out of memory). Both
     // are freed with the functions libpq documents for them, once.
     unsafe {
-        let options = PQconninfoParse(text.as_ptr(), &mut error);
+        let options = (libpq.parse)(text.as_ptr(), &mut error);
         if options.is_null() {
             let message = if error.is_null() {
                 "out of memory".to_owned()
             } else {
                 let message = CStr::from_ptr(error).to_string_lossy().trim().to_owned();
-                PQfreemem(error.cast());
+                (libpq.free_mem)(error.cast());
                 message
             };
             return Err(message);
@@ -73,7 +115,7 @@ fn libpq_parse(conninfo: &str) -> Result<HashMap<String, String>, String> {
             }
             option = option.add(1);
         }
-        PQconninfoFree(options);
+        (libpq.free)(options);
         Ok(values)
     }
 }
