@@ -328,10 +328,7 @@ impl fmt::Debug for TokenCache {
 
 impl Inner {
     fn lock_state(&self) -> MutexGuard<'_, RefreshState> {
-        // Nothing panics while holding the lock; if something did, the state is still usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock::lock(&self.state)
     }
 
     /// Stale path: start one refresh if none is running and the cache is not backing off.

@@ -65,29 +65,19 @@ impl ManualClock {
 
     /// Moves the clock forward.
     pub fn advance(&self, by: std::time::Duration) {
-        let mut now = self
-            .now
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *now += by;
+        *crate::lock::lock(&self.now) += by;
     }
 
     /// Puts the clock at `at` (forward or back).
     pub fn set(&self, at: SystemTime) {
-        *self
-            .now
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = at;
+        *crate::lock::lock(&self.now) = at;
     }
 }
 
 #[cfg(any(test, feature = "testing"))]
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
-        *self
-            .now
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        *crate::lock::lock(&self.now)
     }
 }
 

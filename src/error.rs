@@ -227,7 +227,7 @@ fn credential_error_is_rejection(error: &azure_core::Error) -> bool {
             .and_then(azure_core::Error::http_status)
         {
             let code = u16::from(status);
-            return (400..500).contains(&code) && !matches!(code, 404 | 408 | 410 | 429);
+            return crate::status::is_refusal(code);
         }
         current = level.source();
     }

@@ -2,11 +2,15 @@
 
 use std::hash::{BuildHasher, RandomState};
 
+/// 64 random bits.
+pub(crate) fn random_u64() -> u64 {
+    // Every RandomState is freshly seeded, so hashing nothing gives an unpredictable u64.
+    RandomState::new().hash_one(())
+}
+
 /// A number in [0, 1).
 pub(crate) fn unit_random() -> f64 {
-    // Every RandomState is freshly seeded, so hashing nothing gives an unpredictable u64.
-    let bits = RandomState::new().hash_one(());
-    (bits >> 11) as f64 / (1u64 << 53) as f64
+    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

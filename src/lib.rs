@@ -55,9 +55,11 @@ mod credential;
 mod environment;
 mod error;
 mod jitter;
+mod lock;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
+mod status;
 mod tls;
 mod token;
 

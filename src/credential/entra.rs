@@ -10,6 +10,7 @@ use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 
 use super::http::{BodyError, Destination, innermost_cause, read_body};
+use super::imds::CLIENT_ID_VAR;
 use super::token_response::{ErrorBody, parse_token_response, redact_bearer_tokens};
 use super::unavailable::CredentialUnavailable;
 use crate::cloud::Cloud;
@@ -19,7 +20,6 @@ use crate::error::Error;
 /// Replaces the cloud's Entra authority host, as in the other Azure SDKs.
 pub const AUTHORITY_HOST_VAR: &str = "AZURE_AUTHORITY_HOST";
 const TENANT_ID_VAR: &str = "AZURE_TENANT_ID";
-const CLIENT_ID_VAR: &str = "AZURE_CLIENT_ID";
 const CLIENT_SECRET_VAR: &str = "AZURE_CLIENT_SECRET";
 const CLIENT_CERTIFICATE_PATH_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PATH";
 #[cfg(feature = "client-certificate")]

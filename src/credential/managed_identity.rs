@@ -521,5 +521,5 @@ impl StatusOrCause {
 
 /// Statuses the retry policy retries, so that running out of retries is "kept failing".
 fn is_retried(status: u16) -> bool {
-    AttemptFailure::Status(status).is_transient() || status == 410
+    crate::status::is_transient(status) || status == 410
 }

@@ -64,9 +64,7 @@ pub(crate) enum AttemptFailure {
 impl AttemptFailure {
     pub(crate) fn is_transient(self) -> bool {
         match self {
-            AttemptFailure::Status(status) => {
-                matches!(status, 404 | 408 | 429) || (500..600).contains(&status)
-            }
+            AttemptFailure::Status(status) => crate::status::is_transient(status),
             AttemptFailure::Timeout | AttemptFailure::Connection => true,
         }
     }

@@ -26,6 +26,7 @@ use super::jwt::mint;
 use super::postgres::PasswordSetter;
 use crate::credential::{ImdsCredential, RetryOptions};
 use crate::environment::Environment;
+use crate::lock::lock;
 
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 /// Where the App Service protocol is served (`IDENTITY_ENDPOINT`).
@@ -216,12 +217,6 @@ struct ClientCertificate {
     key: openssl::pkey::PKey<openssl::pkey::Private>,
 }
 
-fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The mock managed identity endpoint. Stops when dropped.
 pub struct IdentityEndpoint {
     address: SocketAddr,
@@ -373,7 +368,7 @@ impl IdentityEndpoint {
     /// The federated token a workload identity must present now (the contents of
     /// `AZURE_FEDERATED_TOKEN_FILE`).
     pub fn federated_token(&self) -> String {
-        locked(&self.state.federated_token).clone()
+        lock(&self.state.federated_token).clone()
     }
 
     /// A PEM file's contents (certificate, then unencrypted RSA key) for a service principal to
@@ -415,7 +410,7 @@ impl IdentityEndpoint {
     /// Replaces the accepted federated token, as the kubelet rotates the projected file.
     pub fn rotate_federated_token(&self) -> String {
         let next = random_hex();
-        *locked(&self.state.federated_token) = next.clone();
+        *lock(&self.state.federated_token) = next.clone();
         next
     }
 
@@ -423,12 +418,12 @@ impl IdentityEndpoint {
     /// endpoint plays a proxy or Docker Desktop answering the address instead of the real
     /// service. `None` goes back to normal.
     pub fn impersonate(&self, reply: Option<Reply>) {
-        *locked(&self.state.impersonation) = reply;
+        *lock(&self.state.impersonation) = reply;
     }
 
     /// Adds this much latency to every answer from now on (scripted delays come on top).
     pub fn set_latency(&self, latency: Duration) {
-        *locked(&self.state.latency) = latency;
+        *lock(&self.state.latency) = latency;
     }
 
     /// An [`ImdsCredential`] for `principal` pointed at this endpoint, with test-speed backoff
@@ -449,7 +444,7 @@ impl IdentityEndpoint {
 
     /// Queues scripted replies.
     pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
-        locked(&self.state.script).extend(replies);
+        lock(&self.state.script).extend(replies);
     }
 
     /// Requests received so far (any path, any outcome).
@@ -464,17 +459,17 @@ impl IdentityEndpoint {
 
     /// Every request received so far.
     pub fn recorded(&self) -> Vec<RecordedRequest> {
-        locked(&self.state.recorded).clone()
+        lock(&self.state.recorded).clone()
     }
 
     /// Changes the lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
-        *locked(&self.state.lifetime) = lifetime;
+        *lock(&self.state.lifetime) = lifetime;
     }
 
     /// Changes how `expires_on` is written.
     pub fn set_expires_on_format(&self, format: ExpiresOnFormat) {
-        *locked(&self.state.expires_on_format) = format;
+        *lock(&self.state.expires_on_format) = format;
     }
 
     /// Holds every request (already received or not) until the guard is dropped: a
@@ -556,22 +551,22 @@ async fn handle(state: &EndpointState, request: Request<Incoming>) -> Response<F
         form,
         received_at: std::time::Instant::now(),
     };
-    locked(&state.recorded).push(recorded.clone());
+    lock(&state.recorded).push(recorded.clone());
 
     let mut held = state.held.subscribe();
     // Ends at once when not held; an error means the endpoint is gone, so answer anyway.
     let _ = held.wait_for(|held| !*held).await;
 
-    let impersonation = locked(&state.impersonation).clone();
+    let impersonation = lock(&state.impersonation).clone();
     // IMDS validates a request before it does any work: one without `Metadata: true` (the
     // DefaultAzureCredential probe) is refused at once, without a scripted delay or fault.
     if impersonation.is_none() && recorded.path == TOKEN_PATH && !recorded.metadata_header {
         return error_response(400, "Required metadata header not specified");
     }
     let reply = impersonation
-        .or_else(|| locked(&state.script).pop_front())
+        .or_else(|| lock(&state.script).pop_front())
         .unwrap_or_else(Reply::token);
-    let delay = reply.delay + *locked(&state.latency);
+    let delay = reply.delay + *lock(&state.latency);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -710,7 +705,7 @@ async fn issue(state: &EndpointState, request: &RecordedRequest) -> Response<Ful
         return error_response(400, "Identity not found");
     };
 
-    let format = match (request.path.as_str(), *locked(&state.expires_on_format)) {
+    let format = match (request.path.as_str(), *lock(&state.expires_on_format)) {
         (LEGACY_APP_SERVICE_PATH, ExpiresOnFormat::LegacyDate12Hour) => {
             ExpiresOnFormat::LegacyDate12Hour
         }
@@ -729,7 +724,7 @@ async fn token_response(
     resource: &str,
     format: ExpiresOnFormat,
 ) -> Response<Full<Bytes>> {
-    let lifetime = *locked(&state.lifetime);
+    let lifetime = *lock(&state.lifetime);
     // Whole seconds, as Entra issues them: the expiry the response states is exactly the one
     // PostgreSQL enforces.
     let issued = OffsetDateTime::now_utc().truncate_to_second();
@@ -821,7 +816,7 @@ async fn issue_client_credentials(
     else {
         return error_response(400, "AADSTS700016: Application not found in the directory");
     };
-    let federated = locked(&state.federated_token).clone();
+    let federated = lock(&state.federated_token).clone();
     let authenticated = match (
         request.param("client_secret"),
         request.param("client_assertion"),
@@ -908,8 +903,7 @@ fn certificate_assertion_is_valid(
 
 /// A per-endpoint value, so that a request without it fails; not a real secret.
 fn random_hex() -> String {
-    use std::hash::{BuildHasher, RandomState};
-    format!("{:016x}", RandomState::new().hash_one(()))
+    format!("{:016x}", crate::jitter::random_u64())
 }
 
 fn error_response(status: u16, description: &str) -> Response<Full<Bytes>> {
