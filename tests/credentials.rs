@@ -836,3 +836,21 @@ async fn cli_output_is_read_with_a_cap() {
     assert!(is_unavailable(&error));
     assert!(error.to_string().contains("more than 64 KiB"), "{error}");
 }
+
+#[tokio::test]
+async fn an_authority_that_echoes_the_secret_does_not_put_it_in_the_error() {
+    let (endpoint, app, _) = entra().await;
+    endpoint.script([pg_entra::testing::Reply::raw(
+        400,
+        "text/plain",
+        format!("bad request: client_secret={}", endpoint.client_secret()),
+    )]);
+    let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
+    let credential =
+        EnvironmentCredential::from_environment(&Environment::from_vars(vars), Default::default())
+            .unwrap();
+    let error = token_from(&credential).await.unwrap_err();
+    let text = format!("{error} {error:?}");
+    assert!(text.contains("client_secret=<redacted>"), "{text}");
+    assert!(!text.contains(endpoint.client_secret()), "{text}");
+}

@@ -329,10 +329,15 @@ async fn redirects_are_never_followed() {
 #[tokio::test]
 async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusal() {
     let (endpoint, _, _) = endpoint().await;
+    // A proxy that echoes the request it refused, secret header included.
     endpoint.impersonate(Some(Reply::raw(
         403,
         "text/html",
-        "<html><body><h1>403 Forbidden</h1><p>nginx</p></body></html>",
+        format!(
+            "<html><body><h1>403 Forbidden</h1><p>nginx</p><pre>X-IDENTITY-HEADER: {}</pre>\
+             </body></html>",
+            endpoint.identity_header()
+        ),
     )));
     let error = credential(app_service_vars(&endpoint), None, &endpoint)
         .unwrap()
@@ -343,7 +348,7 @@ async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusa
     assert!(!managed.is_rejection(), "{managed:?}");
     let text = error.to_string();
     assert!(text.contains("not a managed identity endpoint's"), "{text}");
-    assert!(text.contains("\"403 Forbidden nginx\""), "{text}");
+    assert!(text.contains("403 Forbidden nginx"), "{text}");
     assert!(!text.contains(endpoint.identity_header()), "{text}");
     // Through the connector's error type: unavailable, not rejected.
     let classified = pg_entra::TokenCache::builder(std::sync::Arc::new(

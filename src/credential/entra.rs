@@ -11,7 +11,7 @@ use azure_core::http::StatusCode;
 
 use super::http::{BodyError, Destination, innermost_cause, read_body};
 use super::imds::CLIENT_ID_VAR;
-use super::token_response::{ErrorBody, parse_token_response, redact_bearer_tokens};
+use super::token_response::{ErrorBody, parse_token_response};
 use super::unavailable::CredentialUnavailable;
 use crate::cloud::Cloud;
 use crate::environment::Environment;
@@ -175,9 +175,14 @@ impl ClientCredentials {
                 },
             );
         }
-        let error = ErrorBody::parse(&body);
+        // An authority that echoes the form must not carry the secret into the error (the
+        // assertions are JWT-shaped, which parsing already redacts).
+        let error = match &self.auth {
+            ClientAuth::Secret(secret) => ErrorBody::parse(&body).without(secret),
+            _ => ErrorBody::parse(&body),
+        };
         let description = match (&error.description, status / 100) {
-            (Some(description), _) => redact_bearer_tokens(description),
+            (Some(description), _) => description.clone(),
             (None, 3) => "a redirect, which is never followed".to_owned(),
             (None, _) => error
                 .excerpt

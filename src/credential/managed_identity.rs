@@ -202,6 +202,7 @@ impl ManagedIdentityCredential {
                     .send()
             };
             let mut response = send(None).await.map_err(Exchange::Transport)?;
+            let mut arc_key = None;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED
                 && matches!(self.source, Source::Arc { .. })
             {
@@ -214,9 +215,9 @@ impl ManagedIdentityCredential {
                     .arc_key(challenge)
                     .await
                     .map_err(Exchange::Challenge)?;
-                response = send(Some(key.trim_end()))
-                    .await
-                    .map_err(Exchange::Transport)?;
+                let key = key.trim_end().to_owned();
+                response = send(Some(&key)).await.map_err(Exchange::Transport)?;
+                arc_key = Some(key);
             }
             let status = response.status().as_u16();
             let retry_after = response
@@ -226,7 +227,7 @@ impl ManagedIdentityCredential {
                 .and_then(|v| parse_retry_after(v, time::OffsetDateTime::now_utc()));
             let content_type = content_type(&response);
             let body = read_body(response).await.map_err(Exchange::Body)?;
-            Ok((status, retry_after, content_type, body))
+            Ok((status, retry_after, content_type, body, arc_key))
         };
         match tokio::time::timeout(budget, exchange).await {
             Err(_) => Attempt::Timeout,
@@ -242,18 +243,31 @@ impl ManagedIdentityCredential {
             Ok(Err(Exchange::Body(BodyError::Transport(error)) | Exchange::Transport(error))) => {
                 Attempt::Connection(innermost_cause(&error))
             }
-            Ok(Ok((200, _, _, body))) => {
+            Ok(Ok((200, _, _, body, _))) => {
                 match parse_token_response(&body, time::OffsetDateTime::now_utc()) {
                     Ok(token) => Attempt::Token(token),
                     Err(problem) => Attempt::Invalid(problem.to_string()),
                 }
             }
-            Ok(Ok((status, retry_after, content_type, body))) => Attempt::Status {
-                status,
-                retry_after,
-                content_type,
-                body: ErrorBody::parse(&body),
-            },
+            Ok(Ok((status, retry_after, content_type, body, arc_key))) => {
+                // What the request carried never comes back out in an error, even from an
+                // endpoint that echoes its request.
+                let secrets = [self.source.secret(), arc_key.as_deref()];
+                let scrub = |text: Option<String>| {
+                    secrets.iter().flatten().fold(text, |text, secret| {
+                        text.map(|t| t.replace(secret, "<redacted>"))
+                    })
+                };
+                Attempt::Status {
+                    status,
+                    retry_after,
+                    content_type: scrub(content_type),
+                    body: secrets
+                        .iter()
+                        .flatten()
+                        .fold(ErrorBody::parse(&body), |body, secret| body.without(secret)),
+                }
+            }
         }
     }
 

@@ -102,6 +102,16 @@ impl Source {
         }
     }
 
+    /// The secret the requests carry (App Service), for scrubbing it from answers.
+    pub(crate) fn secret(&self) -> Option<&str> {
+        match self {
+            Source::AppService { secret, .. } | Source::LegacyAppService { secret, .. } => {
+                Some(secret)
+            }
+            _ => None,
+        }
+    }
+
     /// The endpoint, for errors (no query, no secret).
     pub(crate) fn endpoint(&self) -> &reqwest::Url {
         match self {

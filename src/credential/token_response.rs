@@ -142,6 +142,24 @@ impl ErrorBody {
     }
 }
 
+impl ErrorBody {
+    /// The same, with every occurrence of `secret` (what the request carried: an App Service
+    /// secret, an Arc key, a client secret) replaced: an endpoint that echoes its request
+    /// must not carry the secret into an error message.
+    pub(crate) fn without(self, secret: &str) -> Self {
+        if secret.is_empty() {
+            return self;
+        }
+        let scrub = |text: Option<String>| text.map(|t| t.replace(secret, "<redacted>"));
+        Self {
+            code: scrub(self.code),
+            description: scrub(self.description),
+            excerpt: scrub(self.excerpt),
+            is_json: self.is_json,
+        }
+    }
+}
+
 /// Whether a body has the shape IMDS always answers with: a JSON object holding `error` (its
 /// errors) or `access_token` (a token). Proxies and Docker Desktop answer 169.254.169.254 with
 /// HTML or plain text.
@@ -276,6 +294,22 @@ mod tests {
         assert!(!html.is_json);
         assert_eq!(html.excerpt.as_deref(), Some("Access denied"));
         assert_eq!(html.code, None);
+    }
+
+    #[test]
+    fn echoed_secrets_are_scrubbed() {
+        let echoed = ErrorBody::parse(b"<html>bad header X-IDENTITY-HEADER: 0123abcd</html>")
+            .without("0123abcd");
+        assert_eq!(
+            echoed.excerpt.as_deref(),
+            Some("bad header X-IDENTITY-HEADER: <redacted>")
+        );
+        let json = ErrorBody::parse(br#"{"error":"x","error_description":"secret s3 refused"}"#)
+            .without("s3");
+        assert_eq!(
+            json.description.as_deref(),
+            Some("secret <redacted> refused")
+        );
     }
 
     #[test]
