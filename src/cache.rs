@@ -79,8 +79,6 @@ pub struct TokenCache {
 }
 
 struct Inner {
-    /// Tells this cache's per-thread references apart from other caches'.
-    id: u64,
     /// Moves on every stored token: a thread's reference to an entry of an older generation is
     /// not used.
     generation: AtomicU64,
@@ -230,7 +228,7 @@ impl TokenCache {
         let inner = &self.inner;
         let now = inner.clock.now();
         let generation = inner.generation.load(Ordering::Acquire);
-        let read = match per_thread::read_fresh(inner.id, generation, now, read) {
+        let read = match per_thread::read_fresh(inner, generation, now, read) {
             Ok(value) => return Ok(value),
             Err(read) => read,
         };
@@ -241,7 +239,7 @@ impl TokenCache {
         {
             if now < entry.refresh_at {
                 let value = read(&entry.token);
-                per_thread::remember(inner.id, generation, entry, Arc::downgrade(inner));
+                per_thread::remember(inner, generation, entry);
                 return Ok(value);
             }
             inner.refresh_in_background(now);
@@ -787,7 +785,6 @@ impl TokenCacheBuilder {
             scope: self.scope,
             policy,
             clock: self.clock,
-            id: per_thread::next_cache_id(),
             generation: AtomicU64::new(0),
             current: ArcSwapOption::empty(),
             state: Mutex::new(RefreshState::default()),

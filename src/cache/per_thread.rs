@@ -5,29 +5,20 @@
 //! its reference, and so a superseded token, in memory until it reads again or ends.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use super::{Entry, Inner};
 use crate::token::Token;
 
-/// Caches are told apart by a number never reused (an address could be, after a drop).
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A new cache's id.
-pub(super) fn next_cache_id() -> u64 {
-    NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed)
-}
-
 /// This thread's reference to one cache's entry, valid while the cache's generation is the
 /// same.
 struct Slot {
-    cache: u64,
+    /// The cache: while the slot holds it, its address cannot be reused by another cache,
+    /// so the address tells caches apart; and a dropped cache's slot can be forgotten.
+    owner: Weak<Inner>,
     generation: u64,
     entry: Arc<Entry>,
-    /// To forget the slots of dropped caches.
-    owner: Weak<Inner>,
 }
 
 thread_local! {
@@ -38,7 +29,7 @@ thread_local! {
 /// and still fresh at `now`; otherwise gives `read` back.
 #[inline]
 pub(super) fn read_fresh<R, F: FnOnce(&Token) -> R>(
-    cache: u64,
+    cache: &Arc<Inner>,
     generation: u64,
     now: SystemTime,
     read: F,
@@ -49,7 +40,7 @@ pub(super) fn read_fresh<R, F: FnOnce(&Token) -> R>(
         let slots = slots.try_borrow().ok()?;
         let slot = slots
             .iter()
-            .find(|slot| slot.cache == cache && slot.generation == generation)?;
+            .find(|slot| slot.generation == generation && is(slot, cache))?;
         if now < slot.entry.refresh_at {
             read.take().map(|read| read(&slot.entry.token))
         } else {
@@ -66,19 +57,22 @@ pub(super) fn read_fresh<R, F: FnOnce(&Token) -> R>(
 
 /// Keeps `entry` as this thread's reference for `cache` at `generation`, and forgets the
 /// references of caches that have been dropped.
-pub(super) fn remember(cache: u64, generation: u64, entry: Arc<Entry>, owner: Weak<Inner>) {
+pub(super) fn remember(cache: &Arc<Inner>, generation: u64, entry: Arc<Entry>) {
     let _ = SLOTS.try_with(|slots| {
         let Ok(mut slots) = slots.try_borrow_mut() else {
             return;
         };
-        slots.retain(|slot| slot.cache != cache && slot.owner.strong_count() > 0);
+        slots.retain(|slot| !is(slot, cache) && slot.owner.strong_count() > 0);
         slots.push(Slot {
-            cache,
+            owner: Arc::downgrade(cache),
             generation,
             entry,
-            owner,
         });
     });
+}
+
+fn is(slot: &Slot, cache: &Arc<Inner>) -> bool {
+    std::ptr::eq(slot.owner.as_ptr(), Arc::as_ptr(cache))
 }
 
 /// How many slots this thread holds (for tests).
