@@ -431,15 +431,10 @@ impl ConnectorBuilder {
         let ports: Vec<u16> = settings
             .ports
             .clone()
-            .unwrap_or_default()
+            .unwrap_or_else(|| vec![None])
             .into_iter()
             .map(|port| port.unwrap_or(DEFAULT_PORT))
             .collect();
-        let ports = if ports.is_empty() {
-            vec![DEFAULT_PORT]
-        } else {
-            ports
-        };
         if ports.len() != 1 && ports.len() != hosts.len() {
             return Err(Error::config(format!(
                 "{} ports for {} hosts: give one port, or one per host",

@@ -394,10 +394,14 @@ fn split_list(value: &str) -> Vec<String> {
     value.split(',').map(str::to_owned).collect()
 }
 
-/// An integer as libpq's `parse_int_param` reads it: surrounding white space allowed,
-/// nothing else.
+/// An integer as libpq's `parse_int_param` reads it: surrounding white space allowed, nothing
+/// else, and within C's `int` (which also bounds every duration built from it).
 fn libpq_int(value: &str) -> Option<i64> {
-    value.trim_matches(is_space).parse().ok()
+    value
+        .trim_matches(is_space)
+        .parse::<i32>()
+        .ok()
+        .map(i64::from)
 }
 
 /// C's `isspace` in the C locale, which libpq's parser uses.

@@ -541,15 +541,18 @@ async fn a_cancelled_refresh_still_backs_off() {
     let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Hang]));
     let cache = cache(&clock, &credential);
     // The refresh is spawned on another runtime, which then shuts down under it.
-    let elsewhere = cache.clone();
+    let (elsewhere, called) = (cache.clone(), Arc::clone(&credential));
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
-            let gave_up = tokio::time::timeout(Duration::from_millis(50), elsewhere.token()).await;
-            assert!(gave_up.is_err(), "the credential hangs");
+            // Until the refresh task has called the (hanging) credential.
+            tokio::select! {
+                _ = elsewhere.token() => panic!("the credential hangs"),
+                _ = async { while called.calls() == 0 { tokio::task::yield_now().await } } => {}
+            }
         });
     })
     .join()
