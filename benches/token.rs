@@ -32,7 +32,7 @@ use std::time::Duration;
 use azure_identity::ManagedIdentityCredential;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use pg_entra::testing::{IdentityEndpoint, Principal};
-use pg_entra::{Connector, Environment, PUBLIC_SCOPE, TokenCache, TokenCredential};
+use pg_entra::{Cloud, Connector, Environment, TokenCache, TokenCredential};
 use tokio::runtime::Runtime;
 
 use latency::{Call, Summary, concurrent_calls, paced_latencies};
@@ -117,7 +117,7 @@ impl Call for AnchorToken {
     async fn call(&self) {
         black_box(
             self.0
-                .get_token(&[PUBLIC_SCOPE], None)
+                .get_token(&[Cloud::Public.scope()], None)
                 .await
                 .expect("an anchor token"),
         );
@@ -145,7 +145,7 @@ impl Call for AnchorConfig {
     async fn call(&self) {
         let token = self
             .credential
-            .get_token(&[PUBLIC_SCOPE], None)
+            .get_token(&[Cloud::Public.scope()], None)
             .await
             .expect("an anchor token");
         let mut config = self.base.clone();
@@ -262,10 +262,10 @@ impl Bench {
     /// The wall clock freshness is judged on: the coarse one the cache uses, against
     /// `SystemTime::now()`.
     fn clock(&self, criterion: &mut Criterion) {
-        use pg_entra::Clock as _;
+        use pg_entra::cache::Clock as _;
         let mut group = criterion.benchmark_group("clock");
         group.bench_function("SystemClock (CLOCK_REALTIME_COARSE)", |b| {
-            b.iter(|| black_box(pg_entra::SystemClock.now()))
+            b.iter(|| black_box(pg_entra::cache::SystemClock.now()))
         });
         group.bench_function("SystemTime::now", |b| {
             b.iter(|| black_box(std::time::SystemTime::now()))

@@ -19,6 +19,7 @@ mod connect_flow;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use pg_entra::credential::CredentialOptions;
 use pg_entra::{Cloud, Connector, DefaultAzureCredential};
 
 #[tokio::main]
@@ -29,7 +30,10 @@ async fn main() -> ExitCode {
         .ok()
         .and_then(|host| Cloud::from_host(&host))
         .unwrap_or_default();
-    let chain = match DefaultAzureCredential::builder().cloud(cloud).build() {
+    let chain = match DefaultAzureCredential::builder()
+        .options(CredentialOptions::default().cloud(cloud))
+        .build()
+    {
         Ok(chain) => Arc::new(chain),
         Err(error) => {
             connect_flow::report(&error);

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pg_entra::deadpool::managed::{Object, Pool};
+use pg_entra::pool::deadpool::managed::{Object, Pool};
 use pg_entra::pool::{DeadpoolManager, DeadpoolPool};
 use pg_entra::testing::TestBed;
 use pg_entra::{Connector, Error};
@@ -78,7 +78,7 @@ async fn main() -> ExitCode {
                     .max_lifetime(Some(LOCAL_CONNECTION_LIFETIME));
                 Pool::builder(manager)
                     .max_size(POOL_SIZE)
-                    .runtime(pg_entra::deadpool::Runtime::Tokio1)
+                    .runtime(pg_entra::pool::deadpool::Runtime::Tokio1)
                     .wait_timeout(Some(Duration::from_secs(30)))
                     .build()
                     .expect("a pool with a runtime and a size builds")

@@ -40,7 +40,7 @@ async fn main() -> ExitCode {
     // The environment a service on an Azure VM would have, pointed at the local bed, and the
     // same DefaultAzureCredential chain the connector would make from it.
     let chain = match DefaultAzureCredential::builder()
-        .environment(bed.environment())
+        .options(bed.environment())
         .build()
     {
         Ok(chain) => Arc::new(chain),

@@ -11,6 +11,7 @@
 
 use std::process::ExitCode;
 
+use pg_entra::credential::CredentialOptions;
 use pg_entra::{Cloud, DefaultAzureCredential, Environment, TokenCredential};
 
 #[tokio::main]
@@ -24,7 +25,10 @@ async fn main() -> ExitCode {
         .and_then(|host| Cloud::from_host(&host))
         .unwrap_or_default();
     let scope = cloud.scope();
-    let credential = match DefaultAzureCredential::builder().cloud(cloud).build() {
+    let credential = match DefaultAzureCredential::builder()
+        .options(CredentialOptions::default().cloud(cloud))
+        .build()
+    {
         Ok(credential) => credential,
         Err(error) => {
             eprintln!("error: {error}");

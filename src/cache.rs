@@ -1,4 +1,7 @@
-//! A token cache that refreshes ahead of expiry without making callers wait.
+//! The token cache: refreshes ahead of expiry without making callers wait.
+//!
+//! [`TokenCache`] (also at the crate root) is built with [`TokenCacheBuilder`], whose setters
+//! state each default; [`Clock`] is where it reads the time.
 //!
 //! States, decided on the wall clock of the injected [`Clock`]:
 //! - **fresh** (before the refresh point): the cached token is returned at once: no lock, no
@@ -12,7 +15,7 @@
 //!   a failure they get a typed error at once instead.
 //!
 //! The cache knows nothing about where tokens come from: it wraps any
-//! [`TokenCredential`](azure_core::credentials::TokenCredential).
+//! [`TokenCredential`].
 
 use std::fmt;
 use std::panic::AssertUnwindSafe;
@@ -27,28 +30,30 @@ use azure_core::time::OffsetDateTime;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::watch;
 
-use crate::clock::{Clock, SystemClock};
+pub use crate::clock::{Clock, SystemClock};
+
+use crate::backoff;
 use crate::cloud::{PUBLIC_SCOPE, resource_for_scope};
 use crate::error::Error;
 use crate::jitter::unit_random;
 use crate::token::Token;
 
 /// Default time before expiry at which a token turns stale and is refreshed.
-pub const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
+const DEFAULT_REFRESH_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// Default upper bound of the random extra margin that spreads replicas' refreshes apart.
-pub const DEFAULT_REFRESH_JITTER: Duration = Duration::from_secs(60);
+const DEFAULT_REFRESH_JITTER: Duration = Duration::from_secs(60);
 /// Default time before expiry after which a token is no longer handed out: it must still be
 /// valid when the server checks it, after DNS, TCP and TLS.
-pub const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+const DEFAULT_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// Default first wait after a failed refresh; it doubles per failure.
-pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
+const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// Default cap on the wait after failed refreshes.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Default limit on one credential call, so that a hung credential cannot wedge the cache.
-pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(120);
+const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default shortest time between two refreshes forced by the server refusing a token, so that
 /// a misconfigured role cannot turn every connect into an identity-endpoint call.
-pub const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The background task re-reads the wall clock at least this often (a suspended machine's
 /// monotonic timers do not notice the time it slept).
 const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -64,10 +69,11 @@ const LONGEST_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// ```no_run
 /// # async fn run() -> Result<(), pg_entra::Error> {
 /// use std::sync::Arc;
-/// use pg_entra::{ImdsCredential, TokenCache, PUBLIC_SCOPE};
+/// use pg_entra::{Cloud, TokenCache};
+/// use pg_entra::credential::ImdsCredential;
 ///
 /// let cache = TokenCache::builder(Arc::new(ImdsCredential::from_env()?))
-///     .scope(PUBLIC_SCOPE)
+///     .scope(Cloud::Public.scope())
 ///     .build()?;
 /// let token = cache.token().await?;
 /// println!("token valid until {}", token.expires_on());
@@ -169,11 +175,12 @@ impl RefreshPolicy {
     /// The wait after the `failures`-th consecutive failure: exponential, capped, jittered
     /// down by up to half so that replicas spread out.
     fn backoff(&self, failures: u32, random: f64) -> Duration {
-        let exponent = failures.saturating_sub(1).min(20);
-        self.min_backoff
-            .saturating_mul(1u32 << exponent)
-            .min(self.max_backoff)
-            .mul_f64(0.5 + 0.5 * unit(random))
+        let capped = backoff::exponential(
+            self.min_backoff,
+            failures.saturating_sub(1),
+            self.max_backoff,
+        );
+        backoff::scaled(capped, 0.5 + 0.5 * unit(random))
     }
 }
 
@@ -189,8 +196,8 @@ impl TokenCache {
     ///
     /// # Errors
     /// [`Error::TokenExpired`] at once while the cache backs off after failed refreshes and the
-    /// last token has expired; [`Error::CredentialUnavailable`] or
-    /// [`Error::CredentialRejected`] when there never was a token.
+    /// last token has expired; [`Error::TokenUnavailable`] or
+    /// [`Error::TokenRefused`] when there never was a token.
     pub async fn token(&self) -> Result<Token, Error> {
         let now = self.inner.clock.now();
         {
@@ -273,7 +280,7 @@ impl TokenCache {
     /// refused token again: report the login failure instead of retrying.
     ///
     /// # Errors
-    /// [`Error::CredentialUnavailable`] or [`Error::CredentialRejected`] when the forced refresh
+    /// [`Error::TokenUnavailable`] or [`Error::TokenRefused`] when the forced refresh
     /// fails.
     pub async fn refresh_rejected(&self, rejected: &Token) -> Result<Option<Token>, Error> {
         let refresh = {
@@ -387,8 +394,12 @@ impl Inner {
         state: &mut RefreshState,
         kind: RefreshKind,
     ) -> Result<SharedRefresh, Error> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::config("the token cache must be used inside a Tokio runtime"))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::missing(
+                "Tokio runtime",
+                "the token cache must be used inside a Tokio runtime",
+            )
+        })?;
         state.generation += 1;
         let generation = state.generation;
         let task = runtime.spawn(Arc::clone(self).run_refresh(generation, kind));
@@ -671,7 +682,7 @@ impl TokenCacheBuilder {
         }
     }
 
-    /// The scope to request (default: [`PUBLIC_SCOPE`]).
+    /// The scope to request (default: the public cloud's, `https://ossrdbms-aad.database.windows.net/.default`).
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = scope.into();
         self
@@ -738,22 +749,29 @@ impl TokenCacheBuilder {
     pub fn build(self) -> Result<TokenCache, Error> {
         let policy = self.policy;
         if self.scope.trim().is_empty() {
-            return Err(Error::config("the token scope is empty"));
+            return Err(Error::invalid("scope", "the token scope is empty"));
         }
         if policy.margin <= policy.expiry_margin {
-            return Err(Error::config(format!(
-                "the refresh margin ({:?}) must be longer than the expiry margin ({:?}), or callers \
+            return Err(Error::conflict(
+                "refresh_margin",
+                format!(
+                    "the refresh margin ({:?}) must be longer than the expiry margin ({:?}), or callers \
                  would wait for every refresh",
-                policy.margin, policy.expiry_margin
-            )));
+                    policy.margin, policy.expiry_margin
+                ),
+            ));
         }
         if policy.min_backoff.is_zero() || policy.min_backoff > policy.max_backoff {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "backoff",
                 "the backoff must be positive and its minimum no larger than its maximum",
             ));
         }
         if policy.refresh_timeout.is_zero() {
-            return Err(Error::config("the refresh timeout must be positive"));
+            return Err(Error::invalid(
+                "refresh_timeout",
+                "the refresh timeout must be positive",
+            ));
         }
         let too_long = [
             (
@@ -767,14 +785,20 @@ impl TokenCacheBuilder {
         .into_iter()
         .find(|(_, value)| *value > LONGEST_TOKEN_LIFETIME);
         if let Some((setting, value)) = too_long {
-            return Err(Error::config(format!(
-                "the {setting} ({value:?}) is longer than any Entra token lives (24 hours); \
+            return Err(Error::invalid(
+                setting.replace(' ', "_"),
+                format!(
+                    "the {setting} ({value:?}) is longer than any Entra token lives (24 hours); \
                  use a shorter one"
-            )));
+                ),
+            ));
         }
         let runtime = if self.background {
             Some(tokio::runtime::Handle::try_current().map_err(|_| {
-                Error::config("background refresh needs a Tokio runtime when the cache is built")
+                Error::missing(
+                    "Tokio runtime",
+                    "background refresh needs a Tokio runtime when the cache is built",
+                )
             })?)
         } else {
             None

@@ -43,13 +43,13 @@ impl Clock for SystemClock {
 }
 
 /// A clock that moves only when told to.
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     now: std::sync::Arc<std::sync::Mutex<SystemTime>>,
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "test-util"))]
 impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: SystemTime) -> Self {
@@ -74,7 +74,7 @@ impl ManualClock {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(any(test, feature = "test-util"))]
 impl Clock for ManualClock {
     fn now(&self) -> SystemTime {
         *crate::lock::lock(&self.now)

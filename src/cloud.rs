@@ -1,11 +1,12 @@
 //! Azure clouds: the token scope for PostgreSQL in each, and how to recognise a server's cloud.
 
 /// Token scope for Azure Database for PostgreSQL in the public cloud.
-pub const PUBLIC_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
+pub(crate) const PUBLIC_SCOPE: &str = "https://ossrdbms-aad.database.windows.net/.default";
 /// Token scope in Azure US Government.
-pub const US_GOVERNMENT_SCOPE: &str = "https://ossrdbms-aad.database.usgovcloudapi.net/.default";
+pub(crate) const US_GOVERNMENT_SCOPE: &str =
+    "https://ossrdbms-aad.database.usgovcloudapi.net/.default";
 /// Token scope in Azure China (21Vianet).
-pub const CHINA_SCOPE: &str = "https://ossrdbms-aad.database.chinacloudapi.cn/.default";
+pub(crate) const CHINA_SCOPE: &str = "https://ossrdbms-aad.database.chinacloudapi.cn/.default";
 
 const SCOPE_SUFFIX: &str = "/.default";
 

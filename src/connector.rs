@@ -13,7 +13,7 @@ use tokio_postgres::{Client, Socket};
 use crate::cache::TokenCache;
 use crate::cloud::Cloud;
 use crate::conninfo::Settings;
-use crate::credential::DefaultAzureCredential;
+use crate::credential::{CredentialOptions, DefaultAzureCredential};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::jitter::unit_random;
@@ -21,10 +21,10 @@ use crate::tls::{SslMode, make_tls_connector};
 use crate::token::Token;
 
 /// Azure Database for PostgreSQL listens here.
-pub const DEFAULT_PORT: u16 = 5432;
+const DEFAULT_PORT: u16 = 5432;
 /// Entra roles are created in `postgres`; connecting to a database named after the role (the
 /// libpq default) fails on a new server.
-pub const DEFAULT_DBNAME: &str = "postgres";
+const DEFAULT_DBNAME: &str = "postgres";
 /// The limit on one connection attempt to one host (DNS, TCP, TLS, startup and login) when
 /// none is configured. libpq waits forever; a service holding a bearer token must not hang on a
 /// server that accepted the connection and went silent. Azure answers in well under a second.
@@ -230,7 +230,7 @@ impl Connector {
             tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
             last_error = Some(error);
         }
-        Err(last_error.unwrap_or_else(|| Error::config("no server host")))
+        Err(last_error.unwrap_or_else(|| Error::missing("host", "no server host")))
     }
 
     /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`).
@@ -367,7 +367,7 @@ impl ConnectorBuilder {
 
     /// The credential to get tokens from (default: [`DefaultAzureCredential`] from the
     /// builder's environment, for the server's cloud; pass an
-    /// [`ImdsCredential`](crate::ImdsCredential) to use IMDS alone).
+    /// [`ImdsCredential`](crate::credential::ImdsCredential) to use IMDS alone).
     pub fn credential(mut self, credential: Arc<dyn TokenCredential>) -> Self {
         self.credential = Some(credential);
         self
@@ -416,16 +416,20 @@ impl ConnectorBuilder {
 
         let hosts = settings.hosts.clone().unwrap_or_default();
         if hosts.is_empty() || hosts.iter().any(|h| h.is_empty()) {
-            return Err(Error::config(
+            return Err(Error::missing(
+                "host",
                 "no server host: set PGHOST, a host in the connection string, or the builder's host",
             ));
         }
         for host in &hosts {
             if host.starts_with('/') || host.starts_with('@') {
-                return Err(Error::config(format!(
-                    "{host:?} is a Unix-domain socket, which cannot carry TLS; use the server's \
+                return Err(Error::unsupported(
+                    "host",
+                    format!(
+                        "{host:?} is a Unix-domain socket, which cannot carry TLS; use the server's \
                      host name"
-                )));
+                    ),
+                ));
             }
         }
         let ports: Vec<u16> = settings
@@ -436,11 +440,14 @@ impl ConnectorBuilder {
             .map(|port| port.unwrap_or(DEFAULT_PORT))
             .collect();
         if ports.len() != 1 && ports.len() != hosts.len() {
-            return Err(Error::config(format!(
-                "{} ports for {} hosts: give one port, or one per host",
-                ports.len(),
-                hosts.len()
-            )));
+            return Err(Error::conflict(
+                "port",
+                format!(
+                    "{} ports for {} hosts: give one port, or one per host",
+                    ports.len(),
+                    hosts.len()
+                ),
+            ));
         }
         let port_of = |index: usize| ports.get(index).copied().unwrap_or(ports[0]);
         // Single Server wants `<name>@<server>`; the server is the host's first label.
@@ -454,11 +461,14 @@ impl ConnectorBuilder {
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let hostaddrs = settings.hostaddrs.clone().unwrap_or_default();
         if !hostaddrs.is_empty() && hostaddrs.len() != hosts.len() {
-            return Err(Error::config(format!(
-                "{} host addresses for {} hosts: give one hostaddr per host",
-                hostaddrs.len(),
-                hosts.len()
-            )));
+            return Err(Error::conflict(
+                "hostaddr",
+                format!(
+                    "{} host addresses for {} hosts: give one hostaddr per host",
+                    hostaddrs.len(),
+                    hosts.len()
+                ),
+            ));
         }
         // Everything but hosts, ports and host addresses, the same for every host.
         let common = || {
@@ -504,7 +514,8 @@ impl ConnectorBuilder {
 
         let tokens = match (self.token_cache, self.credential) {
             (Some(_), Some(_)) => {
-                return Err(Error::config(
+                return Err(Error::conflict(
+                    "credential",
                     "give either a credential or a token cache, not both",
                 ));
             }
@@ -518,8 +529,11 @@ impl ConnectorBuilder {
                     Some(credential) => credential,
                     None => Arc::new(
                         DefaultAzureCredential::builder()
-                            .environment(self.environment.clone())
-                            .cloud(cloud)
+                            .options(
+                                CredentialOptions::default()
+                                    .environment(self.environment.clone())
+                                    .cloud(cloud),
+                            )
                             .build()?,
                     ),
                 };

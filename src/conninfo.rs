@@ -140,7 +140,8 @@ impl Settings {
     /// Parses a `postgresql://` URL or a libpq `key=value` string.
     pub(crate) fn parse(conninfo: &str) -> Result<Self, Error> {
         if conninfo.contains('\0') {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "connection string",
                 "the connection string contains a NUL character",
             ));
         }
@@ -191,7 +192,8 @@ impl Settings {
             "application_name" => self.application_name = Some(value.to_owned()),
             "fallback_application_name" => self.fallback_application_name = Some(value.to_owned()),
             "password" => {
-                return Err(Error::config(
+                return Err(Error::unsupported(
+                    "password",
                     "a password was given, but the Entra access token is the password; remove it",
                 ));
             }
@@ -247,10 +249,13 @@ impl Settings {
                     "any" => TargetSessionAttrs::Any,
                     "read-write" => TargetSessionAttrs::ReadWrite,
                     "read-only" | "primary" | "standby" | "prefer-standby" => {
-                        return Err(Error::config(format!(
-                            "target_session_attrs={value} is not supported (tokio-postgres knows \
+                        return Err(Error::unsupported(
+                            "target_session_attrs",
+                            format!(
+                                "target_session_attrs={value} is not supported (tokio-postgres knows \
                              `any` and `read-write`)"
-                        )));
+                            ),
+                        ));
                     }
                     _ => return Err(invalid(key, value, "any or read-write")),
                 });
@@ -278,7 +283,8 @@ impl Settings {
             "sslsni" if value == "1" => {}
             "gssencmode" if value == "disable" => {}
             "service" => {
-                return Err(Error::config(
+                return Err(Error::unsupported(
+                    "service",
                     "service (PGSERVICE, PGSERVICEFILE) is not supported: pg_service.conf files \
                      are not read; give the host, port, dbname and user directly",
                 ));
@@ -298,15 +304,19 @@ impl Settings {
             | "krbsrvname"
             | "gsslib"
             | "replication" => {
-                return Err(Error::config(format!(
-                    "{key} is not supported: the connection authenticates with an Entra token \
+                return Err(Error::unsupported(
+                    key.to_owned(),
+                    format!(
+                        "{key} is not supported: the connection authenticates with an Entra token \
                      over verified TLS"
-                )));
+                    ),
+                ));
             }
             _ => {
-                return Err(Error::config(format!(
-                    "{key:?} is not a libpq connection keyword"
-                )));
+                return Err(Error::invalid(
+                    "connection string",
+                    format!("{key:?} is not a libpq connection keyword"),
+                ));
             }
         }
         Ok(())
@@ -379,12 +389,15 @@ impl Settings {
 }
 
 fn invalid(key: &str, value: &str, expected: &str) -> Error {
-    Error::config(format!("invalid {key} {value:?}: expected {expected}"))
+    Error::invalid(
+        key.to_owned(),
+        format!("invalid {key} {value:?}: expected {expected}"),
+    )
 }
 
 fn reword(error: Error, origin: &str) -> Error {
     match error {
-        Error::Config { message } => Error::config(format!("{origin}: {message}")),
+        Error::Config(config) => Error::Config(config.with_origin(origin)),
         other => other,
     }
 }
@@ -432,9 +445,10 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, Error> {
         }
         while chars.next_if(|c| is_space(*c)).is_some() {}
         if chars.next() != Some('=') {
-            return Err(Error::config(format!(
-                "connection string: expected \"=\" after {key:?}"
-            )));
+            return Err(Error::invalid(
+                "connection string",
+                format!("connection string: expected \"=\" after {key:?}"),
+            ));
         }
         while chars.next_if(|c| is_space(*c)).is_some() {}
         let mut value = String::new();
@@ -445,9 +459,10 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, Error> {
                     Some('\\') => value.extend(chars.next()),
                     Some(c) => value.push(c),
                     None => {
-                        return Err(Error::config(format!(
-                            "connection string: unterminated quoted value for {key:?}"
-                        )));
+                        return Err(Error::invalid(
+                            "connection string",
+                            format!("connection string: unterminated quoted value for {key:?}"),
+                        ));
                     }
                 }
             }
@@ -469,9 +484,10 @@ fn check_keyword(key: &str) -> Result<(), Error> {
     if key == "requiressl" || LIBPQ_KEYWORDS.contains(&key) {
         Ok(())
     } else {
-        Err(Error::config(format!(
-            "{key:?} is not a libpq connection keyword"
-        )))
+        Err(Error::invalid(
+            "connection string",
+            format!("{key:?} is not a libpq connection keyword"),
+        ))
     }
 }
 
@@ -480,7 +496,8 @@ fn check_keyword(key: &str) -> Result<(), Error> {
 fn uri_pairs(body: &str) -> Result<Vec<(String, String)>, Error> {
     if has_unencoded_password_delimiter(body) {
         // Nothing of the URL is repeated: the part before `@` is a password.
-        return Err(Error::config(
+        return Err(Error::unsupported(
+            "password",
             "connection URL: the user info holds an unencoded `/` or `?`, so it looks like a \
              password; the Entra access token is the password: remove it (and percent-encode \
              `/` as %2F and `?` as %3F in user names)",
@@ -520,19 +537,24 @@ fn uri_pairs(body: &str) -> Result<Vec<(String, String)>, Error> {
             let start = at + 1;
             let end = find(start, b"]");
             if end == bytes.len() {
-                return Err(Error::config(
+                return Err(Error::invalid(
+                    "connection URL",
                     "connection URL: no \"]\" closes the IPv6 address",
                 ));
             }
             if end == start {
-                return Err(Error::config("connection URL: empty IPv6 address"));
+                return Err(Error::invalid(
+                    "connection URL",
+                    "connection URL: empty IPv6 address",
+                ));
             }
             host = &body[start..end];
             at = end + 1;
             if let Some(&next) = bytes.get(at)
                 && !b":/?,".contains(&next)
             {
-                return Err(Error::config(
+                return Err(Error::invalid(
+                    "connection URL",
                     "connection URL: unexpected character after an IPv6 address (expected \":\", \
                      \"/\", \"?\" or \",\")",
                 ));
@@ -567,7 +589,8 @@ fn uri_pairs(body: &str) -> Result<Vec<(String, String)>, Error> {
             .all(|port| port.is_empty() || libpq_int(port).is_some())
         {
             // Not repeated: in a mistyped URL this may be part of a password.
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "connection URL",
                 "connection URL: a port is not a number (percent-encode `:` in host names)",
             ));
         }
@@ -589,7 +612,8 @@ fn uri_pairs(body: &str) -> Result<Vec<(String, String)>, Error> {
         // libpq refuses an empty parameter between two `&` but not a trailing one.
         let query = &body[at + 1..];
         if query.contains("&&") || query.starts_with('&') {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "connection URL",
                 "connection URL: an empty query parameter (missing \"=\")",
             ));
         }
@@ -613,10 +637,14 @@ fn has_unencoded_password_delimiter(body: &str) -> bool {
 /// One `key=value` of a URL's query, decoded; `ssl=true` means `sslmode=require`.
 fn query_pair(parameter: &str) -> Result<(String, String), Error> {
     let (key, value) = parameter.split_once('=').ok_or_else(|| {
-        Error::config("connection URL: a query parameter has no \"=\" between key and value")
+        Error::invalid(
+            "connection URL",
+            "connection URL: a query parameter has no \"=\" between key and value",
+        )
     })?;
     if value.contains('=') {
-        return Err(Error::config(
+        return Err(Error::invalid(
+            "connection URL",
             "connection URL: a query parameter has more than one \"=\"",
         ));
     }
@@ -625,9 +653,10 @@ fn query_pair(parameter: &str) -> Result<(String, String), Error> {
         return Ok(("sslmode".to_owned(), "require".to_owned()));
     }
     if !LIBPQ_KEYWORDS.contains(&key.as_str()) || key == "requiressl" {
-        return Err(Error::config(format!(
-            "connection URL: {key:?} is not a libpq connection keyword"
-        )));
+        return Err(Error::invalid(
+            "connection URL",
+            format!("connection URL: {key:?} is not a libpq connection keyword"),
+        ));
     }
     Ok((key, value))
 }
@@ -647,19 +676,27 @@ fn decode(text: &str) -> Result<String, Error> {
         }
         let hex = |i: usize| bytes.get(i).and_then(|b| (*b as char).to_digit(16));
         let (Some(high), Some(low)) = (hex(at + 1), hex(at + 2)) else {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "connection URL",
                 "connection URL: a \"%\" is not followed by two hex digits",
             ));
         };
         let byte = (high * 16 + low) as u8;
         if byte == 0 {
-            return Err(Error::config("connection URL: %00 is not allowed"));
+            return Err(Error::invalid(
+                "connection URL",
+                "connection URL: %00 is not allowed",
+            ));
         }
         decoded.push(byte);
         at += 3;
     }
-    String::from_utf8(decoded)
-        .map_err(|_| Error::config("connection URL: percent-encoding is not valid UTF-8"))
+    String::from_utf8(decoded).map_err(|_| {
+        Error::invalid(
+            "connection URL",
+            "connection URL: percent-encoding is not valid UTF-8",
+        )
+    })
 }
 
 #[cfg(test)]

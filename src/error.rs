@@ -1,14 +1,14 @@
-//! The crate's one error type.
+//! Errors: [`Error`] (also at the crate root), and [`ConfigError`] for the settings it refuses.
 //!
 //! Every variant is something a caller can act on. No variant carries a token: errors from
 //! credentials are kept as their source, and credential errors written by this crate never
 //! echo a response body that could hold one.
 
+use std::borrow::Cow;
+use std::fmt;
 use std::sync::Arc;
 
 use azure_core::time::OffsetDateTime;
-
-use crate::credential::ManagedIdentityError;
 
 /// SQLSTATE `28P01` (invalid password) and `28000` (invalid authorization specification):
 /// what PostgreSQL answers when it does not accept the token.
@@ -25,12 +25,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The configuration is invalid or incomplete; the message says which setting to change.
-    #[error("invalid configuration: {message}")]
-    Config {
-        /// What is wrong and how to fix it.
-        message: String,
-    },
+    /// A setting is missing, invalid, unsupported or contradicts another; the
+    /// [`ConfigError`] names it and says how to fix it.
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
 
     /// A TLS mode that would let the token travel unverified (`disable`, `allow`, `prefer`).
     #[error(
@@ -54,9 +52,11 @@ pub enum Error {
     },
 
     /// The credential could not get a token here: no identity endpoint answered, it kept
-    /// failing, or it is not configured in this environment.
+    /// failing, or it is not configured in this environment. (Not to be confused with
+    /// [`CredentialUnavailable`](crate::credential::CredentialUnavailable), one credential's
+    /// "not here, try the next", which may be among this error's causes.)
     #[error("the credential could not get an access token")]
-    CredentialUnavailable {
+    TokenUnavailable {
         /// The credential's error (shared: the token cache hands it to every waiting caller).
         #[source]
         source: Arc<azure_core::Error>,
@@ -65,7 +65,7 @@ pub enum Error {
     /// The identity endpoint answered and refused: the identity is not assigned to this
     /// resource, or the caller is not authorized.
     #[error("the identity endpoint refused to issue an access token")]
-    CredentialRejected {
+    TokenRefused {
         /// The credential's error.
         #[source]
         source: Arc<azure_core::Error>,
@@ -119,18 +119,56 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(message: impl Into<String>) -> Self {
-        Error::Config {
-            message: message.into(),
-        }
+    fn config(
+        setting: impl Into<Cow<'static, str>>,
+        kind: ConfigErrorKind,
+        message: String,
+    ) -> Self {
+        Error::Config(ConfigError {
+            setting: setting.into(),
+            kind,
+            message,
+        })
     }
 
-    /// Sorts a credential's error into unavailable or rejected.
+    /// `setting` is required and was not given.
+    pub(crate) fn missing(
+        setting: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::config(setting, ConfigErrorKind::Missing, message.into())
+    }
+
+    /// `setting` has a value it cannot take.
+    pub(crate) fn invalid(
+        setting: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::config(setting, ConfigErrorKind::Invalid, message.into())
+    }
+
+    /// `setting` is valid elsewhere but deliberately not supported here.
+    pub(crate) fn unsupported(
+        setting: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::config(setting, ConfigErrorKind::Unsupported, message.into())
+    }
+
+    /// `setting` contradicts another setting.
+    pub(crate) fn conflict(
+        setting: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::config(setting, ConfigErrorKind::Conflict, message.into())
+    }
+
+    /// Sorts a credential's error into unavailable or refused.
     pub(crate) fn from_credential(error: Arc<azure_core::Error>) -> Self {
-        if credential_error_is_rejection(&error) {
-            Error::CredentialRejected { source: error }
+        if credential_error_is_refusal(&error) {
+            Error::TokenRefused { source: error }
         } else {
-            Error::CredentialUnavailable { source: error }
+            Error::TokenUnavailable { source: error }
         }
     }
 
@@ -167,13 +205,13 @@ impl Error {
     /// What to try next, when there is a general answer.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
-            Error::CredentialUnavailable { .. } => Some(
+            Error::TokenUnavailable { .. } => Some(
                 "on Azure, enable a managed identity on this resource (and set AZURE_CLIENT_ID for a \
                  user-assigned one); on a developer machine run `az login` or `azd auth login`; \
                  or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET for a service \
                  principal",
             ),
-            Error::CredentialRejected { .. } => Some(
+            Error::TokenRefused { .. } => Some(
                 "check that the managed identity is assigned to this resource and that \
                  AZURE_CLIENT_ID (or the identity chosen in code) names it",
             ),
@@ -213,23 +251,76 @@ impl From<tokio_postgres::Error> for Error {
 }
 
 /// Whether a credential's error means "the endpoint answered and said no" rather than
-/// "could not get an answer".
-/// Looks through wrapping (the credential chain wraps its members' errors): the first
-/// managed identity error or HTTP status found decides.
-fn credential_error_is_rejection(error: &azure_core::Error) -> bool {
+/// "could not get an answer": the first HTTP status found, looking through wrapping (the
+/// credential chain wraps its members' errors), decides. Every credential of this crate, like
+/// those of the Azure SDK, reports an endpoint's answer as an `HttpResponse` error with its
+/// status, so no credential's own error type is needed here.
+fn credential_error_is_refusal(error: &azure_core::Error) -> bool {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(level) = current {
-        if let Some(managed) = level.downcast_ref::<ManagedIdentityError>() {
-            return managed.is_rejection();
-        }
         if let Some(status) = level
             .downcast_ref::<azure_core::Error>()
             .and_then(azure_core::Error::http_status)
         {
-            let code = u16::from(status);
-            return crate::status::is_refusal(code);
+            return crate::status::is_refusal(u16::from(status));
         }
         current = level.source();
     }
     false
+}
+
+/// A setting this crate refuses: which one, what sort of problem, and what to do.
+///
+/// `Display` gives the whole explanation ("connection URL: a port is not a number …");
+/// [`setting`](Self::setting) and [`kind`](Self::kind) are for code that reacts to it. The
+/// value of a password-like setting is never part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    setting: Cow<'static, str>,
+    kind: ConfigErrorKind,
+    message: String,
+}
+
+impl ConfigError {
+    /// The setting at fault, as its user knows it: a libpq keyword (`host`, `sslmode`), an
+    /// environment variable (`AZURE_TOKEN_CREDENTIALS`), a builder setting
+    /// (`refresh_margin`, `max_size`), or `connection string` / `connection URL` for syntax.
+    pub fn setting(&self) -> &str {
+        &self.setting
+    }
+
+    /// What sort of problem it is.
+    pub fn kind(&self) -> ConfigErrorKind {
+        self.kind
+    }
+
+    /// The same error, its explanation prefixed with where the setting came from.
+    pub(crate) fn with_origin(mut self, origin: &str) -> Self {
+        self.message = format!("{origin}: {}", self.message);
+        self
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What sort of problem a [`ConfigError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigErrorKind {
+    /// Required and not given (no host), or something the setting needs is absent (a Tokio
+    /// runtime).
+    Missing,
+    /// Given, but not a value this setting takes.
+    Invalid,
+    /// Valid for libpq or another Azure SDK, but refused here on purpose (a password, a Unix
+    /// socket, `service`, Service Fabric).
+    Unsupported,
+    /// Contradicts another setting (three ports for two hosts).
+    Conflict,
 }

@@ -1,59 +1,46 @@
 //! Connect to **Azure Database for PostgreSQL** with a **Microsoft Entra ID access token** as
-//! the password, from a managed identity, a service principal, a workload identity, the Azure
-//! CLIs, or any `azure_core` credential.
-//!
-//! The token is cached and refreshed ahead of expiry, so a connect almost never waits on the
-//! identity endpoint; TLS is always on and always verified, because the password is a bearer
-//! token.
+//! the password: from a managed identity, a service principal, a workload identity, the Azure
+//! CLIs, or any `azure_core` credential. The token is cached and refreshed ahead of expiry, so
+//! a connect almost never waits on the identity endpoint; TLS is always on and always
+//! verified, because the password is a bearer token.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), pg_entra::Error> {
 //! // PGHOST=myserver.postgres.database.azure.com PGUSER=my-identity-name
 //! let connector = pg_entra::Connector::from_env()?;
 //! let client = connector.connect().await?;
-//! let row = client.query_one("select version()", &[]).await?;
-//! let version: String = row.get(0);
+//! let row = client.query_one("select current_user", &[]).await?;
 //! # Ok(()) }
 //! ```
 //!
-//! # Pieces
-//! - [`DefaultAzureCredential`]: Environment → WorkloadIdentity → ManagedIdentity → AzureCli →
-//!   AzureDeveloperCli, with `AZURE_TOKEN_CREDENTIALS`, a fast IMDS probe off Azure and one
-//!   error listing every credential. Each member is public on its own
-//!   ([`ManagedIdentityCredential`] for every Azure host, [`ImdsCredential`] for IMDS alone,
-//!   [`EnvironmentCredential`], [`WorkloadIdentityCredential`], [`AzureCliCredential`],
-//!   [`AzureDeveloperCliCredential`]). Any [`TokenCredential`] (for example from
-//!   `azure_identity`) works too.
-//! - [`TokenCache`]: fresh tokens without I/O (in about 8 ns through
-//!   [`TokenCache::with_token`]), one refresh in flight at most, callers served during
-//!   refresh, typed errors and backoff when the identity endpoint fails.
-//! - [`Connector`]: libpq-style configuration (`PG*` variables, URLs, `key=value`), verified
-//!   TLS, the user name from the token when none is given.
+//! [`Connector`] is the entry point: libpq-style settings (`PG*` variables, URLs,
+//! `key=value`), a [`TokenCache`] over a [`DefaultAzureCredential`] unless given another
+//! [`TokenCredential`], and the user name from the token when none is given. The modules hold
+//! the rest: every [`credential`], the [`cache`]'s settings and clock, `pool` managers and the
+//! `testing` kit (behind features). The README has the Azure set-up, the configuration tables and the
+//! measurements.
 //!
 //! # Features
-//! | feature   | adds |
-//! |-----------|------|
-//! | `deadpool` | `pool::DeadpoolManager` and `Connector::deadpool_pool` |
-//! | `bb8` | `pool::Bb8Manager` and `Connector::bb8_pool` |
-//! | `client-certificate` | service principals with a certificate (OpenSSL) |
-//! | `testing` | `testing`: a local TLS PostgreSQL configured like Flexible Server and a mock identity endpoint (IMDS, App Service, Arc, Cloud Shell, Entra) that mints tokens and sets them as role passwords, for tests without Azure |
+#![doc = document_features::document_features!()]
 #![warn(
     missing_docs,
     missing_debug_implementations,
     unreachable_pub,
     rust_2018_idioms
 )]
+#![deny(rustdoc::broken_intra_doc_links)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod cache;
+mod backoff;
+pub mod cache;
 mod clock;
 mod cloud;
 mod connector;
 mod conninfo;
-mod credential;
+pub mod credential;
 mod environment;
-mod error;
+pub mod error;
 mod jitter;
 mod lock;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
@@ -63,32 +50,18 @@ mod status;
 mod tls;
 mod token;
 
-#[cfg(feature = "testing")]
-#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod testing;
 
-pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
-pub use cache::{
-    DEFAULT_EXPIRY_MARGIN, DEFAULT_FORCED_REFRESH_INTERVAL, DEFAULT_MAX_BACKOFF,
-    DEFAULT_MIN_BACKOFF, DEFAULT_REFRESH_JITTER, DEFAULT_REFRESH_MARGIN, DEFAULT_REFRESH_TIMEOUT,
-    TokenCache, TokenCacheBuilder,
-};
-pub use clock::{Clock, SystemClock};
-pub use cloud::{CHINA_SCOPE, Cloud, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
-pub use connector::{Connection, Connector, ConnectorBuilder, DEFAULT_DBNAME, DEFAULT_PORT};
-pub use credential::{
-    AUTHORITY_HOST_VAR, AzureCliCredential, AzureCliCredentialBuilder, AzureDeveloperCliCredential,
-    AzureDeveloperCliCredentialBuilder, CLIENT_ID_VAR, CredentialUnavailable, DEFAULT_CLI_TIMEOUT,
-    DEFAULT_IMDS_PROBE_TIMEOUT, DefaultAzureCredential, DefaultAzureCredentialBuilder,
-    EnvironmentCredential, IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_AUTHORITY_HOST,
-    IMDS_ENDPOINT_VAR, ImdsCredential, ImdsCredentialBuilder, MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
-    ManagedIdentityCredential, ManagedIdentityCredentialBuilder, ManagedIdentityError,
-    ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR, RetryOptions, TOKEN_CREDENTIALS_VAR,
-    WorkloadIdentityCredential,
-};
+pub use cache::TokenCache;
+pub use cloud::Cloud;
+pub use connector::{Connection, Connector, ConnectorBuilder};
+pub use credential::{DefaultAzureCredential, TokenCredential};
 pub use environment::Environment;
 pub use error::{Error, Result};
 pub use tls::SslMode;
+pub use token::Token;
 
 /// The TLS connector type [`Connector::tls_connector`] returns comes from here.
 pub use postgres_native_tls;
@@ -96,13 +69,7 @@ pub use postgres_native_tls;
 /// [`Connector::config`] its `Config`. Use it rather than pinning your own version.
 pub use tokio_postgres;
 
-/// The bb8 version the `bb8` feature builds on, so that callers need not pin it themselves.
-#[cfg(feature = "bb8")]
-#[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
-pub use bb8;
-/// The deadpool version the `deadpool` feature builds on, so that callers need not pin it
-/// themselves.
-#[cfg(feature = "deadpool")]
-#[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
-pub use deadpool;
-pub use token::Token;
+/// The README's code, compiled and run as doc tests so that it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

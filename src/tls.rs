@@ -64,9 +64,10 @@ impl FromStr for SslMode {
             refused @ ("disable" | "allow" | "prefer") => Err(Error::TlsRequired {
                 mode: refused.to_owned(),
             }),
-            _ => Err(Error::config(format!(
-                "unknown sslmode {mode:?}; use verify-full, verify-ca or require"
-            ))),
+            _ => Err(Error::invalid(
+                "sslmode",
+                format!("unknown sslmode {mode:?}; use verify-full, verify-ca or require"),
+            )),
         }
     }
 }
@@ -91,9 +92,12 @@ pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConne
 fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| {
-        Error::config(format!(
-            "cannot read the root certificate file {shown} (PGSSLROOTCERT / sslrootcert): {e}"
-        ))
+        Error::invalid(
+            "sslrootcert",
+            format!(
+                "cannot read the root certificate file {shown} (PGSSLROOTCERT / sslrootcert): {e}"
+            ),
+        )
     })?;
     let unreadable = |e: native_tls::Error| Error::Tls {
         message: format!("the root certificate file {shown} holds no usable certificate"),
@@ -113,9 +117,12 @@ fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
         rest = &rest[start + len + PEM_END.len()..];
     }
     if certificates.is_empty() {
-        return Err(Error::config(format!(
-            "the root certificate file {shown} has no PEM certificate (-----BEGIN CERTIFICATE-----)"
-        )));
+        return Err(Error::invalid(
+            "sslrootcert",
+            format!(
+                "the root certificate file {shown} has no PEM certificate (-----BEGIN CERTIFICATE-----)"
+            ),
+        ));
     }
     Ok(certificates)
 }
@@ -143,7 +150,7 @@ mod tests {
         );
         assert!(matches!(
             "sometimes".parse::<SslMode>().unwrap_err(),
-            Error::Config { .. }
+            Error::Config(_)
         ));
     }
 

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use pg_entra::{
-    AccessToken, Connector, Environment, TokenCache, TokenCredential, TokenRequestOptions,
-};
+use pg_entra::credential::{AccessToken, TokenRequestOptions};
+use pg_entra::{Connector, Environment, TokenCache, TokenCredential};
 
 struct CountingAllocator;
 

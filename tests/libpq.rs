@@ -13,7 +13,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt as _;
-use pg_entra::{AccessToken, Connector, Environment, Error, TokenCache, TokenCredential};
+use pg_entra::credential::AccessToken;
+use pg_entra::{Connector, Environment, Error, TokenCache, TokenCredential};
 use proptest::prelude::*;
 
 /// libpq's `PQconninfoOption`.
@@ -131,7 +132,7 @@ impl TokenCredential for FixedToken {
     async fn get_token(
         &self,
         _: &[&str],
-        _: Option<pg_entra::TokenRequestOptions<'_>>,
+        _: Option<pg_entra::credential::TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"upn":"{TOKEN_USER}"}}"#));
         Ok(AccessToken::new(

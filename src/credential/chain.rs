@@ -11,18 +11,15 @@ use azure_core::error::ErrorKind;
 
 use super::cli::{AzureCliCredential, AzureDeveloperCliCredential};
 use super::entra::{DEFAULT_REQUEST_TIMEOUT, EnvironmentCredential, WorkloadIdentityCredential};
-use super::managed_identity::ManagedIdentityCredential;
-use super::managed_identity_error::ManagedIdentityError;
-use super::retry::RetryOptions;
+use super::managed_identity::{ManagedIdentityCredential, ManagedIdentityError, RetryOptions};
+use super::options::CredentialOptions;
 use super::unavailable::CredentialUnavailable;
-use crate::cloud::{Cloud, resource_for_scope};
-use crate::environment::Environment;
+use super::vars::TOKEN_CREDENTIALS_VAR;
+use crate::cloud::resource_for_scope;
 use crate::error::Error;
 
-/// Narrows the chain: `prod`, `dev`, or one credential's name (case-insensitive).
-pub const TOKEN_CREDENTIALS_VAR: &str = "AZURE_TOKEN_CREDENTIALS";
 /// How long the first IMDS request may take before the chain decides there is no IMDS.
-pub const DEFAULT_IMDS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+const DEFAULT_IMDS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One member of the chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,10 +76,13 @@ impl Member {
                 .find(|m| m.name().eq_ignore_ascii_case(value))
                 .map(|m| vec![m])
                 .ok_or_else(|| {
-                    Error::config(format!(
-                        "{TOKEN_CREDENTIALS_VAR}={value:?} is not `prod`, `dev` or one of {}",
-                        Member::ALL.map(Member::name).join(", ")
-                    ))
+                    Error::invalid(
+                        TOKEN_CREDENTIALS_VAR,
+                        format!(
+                            "{TOKEN_CREDENTIALS_VAR}={value:?} is not `prod`, `dev` or one of {}",
+                            Member::ALL.map(Member::name).join(", ")
+                        ),
+                    )
                 }),
         }
     }
@@ -107,10 +107,10 @@ impl Member {
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use pg_entra::{DefaultAzureCredential, TokenCredential, PUBLIC_SCOPE};
+/// use pg_entra::{Cloud, DefaultAzureCredential, TokenCredential};
 ///
 /// let credential = DefaultAzureCredential::from_env()?;
-/// let token = credential.get_token(&[PUBLIC_SCOPE], None).await?;
+/// let token = credential.get_token(&[Cloud::Public.scope()], None).await?;
 /// eprintln!("token from {}", credential.selected_credential().unwrap_or("?"));
 /// # Ok(()) }
 /// ```
@@ -308,8 +308,7 @@ impl fmt::Debug for ChainManagedIdentity {
 /// Builds a [`DefaultAzureCredential`].
 #[derive(Debug)]
 pub struct DefaultAzureCredentialBuilder {
-    environment: Environment,
-    cloud: Cloud,
+    options: CredentialOptions,
     probe_timeout: Duration,
     managed_identity_retry: RetryOptions,
     cli_timeout: Option<Duration>,
@@ -319,8 +318,7 @@ pub struct DefaultAzureCredentialBuilder {
 impl Default for DefaultAzureCredentialBuilder {
     fn default() -> Self {
         Self {
-            environment: Environment::process(),
-            cloud: Cloud::Public,
+            options: CredentialOptions::default(),
             probe_timeout: DEFAULT_IMDS_PROBE_TIMEOUT,
             managed_identity_retry: RetryOptions::default(),
             cli_timeout: None,
@@ -330,16 +328,11 @@ impl Default for DefaultAzureCredentialBuilder {
 }
 
 impl DefaultAzureCredentialBuilder {
-    /// Where every member reads its variables (default: the process environment).
-    pub fn environment(mut self, environment: Environment) -> Self {
-        self.environment = environment;
-        self
-    }
-
-    /// The cloud whose Entra authority service principals and workload identities use, unless
-    /// `AZURE_AUTHORITY_HOST` says otherwise (default: public).
-    pub fn cloud(mut self, cloud: Cloud) -> Self {
-        self.cloud = cloud;
+    /// Where every member reads its variables, and the cloud whose Entra authority service
+    /// principals and workload identities use (default: the process environment, the public
+    /// cloud). Every member gets the same options.
+    pub fn options(mut self, options: impl Into<CredentialOptions>) -> Self {
+        self.options = options.into();
         self
     }
 
@@ -375,25 +368,27 @@ impl DefaultAzureCredentialBuilder {
     /// [`Error::Config`] for an unknown `AZURE_TOKEN_CREDENTIALS` value or a malformed
     /// endpoint or authority variable.
     pub fn build(self) -> Result<DefaultAzureCredential, Error> {
-        let environment = &self.environment;
+        let environment = &self.options.environment;
         let selected = Member::selected(environment.var(TOKEN_CREDENTIALS_VAR).as_deref())?;
         let explicit = selected.len() == 1;
         let mut members: Vec<(Member, Arc<dyn TokenCredential>)> = Vec::new();
         for member in selected {
             let credential: Arc<dyn TokenCredential> = match member {
-                Member::Environment => Arc::new(EnvironmentCredential::with_timeout(
-                    environment,
-                    self.cloud,
-                    self.entra_timeout,
-                )?),
-                Member::WorkloadIdentity => Arc::new(WorkloadIdentityCredential::with_timeout(
-                    environment,
-                    self.cloud,
-                    self.entra_timeout,
-                )?),
+                Member::Environment => Arc::new(
+                    EnvironmentCredential::builder()
+                        .options(self.options.clone())
+                        .request_timeout(self.entra_timeout)
+                        .build()?,
+                ),
+                Member::WorkloadIdentity => Arc::new(
+                    WorkloadIdentityCredential::builder()
+                        .options(self.options.clone())
+                        .request_timeout(self.entra_timeout)
+                        .build()?,
+                ),
                 Member::ManagedIdentity => {
                     let credential = ManagedIdentityCredential::builder()
-                        .environment(environment.clone())
+                        .options(self.options.clone())
                         .retry(self.managed_identity_retry.clone())
                         .build()?;
                     if explicit {
@@ -409,18 +404,19 @@ impl DefaultAzureCredentialBuilder {
                     }
                 }
                 Member::AzureCli => {
-                    let mut cli = AzureCliCredential::builder().environment(environment);
+                    let mut cli = AzureCliCredential::builder().options(self.options.clone());
                     if let Some(timeout) = self.cli_timeout {
                         cli = cli.timeout(timeout);
                     }
-                    Arc::new(cli.build())
+                    Arc::new(cli.build()?)
                 }
                 Member::AzureDeveloperCli => {
-                    let mut cli = AzureDeveloperCliCredential::builder().environment(environment);
+                    let mut cli =
+                        AzureDeveloperCliCredential::builder().options(self.options.clone());
                     if let Some(timeout) = self.cli_timeout {
                         cli = cli.timeout(timeout);
                     }
-                    Arc::new(cli.build())
+                    Arc::new(cli.build()?)
                 }
             };
             members.push((member, credential));
@@ -461,7 +457,7 @@ mod tests {
             ["ManagedIdentityCredential"]
         );
         let error = names(Some("AzurePowerShellCredential")).unwrap_err();
-        assert!(matches!(error, Error::Config { .. }));
+        assert!(matches!(error, Error::Config(_)));
         assert!(
             error.to_string().contains("AzurePowerShellCredential"),
             "{error}"

@@ -7,19 +7,21 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
-use azure_core::error::ErrorKind;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use tokio::io::AsyncReadExt as _;
 
 use super::http::MAX_BODY_BYTES;
+use super::options::CredentialOptions;
+use super::scope::only_scope;
 use super::token_response::redact_bearer_tokens;
 use super::unavailable::CredentialUnavailable;
 use crate::environment::Environment;
+use crate::error::Error;
 
 /// How long a CLI may take before it is given up on.
-pub const DEFAULT_CLI_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_CLI_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The Azure CLI's error text is shown up to this length.
 const MAX_ERROR_TEXT: usize = 600;
@@ -141,12 +143,7 @@ impl CliCredential {
     }
 
     async fn run(&self, scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        let [scope] = scopes else {
-            return Err(azure_core::Error::with_message(
-                ErrorKind::Credential,
-                format!("{} takes exactly one scope", self.tool.credential_name()),
-            ));
-        };
+        let scope = only_scope(self.tool.credential_name(), scopes)?;
         let program = self.tool.program();
         let mut command = tokio::process::Command::new(program);
         command
@@ -261,8 +258,7 @@ macro_rules! cli_credential {
 
         impl $name {
             /// A credential that runs the tool found on the process's `PATH`.
-            #[allow(clippy::new_without_default)]
-            pub fn new() -> Self {
+            pub fn from_env() -> Result<Self, Error> {
                 Self::builder().build()
             }
 
@@ -315,14 +311,15 @@ macro_rules! cli_credential {
             }
 
             /// Where `PATH` comes from (default: the process environment).
-            pub fn environment(mut self, environment: &Environment) -> Self {
-                self.cli.path = environment.var("PATH");
+            pub fn options(mut self, options: impl Into<CredentialOptions>) -> Self {
+                self.cli.path = options.into().environment.var("PATH");
                 self
             }
 
-            /// Builds the credential.
-            pub fn build(self) -> $name {
-                $name { cli: self.cli }
+            /// Builds the credential. Nothing is checked until a token is asked for: a
+            /// missing or logged-out tool makes the credential unavailable, not invalid.
+            pub fn build(self) -> Result<$name, Error> {
+                Ok($name { cli: self.cli })
             }
         }
     };

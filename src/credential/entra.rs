@@ -10,21 +10,18 @@ use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 
 use super::http::{BodyError, Destination, innermost_cause, read_body};
-use super::imds::CLIENT_ID_VAR;
+use super::options::CredentialOptions;
+use super::scope::only_scope;
 use super::token_response::{ErrorBody, parse_token_response};
 use super::unavailable::CredentialUnavailable;
+use super::vars::{
+    AUTHORITY_HOST_VAR, CLIENT_CERTIFICATE_PATH_VAR, CLIENT_ID_VAR, CLIENT_SECRET_VAR,
+    FEDERATED_TOKEN_FILE_VAR, TENANT_ID_VAR,
+};
 use crate::cloud::Cloud;
 use crate::environment::Environment;
 use crate::error::Error;
 
-/// Replaces the cloud's Entra authority host, as in the other Azure SDKs.
-pub const AUTHORITY_HOST_VAR: &str = "AZURE_AUTHORITY_HOST";
-const TENANT_ID_VAR: &str = "AZURE_TENANT_ID";
-const CLIENT_SECRET_VAR: &str = "AZURE_CLIENT_SECRET";
-const CLIENT_CERTIFICATE_PATH_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PATH";
-#[cfg(feature = "client-certificate")]
-const CLIENT_CERTIFICATE_PASSWORD_VAR: &str = "AZURE_CLIENT_CERTIFICATE_PASSWORD";
-const FEDERATED_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Default limit on reaching Entra's token endpoint (DNS, TCP, TLS).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,7 +60,10 @@ impl ClientCredentials {
             .var(AUTHORITY_HOST_VAR)
             .unwrap_or_else(|| cloud.authority_host().to_owned());
         let token_url = token_url(&authority, &tenant).map_err(|problem| {
-            Error::config(format!("{AUTHORITY_HOST_VAR} {authority:?}: {problem}"))
+            Error::invalid(
+                AUTHORITY_HOST_VAR,
+                format!("{AUTHORITY_HOST_VAR} {authority:?}: {problem}"),
+            )
         })?;
         let http = super::http::client(Destination::Entra {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT.min(request_timeout),
@@ -79,12 +79,7 @@ impl ClientCredentials {
     }
 
     async fn token(&self, scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        let [scope] = scopes else {
-            return Err(azure_core::Error::with_message(
-                ErrorKind::Credential,
-                format!("{} takes exactly one scope", self.credential),
-            ));
-        };
+        let scope = only_scope(self.credential, scopes)?;
         // Read before the form is built: the serializer is not `Send`.
         let (secret, assertion) = match &self.auth {
             ClientAuth::Secret(secret) => (Some(secret.as_str()), None),
@@ -278,7 +273,7 @@ enum FromEnvironment<T> {
 }
 
 macro_rules! client_credential {
-    ($(#[$doc:meta])* $name:ident, $label:literal) => {
+    ($(#[$doc:meta])* $name:ident, $builder:ident, $label:literal) => {
         $(#[$doc])*
         pub struct $name {
             state: Result<ClientCredentials, CredentialUnavailable>,
@@ -289,26 +284,15 @@ macro_rules! client_credential {
             /// `AZURE_AUTHORITY_HOST`). If the variables are missing it still builds, and every
             /// token request reports it unavailable.
             pub fn from_env() -> Result<Self, Error> {
-                Self::from_environment(&Environment::process(), Cloud::Public)
+                Self::builder().build()
             }
 
-            /// The credential `environment` describes, in `cloud`. Each token request may take
-            /// 30 s at most (10 s to connect).
-            pub fn from_environment(environment: &Environment, cloud: Cloud) -> Result<Self, Error> {
-                Self::with_timeout(environment, cloud, DEFAULT_REQUEST_TIMEOUT)
-            }
-
-            pub(crate) fn with_timeout(
-                environment: &Environment,
-                cloud: Cloud,
-                request_timeout: Duration,
-            ) -> Result<Self, Error> {
-                Ok(Self {
-                    state: match Self::configure(environment, cloud, request_timeout)? {
-                        FromEnvironment::Ready(client) => Ok(client),
-                        FromEnvironment::Unavailable(reason) => Err(reason),
-                    },
-                })
+            /// A builder; it reads the process environment unless told otherwise.
+            pub fn builder() -> $builder {
+                $builder {
+                    options: CredentialOptions::default(),
+                    request_timeout: DEFAULT_REQUEST_TIMEOUT,
+                }
             }
 
             /// Whether the environment had what this credential needs.
@@ -343,6 +327,48 @@ macro_rules! client_credential {
                 }
             }
         }
+
+        #[doc = concat!("Builds a [`", stringify!($name), "`].")]
+        #[derive(Debug, Clone)]
+        pub struct $builder {
+            options: CredentialOptions,
+            request_timeout: Duration,
+        }
+
+        impl $builder {
+            /// Where to read the `AZURE_*` variables and which cloud's Entra authority to use
+            /// (default: the process environment, the public cloud).
+            pub fn options(mut self, options: impl Into<CredentialOptions>) -> Self {
+                self.options = options.into();
+                self
+            }
+
+            /// How long one token request to Entra may take, connection included (default
+            /// 30 s; connecting alone at most 10 s).
+            pub fn request_timeout(mut self, timeout: Duration) -> Self {
+                self.request_timeout = timeout;
+                self
+            }
+
+            /// Reads the variables and builds the credential. Missing variables are not an
+            /// error: the credential then reports itself unavailable on every request.
+            ///
+            /// # Errors
+            /// [`Error::Config`] when a variable is set but unusable (an authority that is not
+            /// https, a tenant that is not a tenant id, a certificate that cannot be read).
+            pub fn build(self) -> Result<$name, Error> {
+                Ok($name {
+                    state: match $name::configure(
+                        &self.options.environment,
+                        self.options.cloud,
+                        self.request_timeout,
+                    )? {
+                        FromEnvironment::Ready(client) => Ok(client),
+                        FromEnvironment::Unavailable(reason) => Err(reason),
+                    },
+                })
+            }
+        }
     };
 }
 
@@ -355,6 +381,7 @@ client_credential!(
     /// configuration reports the credential unavailable and says why.
     /// Service principal tokens carry no name claim: give PostgreSQL's user explicitly.
     EnvironmentCredential,
+    EnvironmentCredentialBuilder,
     "EnvironmentCredential"
 );
 
@@ -363,6 +390,7 @@ client_credential!(
     /// `AZURE_FEDERATED_TOKEN_FILE` (re-read on every request, as the kubelet rotates it),
     /// honouring `AZURE_AUTHORITY_HOST`.
     WorkloadIdentityCredential,
+    WorkloadIdentityCredentialBuilder,
     "WorkloadIdentityCredential"
 );
 
@@ -384,13 +412,16 @@ impl EnvironmentCredential {
             (Some(secret), _) => ClientAuth::Secret(secret),
             #[cfg(feature = "client-certificate")]
             (None, Some(path)) => {
-                let password = environment.var(CLIENT_CERTIFICATE_PASSWORD_VAR);
+                let password = environment.var(super::vars::CLIENT_CERTIFICATE_PASSWORD_VAR);
                 let certificate = super::client_certificate::ClientCertificate::load(
                     std::path::Path::new(&path),
                     password.as_deref(),
                 )
                 .map_err(|problem| {
-                    Error::config(format!("{CLIENT_CERTIFICATE_PATH_VAR}: {problem}"))
+                    Error::invalid(
+                        CLIENT_CERTIFICATE_PATH_VAR,
+                        format!("{CLIENT_CERTIFICATE_PATH_VAR}: {problem}"),
+                    )
                 })?;
                 ClientAuth::Certificate(certificate)
             }
@@ -499,14 +530,24 @@ mod tests {
             (Cloud::UsGovernment, "login.microsoftonline.us"),
             (Cloud::China, "login.chinacloudapi.cn"),
         ] {
-            let url = url_of(EnvironmentCredential::from_environment(&vars(None), cloud).unwrap());
+            let url = url_of(
+                EnvironmentCredential::builder()
+                    .options(CredentialOptions::from(vars(None)).cloud(cloud))
+                    .build()
+                    .unwrap(),
+            );
             assert_eq!(url, format!("https://{host}/t/oauth2/v2.0/token"));
         }
-        let overridden = EnvironmentCredential::from_environment(
-            &vars(Some((AUTHORITY_HOST_VAR, "https://login.example.test"))),
-            Cloud::China,
-        )
-        .unwrap();
+        let overridden = EnvironmentCredential::builder()
+            .options(
+                CredentialOptions::from(vars(Some((
+                    AUTHORITY_HOST_VAR,
+                    "https://login.example.test",
+                ))))
+                .cloud(Cloud::China),
+            )
+            .build()
+            .unwrap();
         assert_eq!(
             url_of(overridden),
             "https://login.example.test/t/oauth2/v2.0/token"
@@ -514,7 +555,10 @@ mod tests {
         // The secret is nowhere in Debug.
         let debug = format!(
             "{:?}",
-            EnvironmentCredential::from_environment(&vars(None), Cloud::Public).unwrap()
+            EnvironmentCredential::builder()
+                .options(vars(None))
+                .build()
+                .unwrap()
         );
         assert!(!debug.contains("\"s\""), "{debug}");
     }

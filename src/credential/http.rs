@@ -36,9 +36,10 @@ pub(crate) fn client(destination: Destination) -> Result<reqwest::Client, Error>
             .connect_timeout(connect_timeout)
             .timeout(request_timeout),
     };
-    builder
-        .build()
-        .map_err(|e| Error::config(format!("cannot create an HTTP client: {e}")))
+    builder.build().map_err(|e| Error::Tls {
+        message: "cannot create the HTTP client for the identity endpoint".to_owned(),
+        source: Some(Box::new(e)),
+    })
 }
 
 /// Why a response body could not be read.

@@ -1,7 +1,14 @@
-//! Token credentials this crate ships. Each implements
-//! [`azure_core::credentials::TokenCredential`], so any of them, or any credential from
-//! `azure_identity`, plugs into the [`TokenCache`](crate::TokenCache) and the
-//! [`Connector`](crate::Connector).
+//! Token credentials: where the access token comes from.
+//!
+//! [`DefaultAzureCredential`] (also at the crate root) tries the others in the Azure SDKs'
+//! order. Each credential here is built the same way: `X::from_env()`, or
+//! `X::builder().options(CredentialOptions)` plus its own settings, then `.build()`. Each
+//! implements [`TokenCredential`], so any of them, or any credential from `azure_identity`,
+//! plugs into the [`TokenCache`](crate::TokenCache) and the [`Connector`](crate::Connector).
+//!
+//! When a credential does not apply here (variables missing, no endpoint, tool not logged
+//! in), its error carries a [`CredentialUnavailable`] and a chain moves on; any other error
+//! stops a chain.
 
 mod chain;
 mod cli;
@@ -9,31 +16,27 @@ mod cli;
 mod client_certificate;
 mod entra;
 mod http;
-mod imds;
 mod managed_identity;
-mod managed_identity_error;
-mod retry;
-mod source;
+mod options;
+mod scope;
+pub(crate) use scope::only_scope;
 mod token_response;
 mod unavailable;
+pub(crate) mod vars;
 
-pub use chain::{
-    DEFAULT_IMDS_PROBE_TIMEOUT, DefaultAzureCredential, DefaultAzureCredentialBuilder,
-    TOKEN_CREDENTIALS_VAR,
-};
+pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+pub use chain::{DefaultAzureCredential, DefaultAzureCredentialBuilder};
 pub use cli::{
     AzureCliCredential, AzureCliCredentialBuilder, AzureDeveloperCliCredential,
-    AzureDeveloperCliCredentialBuilder, DEFAULT_CLI_TIMEOUT,
+    AzureDeveloperCliCredentialBuilder,
 };
-pub use entra::{AUTHORITY_HOST_VAR, EnvironmentCredential, WorkloadIdentityCredential};
-pub use imds::{
-    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ImdsCredential, ImdsCredentialBuilder, ManagedIdentityId,
-    POD_IDENTITY_AUTHORITY_HOST_VAR,
+pub use entra::{
+    EnvironmentCredential, EnvironmentCredentialBuilder, WorkloadIdentityCredential,
+    WorkloadIdentityCredentialBuilder,
 };
-pub use managed_identity::{ManagedIdentityCredential, ManagedIdentityCredentialBuilder};
-pub use managed_identity_error::ManagedIdentityError;
-pub use retry::RetryOptions;
-pub use source::{
-    IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IMDS_ENDPOINT_VAR, MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
+pub use managed_identity::{
+    ImdsCredential, ImdsCredentialBuilder, ManagedIdentityCredential,
+    ManagedIdentityCredentialBuilder, ManagedIdentityError, ManagedIdentityId, RetryOptions,
 };
+pub use options::CredentialOptions;
 pub use unavailable::CredentialUnavailable;

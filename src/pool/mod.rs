@@ -20,26 +20,36 @@
 //! [`Connector::bb8_pool`]: crate::Connector::bb8_pool
 
 #[cfg(feature = "bb8")]
-mod bb8;
+mod bb8_manager;
 #[cfg(feature = "deadpool")]
-mod deadpool;
+mod deadpool_manager;
 
 use std::time::Duration;
 
+/// The bb8 this crate's `bb8` feature builds on, so that callers need not pin it themselves.
 #[cfg(feature = "bb8")]
 #[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
-pub use self::bb8::{Bb8Manager, Bb8Pool, Bb8PooledConnection};
+pub use ::bb8;
+/// The deadpool this crate's `deadpool` feature builds on, so that callers need not pin it
+/// themselves.
 #[cfg(feature = "deadpool")]
 #[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
-pub use self::deadpool::{DeadpoolError, DeadpoolManager, DeadpoolObject, DeadpoolPool};
+pub use ::deadpool;
+
+#[cfg(feature = "bb8")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
+pub use self::bb8_manager::{Bb8Manager, Bb8Pool, Bb8PooledConnection};
+#[cfg(feature = "deadpool")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
+pub use self::deadpool_manager::{DeadpoolError, DeadpoolManager, DeadpoolObject, DeadpoolPool};
 
 /// How long a convenience pool waits for a free connection, and for a new one to be made,
 /// before giving up with a typed timeout error (bb8's own default).
-pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a convenience pool keeps a physical connection (bb8's own default); see the
 /// module documentation for why a limit is wise although tokens do not need it.
-pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+pub(crate) const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// How a pooled connection is checked before it is handed out again (as in deadpool-postgres).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use super::TestBedError;
+use super::endpoint::IdentityEndpoint;
 use super::identity::Principal;
-use super::identity_endpoint::IdentityEndpoint;
 use super::postgres::LocalPostgres;
 use crate::connector::ConnectorBuilder;
-use crate::credential::{ImdsCredential, POD_IDENTITY_AUTHORITY_HOST_VAR};
+use crate::credential::ImdsCredential;
 use crate::environment::Environment;
 
 /// The VM whose system-assigned identity the bed starts with.
@@ -72,7 +72,7 @@ impl TestBed {
     pub fn environment(&self) -> Environment {
         let mut vars = self.postgres.libpq_vars();
         vars.push((
-            POD_IDENTITY_AUTHORITY_HOST_VAR.into(),
+            crate::credential::vars::POD_IDENTITY_AUTHORITY_HOST_VAR.into(),
             self.identity.authority_host(),
         ));
         if !self.principal.is_system_assigned() {

@@ -22,31 +22,51 @@
 //! # Ok(()) }
 //! ```
 
-mod bed;
-mod certs;
+mod fake_credential;
 mod identity;
-mod identity_endpoint;
 mod jwt;
+
+#[cfg(feature = "testing")]
+mod bed;
+#[cfg(feature = "testing")]
+mod certs;
+#[cfg(feature = "testing")]
+mod endpoint;
+#[cfg(feature = "testing")]
 mod postgres;
 
+#[cfg(feature = "testing")]
 use std::fmt;
 
 pub use crate::clock::ManualClock;
-pub use bed::TestBed;
-pub use certs::{ServerCertificate, TestCa};
+pub use fake_credential::FakeCredential;
 pub use identity::Principal;
-pub use identity_endpoint::{
+
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use bed::TestBed;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use certs::{ServerCertificate, TestCa};
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use endpoint::{
     ExpiresOnFormat, HoldGuard, IdentityEndpoint, IdentityEndpointBuilder, RecordedRequest, Reply,
 };
-pub use postgres::{BINDIR_VAR, LocalPostgres, PasswordSetter, TEST_HOST};
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use postgres::{LocalPostgres, PasswordSetter};
 
 /// Why the test bed could not do what was asked.
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 #[derive(Debug)]
 pub struct TestBedError {
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
+#[cfg(feature = "testing")]
 impl TestBedError {
     pub(crate) fn new(
         message: impl Into<String>,
@@ -66,6 +86,7 @@ impl TestBedError {
     }
 }
 
+#[cfg(feature = "testing")]
 impl fmt::Display for TestBedError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.source {
@@ -75,30 +96,35 @@ impl fmt::Display for TestBedError {
     }
 }
 
+#[cfg(feature = "testing")]
 impl std::error::Error for TestBedError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source.as_deref().map(|s| s as _)
     }
 }
 
+#[cfg(feature = "testing")]
 impl From<std::io::Error> for TestBedError {
     fn from(error: std::io::Error) -> Self {
         Self::new("I/O error", error)
     }
 }
 
+#[cfg(feature = "testing")]
 impl From<openssl::error::ErrorStack> for TestBedError {
     fn from(error: openssl::error::ErrorStack) -> Self {
         Self::new("certificate generation failed", error)
     }
 }
 
+#[cfg(feature = "testing")]
 impl From<tokio_postgres::Error> for TestBedError {
     fn from(error: tokio_postgres::Error) -> Self {
         Self::new("test PostgreSQL error", error)
     }
 }
 
+#[cfg(feature = "testing")]
 impl From<crate::Error> for TestBedError {
     fn from(error: crate::Error) -> Self {
         Self::new("pg-entra error", error)

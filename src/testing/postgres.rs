@@ -18,9 +18,9 @@ use crate::connector::{Connector, ConnectorBuilder};
 use crate::environment::Environment;
 
 /// Overrides where the PostgreSQL server binaries are looked for.
-pub const BINDIR_VAR: &str = "PG_ENTRA_PG_BINDIR";
+pub(crate) const BINDIR_VAR: &str = "PG_ENTRA_PG_BINDIR";
 /// The host name the test server's certificate is for and clients connect to.
-pub const TEST_HOST: &str = "localhost";
+pub(crate) const TEST_HOST: &str = "localhost";
 const SUPERUSER: &str = "postgres";
 /// The OS account that runs the server when the tests run as root (initdb refuses root).
 const SERVER_ACCOUNT: &str = "postgres";

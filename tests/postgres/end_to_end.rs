@@ -135,9 +135,9 @@ impl pg_entra::TokenCredential for StaticCredential {
     async fn get_token(
         &self,
         _: &[&str],
-        _: Option<pg_entra::TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<pg_entra::AccessToken> {
-        Ok(pg_entra::AccessToken::new(
+        _: Option<pg_entra::credential::TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<pg_entra::credential::AccessToken> {
+        Ok(pg_entra::credential::AccessToken::new(
             self.0.clone(),
             azure_core::time::OffsetDateTime::now_utc() + std::time::Duration::from_secs(3600),
         ))

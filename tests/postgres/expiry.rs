@@ -34,7 +34,7 @@ async fn postgres_rejects_an_expired_token() {
     let connector = bed.connector_builder().build().unwrap();
     let token = bed
         .credential()
-        .get_token(&[pg_entra::PUBLIC_SCOPE], None)
+        .get_token(&[pg_entra::Cloud::Public.scope()], None)
         .await
         .unwrap();
     let secret = token.token.secret();

@@ -10,6 +10,13 @@ mod soak;
 mod timeouts;
 mod tls;
 
+/// Says, in every test run, that the pool and soak tests were not built, rather than skipping
+/// them silently.
+#[cfg(not(all(feature = "deadpool", feature = "bb8")))]
+#[test]
+#[ignore = "the pool and soak tests need --features deadpool,bb8 (or --all-features)"]
+fn pool_and_soak_tests_need_the_deadpool_and_bb8_features() {}
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 

@@ -6,9 +6,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_entra::bb8::RunError;
-use pg_entra::deadpool::Runtime;
-use pg_entra::deadpool::managed::{Object, Pool, PoolError, TimeoutType};
+use pg_entra::pool::bb8::RunError;
+use pg_entra::pool::deadpool::Runtime;
+use pg_entra::pool::deadpool::managed::{Object, Pool, PoolError, TimeoutType};
 use pg_entra::pool::{Bb8Manager, DeadpoolManager, DeadpoolPool, RecyclingMethod};
 use pg_entra::testing::{ManualClock, Reply, TestBed};
 use pg_entra::{Connector, Error, TokenCache};
@@ -117,7 +117,7 @@ async fn deadpool_serves_a_workload_across_two_token_rotations() {
 async fn bb8_serves_a_workload_across_two_token_rotations() {
     let bed = rotating_bed().await;
     let connector = bed.connector_builder().build().unwrap();
-    let pool = pg_entra::bb8::Pool::builder()
+    let pool = pg_entra::pool::bb8::Pool::builder()
         .max_size(8)
         .max_lifetime(Some(Duration::from_millis(300)))
         .reaper_rate(Duration::from_millis(100))
@@ -283,7 +283,7 @@ async fn deadpool_exhaustion_and_failed_connects_are_typed_errors() {
             .build()
             .unwrap()
             .deadpool_pool(0),
-        Err(Error::Config { .. })
+        Err(Error::Config(_))
     ));
 }
 
@@ -291,7 +291,7 @@ async fn deadpool_exhaustion_and_failed_connects_are_typed_errors() {
 async fn bb8_exhaustion_and_failed_connects_are_typed_errors() {
     let bed = bed().await;
     let connector = bed.connector_builder().build().unwrap();
-    let pool = pg_entra::bb8::Pool::builder()
+    let pool = pg_entra::pool::bb8::Pool::builder()
         .max_size(1)
         .connection_timeout(Duration::from_millis(200))
         .build(Bb8Manager::new(connector.clone()))
@@ -308,5 +308,5 @@ async fn bb8_exhaustion_and_failed_connects_are_typed_errors() {
     let pool = unreachable.bb8_pool(2).unwrap();
     let error = pool.dedicated_connection().await.unwrap_err();
     assert!(matches!(error, Error::Postgres { .. }), "{error:?}");
-    assert!(matches!(connector.bb8_pool(0), Err(Error::Config { .. })));
+    assert!(matches!(connector.bb8_pool(0), Err(Error::Config(_))));
 }

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pg_entra::Error;
-use pg_entra::deadpool::Runtime;
-use pg_entra::deadpool::managed::{Pool, PoolError};
+use pg_entra::pool::deadpool::Runtime;
+use pg_entra::pool::deadpool::managed::{Pool, PoolError};
 use pg_entra::pool::{Bb8Manager, DeadpoolManager, DeadpoolPool};
 use pg_entra::testing::{Reply, TestBed};
 use time::OffsetDateTime;
@@ -153,7 +153,7 @@ async fn run(duration: Duration) -> (Report, HashSet<String>) {
     .create_timeout(Some(Duration::from_secs(10)))
     .build()
     .unwrap();
-    let bb8 = pg_entra::bb8::Pool::builder()
+    let bb8 = pg_entra::pool::bb8::Pool::builder()
         .max_size(POOL_SIZE)
         .max_lifetime(Some(Duration::from_millis(500)))
         .reaper_rate(Duration::from_millis(100))
@@ -185,10 +185,10 @@ async fn run(duration: Duration) -> (Report, HashSet<String>) {
                 let started = Instant::now();
                 let failure = match pool.get().await {
                     Ok(client) => query(&client).await,
-                    Err(pg_entra::bb8::RunError::User(error)) => {
+                    Err(pg_entra::pool::bb8::RunError::User(error)) => {
                         Some(format!("bb8: {}", kind(&error)))
                     }
-                    Err(pg_entra::bb8::RunError::TimedOut) => Some("bb8: timed out".into()),
+                    Err(pg_entra::pool::bb8::RunError::TimedOut) => Some("bb8: timed out".into()),
                 };
                 record(&seen, started, failure);
                 tokio::time::sleep(Duration::from_millis(5)).await;

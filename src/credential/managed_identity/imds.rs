@@ -4,34 +4,11 @@ use std::fmt;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 
-use super::managed_identity::{ManagedIdentityCredential, ManagedIdentityCredentialBuilder};
+use super::id::ManagedIdentityId;
 use super::retry::RetryOptions;
-use crate::environment::Environment;
+use super::{ManagedIdentityCredential, ManagedIdentityCredentialBuilder};
+use crate::credential::CredentialOptions;
 use crate::error::Error;
-
-/// Where IMDS lives on every Azure VM.
-pub const IMDS_AUTHORITY_HOST: &str = "http://169.254.169.254";
-/// The token path on IMDS (and on a replacement authority host).
-pub(crate) const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
-/// Replaces [`IMDS_AUTHORITY_HOST`], as in the other Azure SDKs.
-pub const POD_IDENTITY_AUTHORITY_HOST_VAR: &str = "AZURE_POD_IDENTITY_AUTHORITY_HOST";
-/// Selects a user-assigned identity by client id when nothing else is chosen.
-pub const CLIENT_ID_VAR: &str = "AZURE_CLIENT_ID";
-
-/// Which managed identity to get a token for.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum ManagedIdentityId {
-    /// The resource's own (system-assigned) identity.
-    #[default]
-    SystemAssigned,
-    /// A user-assigned identity by its client (application) id.
-    ClientId(String),
-    /// A user-assigned identity by its object (principal) id.
-    ObjectId(String),
-    /// A user-assigned identity by its Azure resource id.
-    ResourceId(String),
-}
 
 /// A token credential for the managed identity of an Azure VM or scale set, through IMDS.
 ///
@@ -42,11 +19,12 @@ pub enum ManagedIdentityId {
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use pg_entra::{ImdsCredential, TokenCredential, PUBLIC_SCOPE};
+/// use pg_entra::credential::ImdsCredential;
+/// use pg_entra::{Cloud, TokenCredential};
 ///
 /// // System-assigned, or the client id in AZURE_CLIENT_ID.
 /// let credential = ImdsCredential::from_env()?;
-/// let token = credential.get_token(&[PUBLIC_SCOPE], None).await?;
+/// let token = credential.get_token(&[Cloud::Public.scope()], None).await?;
 /// # Ok(()) }
 /// ```
 pub struct ImdsCredential {
@@ -113,7 +91,7 @@ impl ImdsCredentialBuilder {
 
     /// Where IMDS is, as a base URL such as `http://127.0.0.1:8080`; the token path is
     /// appended. Without this, `AZURE_POD_IDENTITY_AUTHORITY_HOST` if set, else
-    /// [`IMDS_AUTHORITY_HOST`].
+    /// `http://169.254.169.254`.
     pub fn authority_host(mut self, url: impl Into<String>) -> Self {
         self.inner = self.inner.imds_authority_host(url);
         self
@@ -127,8 +105,8 @@ impl ImdsCredentialBuilder {
 
     /// Where to read `AZURE_CLIENT_ID` and `AZURE_POD_IDENTITY_AUTHORITY_HOST` (default: the
     /// process environment).
-    pub fn environment(mut self, environment: Environment) -> Self {
-        self.inner = self.inner.environment(environment);
+    pub fn options(mut self, options: impl Into<CredentialOptions>) -> Self {
+        self.inner = self.inner.options(options);
         self
     }
 
@@ -144,7 +122,13 @@ impl ImdsCredentialBuilder {
 mod tests {
     use super::*;
 
-    use crate::credential::source::imds_token_url as token_url;
+    use super::super::source::imds_token_url as token_url;
+    use crate::credential::vars::{CLIENT_ID_VAR, POD_IDENTITY_AUTHORITY_HOST_VAR};
+    use crate::environment::Environment;
+
+    fn options(vars: &[(&str, &str)]) -> CredentialOptions {
+        CredentialOptions::default().environment(Environment::from_vars(vars.iter().copied()))
+    }
 
     #[test]
     fn token_url_appends_the_imds_path() {
@@ -163,7 +147,7 @@ mod tests {
     #[test]
     fn environment_selects_client_id_and_authority() {
         let credential = ImdsCredential::builder()
-            .environment(Environment::from_vars([
+            .options(options(&[
                 (CLIENT_ID_VAR, "11111111-2222-3333-4444-555555555555"),
                 (POD_IDENTITY_AUTHORITY_HOST_VAR, "http://127.0.0.1:9"),
             ]))
@@ -185,7 +169,7 @@ mod tests {
     #[test]
     fn explicit_identity_beats_environment() {
         let credential = ImdsCredential::builder()
-            .environment(Environment::from_vars([(CLIENT_ID_VAR, "from-env")]))
+            .options(options(&[(CLIENT_ID_VAR, "from-env")]))
             .identity(ManagedIdentityId::ResourceId("/subscriptions/x/id".into()))
             .build()
             .unwrap();
@@ -196,7 +180,7 @@ mod tests {
             "{url}"
         );
         let system = ImdsCredential::builder()
-            .environment(Environment::from_vars([(CLIENT_ID_VAR, "from-env")]))
+            .options(options(&[(CLIENT_ID_VAR, "from-env")]))
             .identity(ManagedIdentityId::SystemAssigned)
             .build()
             .unwrap();
@@ -206,10 +190,7 @@ mod tests {
     #[test]
     fn bad_authority_is_a_configuration_error() {
         let err = ImdsCredential::builder()
-            .environment(Environment::from_vars([(
-                POD_IDENTITY_AUTHORITY_HOST_VAR,
-                "not a url",
-            )]))
+            .options(options(&[(POD_IDENTITY_AUTHORITY_HOST_VAR, "not a url")]))
             .build()
             .unwrap_err();
         assert!(

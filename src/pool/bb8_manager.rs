@@ -34,7 +34,7 @@ pub type Bb8PooledConnection<'a> = PooledConnection<'a, Bb8Manager>;
 /// use pg_entra::pool::Bb8Manager;
 ///
 /// let manager = Bb8Manager::new(pg_entra::Connector::from_env()?);
-/// let pool = pg_entra::bb8::Pool::builder()
+/// let pool = pg_entra::pool::bb8::Pool::builder()
 ///     .max_size(16)
 ///     .max_lifetime(Some(std::time::Duration::from_secs(1800)))
 ///     .build(manager)
@@ -106,7 +106,8 @@ impl Connector {
     #[cfg_attr(docsrs, doc(cfg(feature = "bb8")))]
     pub fn bb8_pool(&self, max_size: u32) -> Result<Bb8Pool, Error> {
         if max_size == 0 {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "max_size",
                 "a pool needs room for at least one connection",
             ));
         }

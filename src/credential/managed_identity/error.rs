@@ -5,8 +5,10 @@ use std::time::Duration;
 /// A managed identity endpoint's failure, in words that say what to do.
 ///
 /// Carried inside the `azure_core::Error` that [`TokenCredential::get_token`] returns; reach it
-/// with `error.downcast_ref::<ManagedIdentityError>()`. Never contains a token or a response
-/// body.
+/// with `error.downcast_ref::<ManagedIdentityError>()`. When the endpoint answered with a
+/// status, that error's kind is `HttpResponse` with the status, as for any Azure SDK
+/// credential, so callers (and this crate's [`Error`](crate::Error)) tell a refusal from an
+/// outage without knowing this type. Never contains a token or a response body.
 ///
 /// [`TokenCredential::get_token`]: azure_core::credentials::TokenCredential::get_token
 #[derive(Debug, Clone, thiserror::Error)]
@@ -108,22 +110,12 @@ pub enum ManagedIdentityError {
         /// The first words of the answer (markup dropped, anything token-shaped redacted).
         excerpt: Option<String>,
     },
-
-    /// A managed identity token is for exactly one resource.
-    #[error("a managed identity token is requested for exactly one scope; {count} were given")]
-    ScopeCount {
-        /// Scopes given.
-        count: usize,
-    },
 }
 
 impl ManagedIdentityError {
     /// True when the endpoint answered and said no (as opposed to not answering usefully).
     pub fn is_rejection(&self) -> bool {
-        matches!(
-            self,
-            ManagedIdentityError::Refused { .. } | ManagedIdentityError::ScopeCount { .. }
-        )
+        matches!(self, ManagedIdentityError::Refused { .. })
     }
 
     /// The last HTTP status the endpoint answered with, if it answered.
@@ -133,6 +125,22 @@ impl ManagedIdentityError {
             | ManagedIdentityError::Failing { status, .. } => Some(*status),
             _ => None,
         }
+    }
+}
+
+impl ManagedIdentityError {
+    /// As the `azure_core` error a credential returns: kind `HttpResponse` with the last status
+    /// when the endpoint answered with one, else `Credential`.
+    pub(crate) fn into_azure(self) -> azure_core::Error {
+        let kind = match self.status().map(azure_core::http::StatusCode::from) {
+            Some(status) => azure_core::error::ErrorKind::HttpResponse {
+                status,
+                error_code: None,
+                raw_response: None,
+            },
+            None => azure_core::error::ErrorKind::Credential,
+        };
+        azure_core::Error::new(kind, self)
     }
 }
 

@@ -5,21 +5,18 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::AsyncReadExt as _;
 
-use super::imds::{IMDS_TOKEN_PATH, ManagedIdentityId};
+use super::id::ManagedIdentityId;
+use crate::credential::vars::{
+    IDENTITY_ENDPOINT_VAR, IDENTITY_HEADER_VAR, IDENTITY_SERVER_THUMBPRINT_VAR, IMDS_ENDPOINT_VAR,
+    MSI_ENDPOINT_VAR, MSI_SECRET_VAR,
+};
 use crate::environment::Environment;
 use crate::error::Error;
 
-/// App Service, Functions, Container Apps (and Arc, with `IMDS_ENDPOINT`).
-pub const IDENTITY_ENDPOINT_VAR: &str = "IDENTITY_ENDPOINT";
-/// App Service's shared secret, sent as `X-IDENTITY-HEADER`.
-pub const IDENTITY_HEADER_VAR: &str = "IDENTITY_HEADER";
-/// Present (with `IDENTITY_ENDPOINT`) on Azure Arc machines.
-pub const IMDS_ENDPOINT_VAR: &str = "IMDS_ENDPOINT";
-/// Cloud Shell, or the legacy App Service protocol (with `MSI_SECRET`).
-pub const MSI_ENDPOINT_VAR: &str = "MSI_ENDPOINT";
-/// The legacy App Service protocol's secret, sent as `secret`.
-pub const MSI_SECRET_VAR: &str = "MSI_SECRET";
-const IDENTITY_SERVER_THUMBPRINT_VAR: &str = "IDENTITY_SERVER_THUMBPRINT";
+/// Where IMDS lives on every Azure VM.
+pub(super) const IMDS_AUTHORITY_HOST: &str = "http://169.254.169.254";
+/// The token path on IMDS (and on a replacement authority host).
+const IMDS_TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 
 /// Where the Azure Connected Machine agent writes its challenge keys.
 #[cfg(windows)]
@@ -55,17 +52,19 @@ impl Source {
         imds_url: reqwest::Url,
         arc_key_directory: Option<PathBuf>,
     ) -> Result<Self, Error> {
-        let url = |name: &str, value: String| {
+        let url = |name: &'static str, value: String| {
             reqwest::Url::parse(&value).map_err(|e| {
-                Error::config(format!(
-                    "{name} is not a URL ({e}); it must look like http://host:port/path"
-                ))
+                Error::invalid(
+                    name,
+                    format!("{name} is not a URL ({e}); it must look like http://host:port/path"),
+                )
             })
         };
         let endpoint = environment.var(IDENTITY_ENDPOINT_VAR);
         if let (Some(endpoint), Some(secret)) = (&endpoint, environment.var(IDENTITY_HEADER_VAR)) {
             if environment.var(IDENTITY_SERVER_THUMBPRINT_VAR).is_some() {
-                return Err(Error::config(
+                return Err(Error::unsupported(
+                    IDENTITY_SERVER_THUMBPRINT_VAR,
                     "Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT is set) is not \
                      supported; use another credential",
                 ));
@@ -135,10 +134,13 @@ impl Source {
             _ => None,
         };
         match unsupported {
-            Some(what) => Err(Error::config(format!(
-                "the {} managed identity endpoint supports {what}; {identity:?} cannot be used there",
-                self.name()
-            ))),
+            Some(what) => Err(Error::unsupported(
+                "identity",
+                format!(
+                    "the {} managed identity endpoint supports {what}; {identity:?} cannot be used there",
+                    self.name()
+                ),
+            )),
             None => Ok(()),
         }
     }

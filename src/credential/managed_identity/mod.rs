@@ -1,24 +1,33 @@
 //! The managed identity of whatever Azure host the process runs on: App Service / Functions /
 //! Container Apps, Azure Arc, Cloud Shell, the legacy App Service protocol, or IMDS on a VM.
 
+mod error;
+mod id;
+mod imds;
+mod retry;
+mod source;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
-use azure_core::error::ErrorKind;
 use tokio::time::Instant;
 
+pub use error::ManagedIdentityError;
+pub use id::ManagedIdentityId;
+pub use imds::{ImdsCredential, ImdsCredentialBuilder};
+pub use retry::RetryOptions;
+
+use retry::{AttemptFailure, RetryState, parse_retry_after};
+use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
+
 use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
-use super::imds::{
-    CLIENT_ID_VAR, IMDS_AUTHORITY_HOST, ManagedIdentityId, POD_IDENTITY_AUTHORITY_HOST_VAR,
-};
-use super::managed_identity_error::ManagedIdentityError;
-use super::retry::{AttemptFailure, RetryOptions, RetryState, parse_retry_after};
-use super::source::{Source, imds_token_url};
+use super::options::CredentialOptions;
+use super::scope::only_scope;
 use super::token_response::{ErrorBody, looks_like_imds, parse_token_response};
+use super::vars::{CLIENT_ID_VAR, POD_IDENTITY_AUTHORITY_HOST_VAR};
 use crate::cloud::resource_for_scope;
-use crate::environment::Environment;
 use crate::error::Error;
 use crate::jitter::unit_random;
 
@@ -31,17 +40,18 @@ const LONGEST_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` → App Service (also Functions and Container Apps);
 /// `IDENTITY_ENDPOINT` + `IMDS_ENDPOINT` → Azure Arc (answering the agent's key challenge);
 /// `MSI_ENDPOINT` + `MSI_SECRET` → the legacy App Service protocol; `MSI_ENDPOINT` alone →
-/// Cloud Shell; otherwise IMDS, as [`ImdsCredential`](crate::ImdsCredential). Every source gets
+/// Cloud Shell; otherwise IMDS, as [`ImdsCredential`]. Every source gets
 /// the same retry policy and deadline ([`RetryOptions`]). It does not cache: wrap it in a
 /// [`TokenCache`](crate::TokenCache) (the [`Connector`](crate::Connector) does).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use pg_entra::{ManagedIdentityCredential, TokenCredential, PUBLIC_SCOPE};
+/// use pg_entra::credential::ManagedIdentityCredential;
+/// use pg_entra::{Cloud, TokenCredential};
 ///
 /// let credential = ManagedIdentityCredential::from_env()?;
 /// println!("managed identity source: {}", credential.source_name());
-/// let token = credential.get_token(&[PUBLIC_SCOPE], None).await?;
+/// let token = credential.get_token(&[Cloud::Public.scope()], None).await?;
 /// # Ok(()) }
 /// ```
 pub struct ManagedIdentityCredential {
@@ -344,17 +354,10 @@ impl TokenCredential for ManagedIdentityCredential {
         scopes: &[&str],
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        let [scope] = scopes else {
-            return Err(azure_core::Error::new(
-                ErrorKind::Credential,
-                ManagedIdentityError::ScopeCount {
-                    count: scopes.len(),
-                },
-            ));
-        };
+        let scope = only_scope("ManagedIdentityCredential", scopes)?;
         self.fetch(resource_for_scope(scope))
             .await
-            .map_err(|e| azure_core::Error::new(ErrorKind::Credential, e))
+            .map_err(ManagedIdentityError::into_azure)
     }
 }
 
@@ -376,7 +379,7 @@ pub struct ManagedIdentityCredentialBuilder {
     imds_authority_host: Option<String>,
     arc_key_directory: Option<PathBuf>,
     retry: RetryOptions,
-    environment: Environment,
+    options: CredentialOptions,
     imds_only: bool,
 }
 
@@ -388,7 +391,7 @@ impl ManagedIdentityCredentialBuilder {
     }
 
     /// Where IMDS is, when IMDS is the source (see
-    /// [`ImdsCredentialBuilder::authority_host`](crate::ImdsCredentialBuilder::authority_host)).
+    /// [`ImdsCredentialBuilder::authority_host`]).
     pub fn imds_authority_host(mut self, url: impl Into<String>) -> Self {
         self.imds_authority_host = Some(url.into());
         self
@@ -408,9 +411,10 @@ impl ManagedIdentityCredentialBuilder {
         self
     }
 
-    /// Where to read the variables (default: the process environment).
-    pub fn environment(mut self, environment: Environment) -> Self {
-        self.environment = environment;
+    /// Where to read the variables (default: the process environment). The cloud does not
+    /// matter here: each host's endpoint is local.
+    pub fn options(mut self, options: impl Into<CredentialOptions>) -> Self {
+        self.options = options.into();
         self
     }
 
@@ -422,30 +426,30 @@ impl ManagedIdentityCredentialBuilder {
 
     /// Chooses the source, checks the settings and builds the credential.
     pub fn build(self) -> Result<ManagedIdentityCredential, Error> {
+        let environment = &self.options.environment;
         let identity = match self.identity {
             Some(identity) => identity,
-            None => self
-                .environment
+            None => environment
                 .var(CLIENT_ID_VAR)
                 .map(ManagedIdentityId::ClientId)
                 .unwrap_or_default(),
         };
         let (authority, origin) = match self.imds_authority_host {
-            Some(url) => (url, "the authority host"),
-            None => match self.environment.var(POD_IDENTITY_AUTHORITY_HOST_VAR) {
+            Some(url) => (url, "imds_authority_host"),
+            None => match environment.var(POD_IDENTITY_AUTHORITY_HOST_VAR) {
                 Some(url) => (url, POD_IDENTITY_AUTHORITY_HOST_VAR),
-                None => (IMDS_AUTHORITY_HOST.to_owned(), "the IMDS address"),
+                None => (IMDS_AUTHORITY_HOST.to_owned(), "imds_authority_host"),
             },
         };
         let imds_url = imds_token_url(&authority).map_err(|problem| {
-            Error::config(format!(
+            Error::invalid(origin, format!(
                 "{origin} {authority:?} is not a usable base URL ({problem}); give one like http://169.254.169.254"
             ))
         })?;
         let source = if self.imds_only {
             Source::Imds { url: imds_url }
         } else {
-            Source::detect(&self.environment, imds_url, self.arc_key_directory)?
+            Source::detect(environment, imds_url, self.arc_key_directory)?
         };
         source.check_identity(&identity)?;
         let http = super::http::client(Destination::HostLocal)?;

@@ -31,7 +31,7 @@ pub type DeadpoolError = PoolError<Error>;
 ///     .recycling_method(RecyclingMethod::Verified);
 /// let pool = DeadpoolPool::builder(manager)
 ///     .max_size(16)
-///     .runtime(pg_entra::deadpool::Runtime::Tokio1)
+///     .runtime(pg_entra::pool::deadpool::Runtime::Tokio1)
 ///     .wait_timeout(Some(std::time::Duration::from_secs(5)))
 ///     .build()?;
 /// let client = pool.get().await?;
@@ -113,7 +113,8 @@ impl Connector {
     #[cfg_attr(docsrs, doc(cfg(feature = "deadpool")))]
     pub fn deadpool_pool(&self, max_size: usize) -> Result<DeadpoolPool, Error> {
         if max_size == 0 {
-            return Err(Error::config(
+            return Err(Error::invalid(
+                "max_size",
                 "a pool needs room for at least one connection",
             ));
         }
@@ -124,6 +125,8 @@ impl Connector {
             .wait_timeout(Some(DEFAULT_POOL_TIMEOUT))
             .create_timeout(Some(DEFAULT_POOL_TIMEOUT))
             .build()
-            .map_err(|error| Error::config(format!("cannot build the deadpool pool: {error}")))
+            .map_err(|error| {
+                Error::invalid("pool", format!("cannot build the deadpool pool: {error}"))
+            })
     }
 }

@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use pg_entra::credential::{
+    AzureCliCredential, AzureDeveloperCliCredential, CredentialUnavailable, EnvironmentCredential,
+    WorkloadIdentityCredential,
+};
 use pg_entra::testing::{IdentityEndpoint, Principal};
 use pg_entra::{
-    AzureCliCredential, AzureDeveloperCliCredential, Connector, CredentialUnavailable,
-    DefaultAzureCredential, Environment, EnvironmentCredential, Error, PUBLIC_SCOPE, Token,
-    TokenCredential, WorkloadIdentityCredential,
+    Cloud, Connector, DefaultAzureCredential, Environment, Error, Token, TokenCredential,
 };
 
 const LOGIN_ERROR: &str = "ERROR: Please run 'az login' to setup account.";
@@ -107,7 +109,7 @@ fn is_unavailable(error: &azure_core::Error) -> bool {
 
 async fn token_from(credential: &dyn TokenCredential) -> azure_core::Result<Token> {
     credential
-        .get_token(&[PUBLIC_SCOPE], None)
+        .get_token(&[Cloud::Public.scope()], None)
         .await
         .map(Token::from)
 }
@@ -117,7 +119,10 @@ async fn azure_cli_token_scope_and_user_name() {
     let tools = FakeTools::new();
     tools.az_logged_in("alice@contoso.com");
     let env = Environment::from_vars([("PATH", tools.path())]);
-    let az = AzureCliCredential::builder().environment(&env).build();
+    let az = AzureCliCredential::builder()
+        .options(env.clone())
+        .build()
+        .unwrap();
     let token = token_from(&az).await.unwrap();
     assert_eq!(token.username(), Some("alice@contoso.com"));
     let args = std::fs::read_to_string(tools.args_file("az")).unwrap();
@@ -133,9 +138,10 @@ async fn azure_developer_cli_token() {
     tools.azd_logged_in("bob@contoso.com");
     let env = Environment::from_vars([("PATH", tools.path())]);
     let azd = AzureDeveloperCliCredential::builder()
-        .environment(&env)
+        .options(env.clone())
         .tenant("contoso.onmicrosoft.com")
-        .build();
+        .build()
+        .unwrap();
     assert_eq!(
         token_from(&azd).await.unwrap().username(),
         Some("bob@contoso.com")
@@ -155,16 +161,22 @@ async fn cli_failures_are_unavailable_and_say_what_the_cli_said() {
     tools.add("azd", "sleep 30");
     let env = Environment::from_vars([("PATH", tools.path())]);
 
-    let error = token_from(&AzureCliCredential::builder().environment(&env).build())
-        .await
-        .unwrap_err();
+    let error = token_from(
+        &AzureCliCredential::builder()
+            .options(env.clone())
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap_err();
     assert!(is_unavailable(&error));
     assert!(error.to_string().contains(LOGIN_ERROR), "{error}");
 
     let hung = AzureDeveloperCliCredential::builder()
-        .environment(&env)
+        .options(env.clone())
         .timeout(Duration::from_millis(300))
-        .build();
+        .build()
+        .unwrap();
     let error = token_from(&hung).await.unwrap_err();
     assert!(is_unavailable(&error));
     assert!(
@@ -173,9 +185,14 @@ async fn cli_failures_are_unavailable_and_say_what_the_cli_said() {
     );
 
     let missing = Environment::from_vars([("PATH", "/nonexistent")]);
-    let error = token_from(&AzureCliCredential::builder().environment(&missing).build())
-        .await
-        .unwrap_err();
+    let error = token_from(
+        &AzureCliCredential::builder()
+            .options(missing.clone())
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap_err();
     assert!(is_unavailable(&error));
     assert!(error.to_string().contains("not installed"), "{error}");
 }
@@ -214,19 +231,24 @@ async fn service_principal_with_a_secret() {
         &app,
         endpoint.client_secret(),
     ));
-    let credential =
-        EnvironmentCredential::from_environment(&env, pg_entra::Cloud::Public).unwrap();
+    let credential = EnvironmentCredential::builder()
+        .options(env.clone())
+        .build()
+        .unwrap();
     assert!(!format!("{credential:?}").contains(endpoint.client_secret()));
     let token = token_from(&credential).await.unwrap();
     // Service principal tokens name nobody: PostgreSQL's user must be given.
     assert_eq!(token.username(), None);
     let request = &endpoint.recorded()[0];
     assert_eq!(request.path, "/contoso.onmicrosoft.com/oauth2/v2.0/token");
-    assert_eq!(request.param("scope"), Some(PUBLIC_SCOPE));
+    assert_eq!(request.param("scope"), Some(Cloud::Public.scope()));
 
     let wrong = Environment::from_vars(service_principal_vars(&endpoint, &app, "wrong-secret"));
     let error = token_from(
-        &EnvironmentCredential::from_environment(&wrong, pg_entra::Cloud::Public).unwrap(),
+        &EnvironmentCredential::builder()
+            .options(wrong.clone())
+            .build()
+            .unwrap(),
     )
     .await
     .unwrap_err();
@@ -237,9 +259,10 @@ async fn service_principal_with_a_secret() {
     assert!(error.to_string().contains("AADSTS7000215"), "{error}");
     assert!(!error.to_string().contains("wrong-secret"), "{error}");
 
-    let unconfigured =
-        EnvironmentCredential::from_environment(&Environment::empty(), pg_entra::Cloud::Public)
-            .unwrap();
+    let unconfigured = EnvironmentCredential::builder()
+        .options(Environment::empty().clone())
+        .build()
+        .unwrap();
     assert!(!unconfigured.is_configured());
     let error = token_from(&unconfigured).await.unwrap_err();
     assert!(is_unavailable(&error));
@@ -258,8 +281,10 @@ async fn workload_identity_rereads_the_rotating_token_file() {
         ("AZURE_FEDERATED_TOKEN_FILE", file.display().to_string()),
         ("AZURE_AUTHORITY_HOST", endpoint.authority_host()),
     ]);
-    let credential =
-        WorkloadIdentityCredential::from_environment(&env, pg_entra::Cloud::Public).unwrap();
+    let credential = WorkloadIdentityCredential::builder()
+        .options(env.clone())
+        .build()
+        .unwrap();
     assert_eq!(
         token_from(&credential).await.unwrap().username(),
         Some(uami.name())
@@ -289,7 +314,7 @@ fn closed_port() -> String {
 
 fn chain(vars: Vec<(&'static str, String)>) -> Result<DefaultAzureCredential, Error> {
     DefaultAzureCredential::builder()
-        .environment(Environment::from_vars(vars))
+        .options(Environment::from_vars(vars))
         .imds_probe_timeout(Duration::from_millis(300))
         .cli_timeout(Duration::from_secs(5))
         .build()
@@ -426,7 +451,7 @@ async fn token_credentials_selects_members() {
 
     assert!(matches!(
         with("VisualStudioCodeCredential"),
-        Err(Error::Config { .. })
+        Err(Error::Config(_))
     ));
     // The connector refuses it when it is built, too.
     let error = Connector::builder()
@@ -481,10 +506,7 @@ async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
         .await
         .unwrap()
         .unwrap_err();
-    assert!(
-        matches!(error, Error::CredentialUnavailable { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, Error::TokenUnavailable { .. }), "{error:?}");
 }
 
 #[tokio::test]
@@ -553,8 +575,11 @@ async fn service_principal_with_a_certificate_pem_or_pkcs12() {
         }
         Environment::from_vars(vars)
     };
-    let build =
-        |env: &Environment| EnvironmentCredential::from_environment(env, pg_entra::Cloud::Public);
+    let build = |env: &Environment| {
+        EnvironmentCredential::builder()
+            .options(env.clone())
+            .build()
+    };
 
     for env in [vars(&pem, None), vars(&pfx, Some("pfx-password"))] {
         let credential = build(&env).unwrap();
@@ -572,7 +597,7 @@ async fn service_principal_with_a_certificate_pem_or_pkcs12() {
     }
     // A wrong password is a configuration error when the credential is built.
     let error = build(&vars(&pfx, Some("wrong"))).unwrap_err();
-    assert!(matches!(error, Error::Config { .. }), "{error:?}");
+    assert!(matches!(error, Error::Config(_)), "{error:?}");
     assert!(!error.to_string().contains("wrong"), "{error}");
 
     // A certificate Entra does not know for this app is refused.
@@ -604,26 +629,23 @@ async fn a_refusal_inside_the_chain_stays_a_rejection_through_the_connector() {
         .build()
         .unwrap();
     let error = connector.config().await.unwrap_err();
-    assert!(
-        matches!(error, Error::CredentialRejected { .. }),
-        "{error:?}"
-    );
+    assert!(matches!(error, Error::TokenRefused { .. }), "{error:?}");
     assert!(!format!("{error:?}").contains("not-the-secret"));
 }
 
 /// The chain as on an Azure VM: IMDS at `imds`, nothing else configured, test-speed retries.
 fn chain_on_a_vm(imds: &IdentityEndpoint, tools: &FakeTools) -> DefaultAzureCredential {
     DefaultAzureCredential::builder()
-        .environment(Environment::from_vars([
+        .options(Environment::from_vars([
             ("PATH", tools.path()),
             ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
         ]))
         // The real default: the probe must not be what decides these cases.
         .imds_probe_timeout(Duration::from_secs(1))
-        .managed_identity_retry(pg_entra::RetryOptions {
+        .managed_identity_retry(pg_entra::credential::RetryOptions {
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
-            ..pg_entra::RetryOptions::default()
+            ..pg_entra::credential::RetryOptions::default()
         })
         .cli_timeout(Duration::from_secs(5))
         .build()
@@ -769,7 +791,7 @@ async fn a_managed_identity_chosen_by_name_is_not_probed() {
     // Restarting: with a probe in the way this would read as "no IMDS here".
     imds.script([pg_entra::testing::Reply::status(410)]);
     let chain = DefaultAzureCredential::builder()
-        .environment(Environment::from_vars([
+        .options(Environment::from_vars([
             ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
             (
                 "AZURE_TOKEN_CREDENTIALS",
@@ -777,9 +799,9 @@ async fn a_managed_identity_chosen_by_name_is_not_probed() {
             ),
         ]))
         .imds_probe_timeout(Duration::from_millis(300))
-        .managed_identity_retry(pg_entra::RetryOptions {
+        .managed_identity_retry(pg_entra::credential::RetryOptions {
             initial_backoff: Duration::from_millis(20),
-            ..pg_entra::RetryOptions::default()
+            ..pg_entra::credential::RetryOptions::default()
         })
         .build()
         .unwrap();
@@ -797,7 +819,7 @@ async fn a_silent_entra_endpoint_times_out() {
     let mut vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
     vars.push(("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential".into()));
     let chain = DefaultAzureCredential::builder()
-        .environment(Environment::from_vars(vars))
+        .options(Environment::from_vars(vars))
         .entra_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
@@ -815,9 +837,10 @@ async fn entra_redirects_are_not_followed() {
         elsewhere.authority_host()
     ))]);
     let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
-    let credential =
-        EnvironmentCredential::from_environment(&Environment::from_vars(vars), Default::default())
-            .unwrap();
+    let credential = EnvironmentCredential::builder()
+        .options(Environment::from_vars(vars).clone())
+        .build()
+        .unwrap();
     let error = token_from(&credential).await.unwrap_err().to_string();
     assert!(error.contains("HTTP 307"), "{error}");
     assert!(error.contains("never followed"), "{error}");
@@ -831,7 +854,10 @@ async fn cli_output_is_read_with_a_cap() {
     // 200 KiB of output: more than any token answer.
     tools.add("az", "head -c 204800 /dev/zero | tr '\\0' 'a'");
     let env = Environment::from_vars([("PATH", tools.path())]);
-    let az = AzureCliCredential::builder().environment(&env).build();
+    let az = AzureCliCredential::builder()
+        .options(env.clone())
+        .build()
+        .unwrap();
     let error = token_from(&az).await.unwrap_err();
     assert!(is_unavailable(&error));
     assert!(error.to_string().contains("more than 64 KiB"), "{error}");
@@ -846,9 +872,10 @@ async fn an_authority_that_echoes_the_secret_does_not_put_it_in_the_error() {
         format!("bad request: client_secret={}", endpoint.client_secret()),
     )]);
     let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
-    let credential =
-        EnvironmentCredential::from_environment(&Environment::from_vars(vars), Default::default())
-            .unwrap();
+    let credential = EnvironmentCredential::builder()
+        .options(Environment::from_vars(vars).clone())
+        .build()
+        .unwrap();
     let error = token_from(&credential).await.unwrap_err();
     let text = format!("{error} {error:?}");
     assert!(text.contains("client_secret=<redacted>"), "{text}");

@@ -2,13 +2,15 @@
 
 use std::time::Duration;
 
+use crate::backoff;
+
 /// Default number of retries for transient failures (404, 408, 429, 5xx, timeouts, refused
 /// connections); 410 is governed by [`RetryOptions::gone_window`] instead.
 pub(crate) const DEFAULT_MAX_RETRIES: u32 = 5;
 /// Default first backoff; it doubles on every retry (about 1, 2, 4, 8, 16 s).
-pub(crate) const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_FIRST_RETRY_BACKOFF: Duration = Duration::from_secs(1);
 /// Default cap on one backoff.
-pub(crate) const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(16);
+pub(crate) const DEFAULT_MAX_RETRY_BACKOFF: Duration = Duration::from_secs(16);
 /// IMDS answers 410 while it restarts and promises to be back within 70 s.
 pub(crate) const DEFAULT_GONE_WINDOW: Duration = Duration::from_secs(70);
 /// Default limit on one HTTP attempt.
@@ -41,8 +43,8 @@ impl Default for RetryOptions {
     fn default() -> Self {
         Self {
             max_retries: DEFAULT_MAX_RETRIES,
-            initial_backoff: DEFAULT_INITIAL_BACKOFF,
-            max_backoff: DEFAULT_MAX_BACKOFF,
+            initial_backoff: DEFAULT_FIRST_RETRY_BACKOFF,
+            max_backoff: DEFAULT_MAX_RETRY_BACKOFF,
             gone_window: DEFAULT_GONE_WINDOW,
             attempt_timeout: DEFAULT_ATTEMPT_TIMEOUT,
             deadline: DEFAULT_DEADLINE,
@@ -100,15 +102,9 @@ impl RetryOptions {
         if !within_budget {
             return None;
         }
-        let exponent = state.total_retries.min(16);
-        let capped = self
-            .initial_backoff
-            .saturating_mul(1u32 << exponent)
-            .min(self.max_backoff);
-        // `mul_f64` panics past `Duration::MAX`; a backoff that large saturates instead.
-        let backoff =
-            Duration::try_from_secs_f64(capped.as_secs_f64() * state.jitter.clamp(0.8, 1.2))
-                .unwrap_or(Duration::MAX);
+        let capped =
+            backoff::exponential(self.initial_backoff, state.total_retries, self.max_backoff);
+        let backoff = backoff::scaled(capped, state.jitter.clamp(0.8, 1.2));
         Some(match state.retry_after {
             Some(after) => backoff.max(after),
             None => backoff,
@@ -196,7 +192,7 @@ mod tests {
         };
         assert_eq!(
             options.delay_before_retry(AttemptFailure::Status(410), gone(12, 69)),
-            Some(DEFAULT_MAX_BACKOFF)
+            Some(DEFAULT_MAX_RETRY_BACKOFF)
         );
         assert_eq!(
             options.delay_before_retry(AttemptFailure::Status(410), gone(3, 70)),

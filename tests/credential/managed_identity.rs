@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use pg_entra::testing::{IdentityEndpoint, Principal, Reply};
-use pg_entra::{
-    Environment, Error, ManagedIdentityCredential, ManagedIdentityError, ManagedIdentityId,
-    PUBLIC_SCOPE, RetryOptions, Token, TokenCredential,
+use pg_entra::credential::{
+    ManagedIdentityCredential, ManagedIdentityError, ManagedIdentityId, RetryOptions,
 };
+use pg_entra::testing::{IdentityEndpoint, Principal, Reply};
+use pg_entra::{Cloud, Environment, Error, Token, TokenCredential};
 
 async fn endpoint() -> (IdentityEndpoint, Principal, Principal) {
     let app = Principal::system_assigned("my-web-app");
@@ -28,7 +28,7 @@ fn credential(
     endpoint: &IdentityEndpoint,
 ) -> Result<ManagedIdentityCredential, Error> {
     let mut builder = ManagedIdentityCredential::builder()
-        .environment(Environment::from_vars(vars))
+        .options(Environment::from_vars(vars))
         .arc_key_directory(endpoint.arc_key_directory())
         .retry(RetryOptions {
             initial_backoff: Duration::from_millis(5),
@@ -49,7 +49,7 @@ fn app_service_vars(endpoint: &IdentityEndpoint) -> Vec<(&'static str, String)> 
 }
 
 /// The bed issues one-hour tokens; a legacy date parsed right gives back that hour.
-fn assert_lives_about_an_hour(token: &pg_entra::AccessToken) {
+fn assert_lives_about_an_hour(token: &pg_entra::credential::AccessToken) {
     let lifetime = token.expires_on - azure_core::time::OffsetDateTime::now_utc();
     assert!(
         lifetime > time::Duration::minutes(59) && lifetime <= time::Duration::hours(1),
@@ -58,7 +58,12 @@ fn assert_lives_about_an_hour(token: &pg_entra::AccessToken) {
 }
 
 async fn user_of(credential: &ManagedIdentityCredential) -> String {
-    let token = Token::from(credential.get_token(&[PUBLIC_SCOPE], None).await.unwrap());
+    let token = Token::from(
+        credential
+            .get_token(&[Cloud::Public.scope()], None)
+            .await
+            .unwrap(),
+    );
     token.username().unwrap().to_owned()
 }
 
@@ -115,7 +120,7 @@ async fn app_service_with_the_wrong_secret_is_refused_without_retries() {
     ];
     let error = credential(vars, None, &endpoint)
         .unwrap()
-        .get_token(&[PUBLIC_SCOPE], None)
+        .get_token(&[Cloud::Public.scope()], None)
         .await
         .unwrap_err();
     let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
@@ -149,12 +154,12 @@ async fn arc_answers_the_key_challenge() {
 
     // A challenge naming a file outside the agent's key folder is not answered.
     let elsewhere = ManagedIdentityCredential::builder()
-        .environment(Environment::from_vars(vars.clone()))
+        .options(Environment::from_vars(vars.clone()))
         .arc_key_directory(std::env::temp_dir())
         .build()
         .unwrap();
     let error = elsewhere
-        .get_token(&[PUBLIC_SCOPE], None)
+        .get_token(&[Cloud::Public.scope()], None)
         .await
         .unwrap_err();
     assert!(
@@ -170,7 +175,7 @@ async fn arc_answers_the_key_challenge() {
         &endpoint,
     )
     .unwrap_err();
-    assert!(matches!(error, Error::Config { .. }), "{error:?}");
+    assert!(matches!(error, Error::Config(_)), "{error:?}");
 }
 
 #[tokio::test]
@@ -210,7 +215,10 @@ async fn legacy_app_service_and_its_date_format() {
     )
     .unwrap();
     assert_eq!(legacy.source_name(), "App Service (2017-09-01)");
-    let token = legacy.get_token(&[PUBLIC_SCOPE], None).await.unwrap();
+    let token = legacy
+        .get_token(&[Cloud::Public.scope()], None)
+        .await
+        .unwrap();
     assert_lives_about_an_hour(&token);
     assert_eq!(Token::from(token).username(), Some(uami.name()));
     assert_eq!(
@@ -257,11 +265,11 @@ async fn detection_order_and_refusals() {
             ("IDENTITY_HEADER", "h".into()),
             ("IDENTITY_SERVER_THUMBPRINT", "t".into()),
         ]),
-        Err(Error::Config { .. })
+        Err(Error::Config(_))
     ));
     assert!(matches!(
         source(vec![("MSI_ENDPOINT", "not a url".into())]),
-        Err(Error::Config { .. })
+        Err(Error::Config(_))
     ));
     // A user-assigned identity by object id is not possible on the legacy protocol.
     assert!(matches!(
@@ -270,7 +278,7 @@ async fn detection_order_and_refusals() {
             Some(ManagedIdentityId::ObjectId("o".into())),
             &endpoint
         ),
-        Err(Error::Config { .. })
+        Err(Error::Config(_))
     ));
 }
 
@@ -283,7 +291,10 @@ async fn legacy_app_service_dates_on_a_twelve_hour_clock() {
         ("MSI_SECRET", endpoint.identity_header().to_owned()),
     ];
     let legacy = credential(vars, None, &endpoint).unwrap();
-    let token = legacy.get_token(&[PUBLIC_SCOPE], None).await.unwrap();
+    let token = legacy
+        .get_token(&[Cloud::Public.scope()], None)
+        .await
+        .unwrap();
     assert_lives_about_an_hour(&token);
     assert_eq!(Token::from(token).username(), Some(app.name()));
 }
@@ -309,7 +320,7 @@ async fn redirects_are_never_followed() {
     endpoint.script([Reply::redirect(elsewhere.app_service_endpoint())]);
     let error = credential(app_service_vars(&endpoint), None, &endpoint)
         .unwrap()
-        .get_token(&[PUBLIC_SCOPE], None)
+        .get_token(&[Cloud::Public.scope()], None)
         .await
         .unwrap_err();
     let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
@@ -341,7 +352,7 @@ async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusa
     )));
     let error = credential(app_service_vars(&endpoint), None, &endpoint)
         .unwrap()
-        .get_token(&[PUBLIC_SCOPE], None)
+        .get_token(&[Cloud::Public.scope()], None)
         .await
         .unwrap_err();
     let managed = error.downcast_ref::<ManagedIdentityError>().unwrap();
@@ -360,7 +371,7 @@ async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusa
     .await
     .unwrap_err();
     assert!(
-        matches!(classified, Error::CredentialUnavailable { .. }),
+        matches!(classified, Error::TokenUnavailable { .. }),
         "{classified:?}"
     );
 }

@@ -1,0 +1,7 @@
+//! Every credential against real local endpoints, in one binary: IMDS, the other managed
+//! identity sources, the developer CLIs, service principals, workload identities and the
+//! `DefaultAzureCredential` chain.
+
+mod cli_entra_chain;
+mod imds;
+mod managed_identity;
