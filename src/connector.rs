@@ -261,8 +261,9 @@ impl fmt::Debug for Connector {
     }
 }
 
-/// Builds a [`Connector`]. Values set here beat the connection string, which beats the
-/// environment.
+/// Builds a [`Connector`].
+///
+/// Values set here beat the connection string, which beats the environment.
 #[derive(Default)]
 pub struct ConnectorBuilder {
     explicit: Settings,

@@ -13,12 +13,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! [`Connector`] is the entry point: libpq-style settings (`PG*` variables, URLs,
-//! `key=value`), a [`TokenCache`] over a [`DefaultAzureCredential`] unless given another
-//! [`TokenCredential`], and the user name from the token when none is given. The modules hold
-//! the rest: every [`credential`], the [`cache`]'s settings and clock, `pool` managers and the
-//! `testing` kit (behind features). The README has the Azure set-up, the configuration tables and the
-//! measurements.
+//! [`Connector`] is the entry point: libpq-style settings, a [`TokenCache`] over a
+//! [`DefaultAzureCredential`] (or any [`TokenCredential`]), the user name from the token. The
+//! modules below hold the rest; the README has the Azure set-up and the measurements.
 //!
 //! # Features
 #![doc = document_features::document_features!()]

@@ -19,7 +19,9 @@ const SYSTEM_ROOTS: &str = "system";
 const PEM_BEGIN: &str = "-----BEGIN CERTIFICATE-----";
 const PEM_END: &str = "-----END CERTIFICATE-----";
 
-/// The TLS modes this crate accepts. All three verify the certificate chain against the
+/// The TLS modes this crate accepts: every one verifies the server.
+///
+/// All three verify the certificate chain against the
 /// system roots (plus `PGSSLROOTCERT`) **and** the host name: unlike libpq, `require` and
 /// `verify-ca` are not weaker, because the password is a bearer token. `disable`, `allow` and
 /// `prefer` are refused with [`Error::TlsRequired`].

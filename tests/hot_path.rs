@@ -6,11 +6,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use pg_entra::credential::{AccessToken, TokenRequestOptions};
-use pg_entra::{Connector, Environment, TokenCache, TokenCredential};
+use pg_entra::testing::{FakeCredential, Principal};
+use pg_entra::{Connector, Environment, TokenCache};
 
 struct CountingAllocator;
 
@@ -36,23 +35,6 @@ unsafe impl GlobalAlloc for CountingAllocator {
 #[global_allocator]
 static GLOBAL: CountingAllocator = CountingAllocator;
 
-#[derive(Debug)]
-struct HourLongTokens;
-
-#[async_trait::async_trait]
-impl TokenCredential for HourLongTokens {
-    async fn get_token(
-        &self,
-        _: &[&str],
-        _: Option<TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        Ok(AccessToken::new(
-            "header.payload.signature",
-            azure_core::time::OffsetDateTime::now_utc() + Duration::from_secs(3600),
-        ))
-    }
-}
-
 /// Allocations made by `calls` calls of `read`, each of which must be ready on its first poll.
 fn allocations_of<F: std::future::Future>(calls: usize, read: impl Fn() -> F) -> u64 {
     let before = ALLOCATIONS.with(Cell::get);
@@ -65,9 +47,11 @@ fn allocations_of<F: std::future::Future>(calls: usize, read: impl Fn() -> F) ->
 }
 
 fn cache() -> TokenCache {
-    TokenCache::builder(Arc::new(HourLongTokens))
-        .build()
-        .unwrap()
+    TokenCache::builder(Arc::new(FakeCredential::new(Principal::system_assigned(
+        "hot-path-vm",
+    ))))
+    .build()
+    .unwrap()
 }
 
 #[tokio::test]
@@ -106,7 +90,11 @@ async fn a_config_for_a_fresh_token_allocates_nothing() {
     // its reference to the token; later ones share both.
     let first = connector.config().await.unwrap();
     connector.config().await.unwrap();
-    assert_eq!(first.get_password(), Some(&b"header.payload.signature"[..]));
+    let token = connector.token_cache().cached().expect("a cached token");
+    assert!(
+        first.get_password() == Some(token.secret().as_bytes()),
+        "the config carries the token"
+    );
     let allocations = allocations_of(10_000, || connector.config());
     assert_eq!(
         allocations, 0,

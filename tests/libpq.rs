@@ -10,11 +10,9 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use futures_util::FutureExt as _;
-use pg_entra::credential::AccessToken;
-use pg_entra::{Connector, Environment, Error, TokenCache, TokenCredential};
+use pg_entra::testing::{FakeCredential, Principal};
+use pg_entra::{Connector, Environment, Error, TokenCache};
 use proptest::prelude::*;
 
 /// libpq's `PQconninfoOption`.
@@ -123,24 +121,6 @@ fn libpq_parse(conninfo: &str) -> Result<HashMap<String, String>, String> {
 
 /// The user name the test token names, used when the string names none.
 const TOKEN_USER: &str = "token-user@contoso.com";
-
-#[derive(Debug)]
-struct FixedToken;
-
-#[async_trait::async_trait]
-impl TokenCredential for FixedToken {
-    async fn get_token(
-        &self,
-        _: &[&str],
-        _: Option<pg_entra::credential::TokenRequestOptions<'_>>,
-    ) -> azure_core::Result<AccessToken> {
-        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"upn":"{TOKEN_USER}"}}"#));
-        Ok(AccessToken::new(
-            format!("eyJ0eXAiOiJKV1QifQ.{claims}.c2ln"),
-            azure_core::time::OffsetDateTime::now_utc() + Duration::from_secs(3600),
-        ))
-    }
-}
 
 /// What the connector read, in libpq's terms.
 #[derive(Debug, PartialEq)]
@@ -273,7 +253,9 @@ fn compare(cache: &TokenCache, conninfo: &str) -> Result<(), String> {
 }
 
 fn cache() -> TokenCache {
-    let cache = TokenCache::builder(Arc::new(FixedToken)).build().unwrap();
+    let cache = TokenCache::builder(Arc::new(FakeCredential::new(Principal::user(TOKEN_USER))))
+        .build()
+        .unwrap();
     // Fetch the token once; every connector below shares it.
     futures_executor_block_on(cache.token()).unwrap();
     cache

@@ -1,4 +1,9 @@
-//! A test bed that runs the whole flow without Azure (feature `testing`).
+//! A test kit: fakes for unit tests (feature `test-util`) and a bed that runs the whole flow
+//! without Azure (feature `testing`).
+//!
+//! With `test-util` alone: [`ManualClock`], [`Principal`] (test identities) and
+//! [`FakeCredential`] (tokens for a principal without an endpoint), adding no dependency. With
+//! `testing`:
 //!
 //! - [`LocalPostgres`]: a real PostgreSQL started from the system's server binaries,
 //!   configured like Flexible Server: TLS only (a throwaway CA, a certificate for

@@ -8,7 +8,10 @@ use time::OffsetDateTime;
 
 use crate::lock::lock;
 
-use super::*;
+use super::managed_identity::token_response;
+use super::respond::*;
+use super::script::*;
+use super::state::*;
 
 /// Entra's OAuth 2.0 client-credentials flow, as service principals and workload identities
 /// use it: `POST /{tenant}/oauth2/v2.0/token`.

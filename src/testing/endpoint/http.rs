@@ -1,5 +1,4 @@
-//! The HTTP side: recording each request, applying the fault script, routing to a protocol,
-//! and writing answers.
+//! Dispatch: recording each request, applying the fault script, routing to a protocol.
 
 use std::sync::atomic::Ordering;
 
@@ -9,7 +8,11 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::lock::lock;
 
-use super::*;
+use super::entra::issue_client_credentials;
+use super::managed_identity::issue;
+use super::respond::*;
+use super::script::*;
+use super::state::*;
 
 pub(super) async fn handle(
     state: &EndpointState,
@@ -114,6 +117,9 @@ pub(super) async fn handle(
             }
             response
         }
+        ReplyKind::Token if recorded.path.ends_with(ENTRA_TOKEN_PATH_SUFFIX) => {
+            issue_client_credentials(state, &recorded).await
+        }
         ReplyKind::Token => issue(state, &recorded).await,
     };
     if let Some(after) = reply.retry_after
@@ -121,31 +127,5 @@ pub(super) async fn handle(
     {
         response.headers_mut().insert("retry-after", value);
     }
-    response
-}
-
-/// A per-endpoint value, so that a request without it fails; not a real secret.
-pub(super) fn random_hex() -> String {
-    format!("{:016x}", crate::jitter::random_u64())
-}
-
-pub(super) fn error_response(status: u16, description: &str) -> Response<Full<Bytes>> {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let code = match status.as_u16() {
-        400 => "invalid_request",
-        401 | 403 => "unauthorized_client",
-        _ => "server_error",
-    };
-    let body = serde_json::json!({"error": code, "error_description": description});
-    json_response(status, body.to_string())
-}
-
-pub(super) fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json; charset=utf-8"),
-    );
     response
 }

@@ -11,16 +11,15 @@ use super::super::identity::Principal;
 use super::super::jwt::mint;
 use crate::lock::lock;
 
-use super::*;
+use super::respond::*;
+use super::script::*;
+use super::state::*;
 
 /// Validates the request as the protocol's real endpoint does, then mints a token.
 pub(super) async fn issue(
     state: &EndpointState,
     request: &RecordedRequest,
 ) -> Response<Full<Bytes>> {
-    if request.path.ends_with(ENTRA_TOKEN_PATH_SUFFIX) {
-        return issue_client_credentials(state, request).await;
-    }
     let expected_method = if request.path == CLOUD_SHELL_PATH {
         "POST"
     } else {

@@ -5,7 +5,9 @@
 mod entra;
 mod http;
 mod managed_identity;
+mod respond;
 mod script;
+mod state;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -28,62 +30,13 @@ use crate::credential::{CredentialOptions, ImdsCredential, RetryOptions};
 use crate::environment::Environment;
 use crate::lock::lock;
 
-use script::ReplyKind;
 pub use script::{ExpiresOnFormat, RecordedRequest, Reply};
 
-use self::entra::issue_client_credentials;
-use self::http::{error_response, handle, json_response, random_hex};
-use self::managed_identity::{issue, token_response};
-
-const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
-/// Where the App Service protocol is served (`IDENTITY_ENDPOINT`).
-const APP_SERVICE_PATH: &str = "/msi/token";
-/// The api-version App Service's managed identity endpoint speaks.
-const APP_SERVICE_API_VERSION: &str = "2019-08-01";
-/// Where the Azure Arc protocol is served (`IDENTITY_ENDPOINT` with `IMDS_ENDPOINT`).
-const ARC_PATH: &str = "/arc/token";
-/// Where Cloud Shell's protocol is served (`MSI_ENDPOINT`).
-const CLOUD_SHELL_PATH: &str = "/cloudshell/token";
-/// Where the legacy App Service protocol is served (`MSI_ENDPOINT` with `MSI_SECRET`).
-const LEGACY_APP_SERVICE_PATH: &str = "/msi/legacy";
-/// Entra's token endpoint is `/{tenant}` followed by this.
-const ENTRA_TOKEN_PATH_SUFFIX: &str = "/oauth2/v2.0/token";
-/// Managed identity tokens live up to 24 h; an hour keeps test tokens realistic.
-const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
-
-struct EndpointState {
-    principals: Vec<Principal>,
-    lifetime: Mutex<Duration>,
-    expires_on_format: Mutex<ExpiresOnFormat>,
-    script: Mutex<VecDeque<Reply>>,
-    requests: AtomicUsize,
-    tokens_issued: AtomicUsize,
-    recorded: Mutex<Vec<RecordedRequest>>,
-    held: watch::Sender<bool>,
-    password_setter: Option<PasswordSetter>,
-    /// Added before every answer.
-    latency: Mutex<Duration>,
-    /// When set, every request gets this answer: something else squatting on the address.
-    impersonation: Mutex<Option<Reply>>,
-    /// The App Service protocol's shared secret (`IDENTITY_HEADER`, also `MSI_SECRET`).
-    identity_header: String,
-    /// Holds the Arc agent's key file.
-    arc_keys: tempfile::TempDir,
-    arc_key_file: std::path::PathBuf,
-    /// What service principals must send as `client_secret`.
-    client_secret: String,
-    /// What workload identities must send as `client_assertion`; rotates on request.
-    federated_token: Mutex<String>,
-    /// The certificate service principals may sign assertions with; made when first asked for
-    /// (RSA key generation is not free).
-    client_certificate: std::sync::OnceLock<ClientCertificate>,
-}
-
-/// A self-signed RSA certificate and its key.
-struct ClientCertificate {
-    certificate: openssl::x509::X509,
-    key: openssl::pkey::PKey<openssl::pkey::Private>,
-}
+use self::http::handle;
+use self::state::{
+    APP_SERVICE_PATH, ARC_PATH, CLOUD_SHELL_PATH, ClientCertificate, DEFAULT_TOKEN_LIFETIME,
+    EndpointState, LEGACY_APP_SERVICE_PATH, random_hex,
+};
 
 /// The mock managed identity endpoint. Stops when dropped.
 pub struct IdentityEndpoint {
