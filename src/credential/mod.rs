@@ -19,6 +19,7 @@ mod http;
 mod managed_identity;
 mod options;
 mod scope;
+#[cfg(feature = "test-util")]
 pub(crate) use scope::only_scope;
 mod token_response;
 mod unavailable;
