@@ -5,15 +5,15 @@
 //! [`FakeCredential`] (tokens for a principal without an endpoint), adding no dependency. With
 //! `testing`:
 //!
-//! - [`LocalPostgres`]: a real PostgreSQL started from the system's server binaries,
+//! - `LocalPostgres`: a real PostgreSQL started from the system's server binaries,
 //!   configured like Flexible Server: TLS only (a throwaway CA, a certificate for
 //!   `localhost`/`127.0.0.1`), cleartext password authentication inside TLS, no plaintext
 //!   host line. Run as root, it runs the server as the `postgres` account.
-//! - [`IdentityEndpoint`]: a real HTTP server on 127.0.0.1 speaking the IMDS token protocol.
+//! - `IdentityEndpoint`: a real HTTP server on 127.0.0.1 speaking the IMDS token protocol.
 //!   It mints JWT-shaped tokens and, before returning each, sets it as the password of the
 //!   principal's role `VALID UNTIL` its expiry, so PostgreSQL refuses expired tokens as
-//!   Azure does. Faults are scripted ([`Reply`]), requests counted and recorded.
-//! - [`TestBed`]: both, wired together, with one system-assigned identity.
+//!   Azure does. Faults are scripted (`Reply`), requests counted and recorded.
+//! - `TestBed`: both, wired together, with one system-assigned identity.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
