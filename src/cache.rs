@@ -94,6 +94,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     current: ArcSwapOption<Entry>,
     state: Mutex<RefreshState>,
+    /// Every stored token, for [`TokenCache::updates`]' listeners.
+    updates: watch::Sender<Option<Token>>,
     /// Dropped with the cache, which ends the background task.
     _stop_background: Option<watch::Sender<()>>,
 }
@@ -261,6 +263,32 @@ impl TokenCache {
         &self.inner.scope
     }
 
+    /// A listener for the tokens this cache stores from now on, for code that must push each new
+    /// token somewhere (a pool's connect options, say) instead of asking for it per connect.
+    ///
+    /// With background refresh on (the default) a new token arrives ahead of the old one's
+    /// expiry without anyone asking; forced refreshes after a refused login arrive too.
+    /// Without it, tokens arrive when callers' requests refresh them.
+    pub fn updates(&self) -> TokenUpdates {
+        TokenUpdates {
+            receiver: self.inner.updates.subscribe(),
+        }
+    }
+
+    /// Refreshes ahead of expiry on a timer, as [`TokenCacheBuilder::background_refresh`]
+    /// does, until the returned guard is dropped; for holders of a token that nobody asks the
+    /// cache for (a sqlx pool's options). `None` when the cache does so already. Needs a Tokio
+    /// runtime.
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn keep_fresh(&self) -> Option<watch::Sender<()>> {
+        if self.inner._stop_background.is_some() {
+            return None;
+        }
+        let (stop, stopped) = watch::channel(());
+        tokio::spawn(keep_fresh(Arc::downgrade(&self.inner), stopped));
+        Some(stop)
+    }
+
     /// The cached token, if any, without refreshing or waiting (it may be expired).
     pub fn cached(&self) -> Option<Token> {
         self.inner
@@ -328,6 +356,27 @@ impl fmt::Debug for TokenCache {
                 &current.as_deref().map(|e| e.token.expires_on()),
             )
             .finish_non_exhaustive()
+    }
+}
+
+/// The tokens a [`TokenCache`] stores, from [`TokenCache::updates`].
+///
+/// A slow listener does not hold the cache up: it sees the newest token, not every one.
+#[derive(Debug)]
+pub struct TokenUpdates {
+    receiver: watch::Receiver<Option<Token>>,
+}
+
+impl TokenUpdates {
+    /// Waits for a token stored after the last one this listener saw (or after it was made)
+    /// and returns the newest; `None` once the cache is dropped.
+    pub async fn next(&mut self) -> Option<Token> {
+        loop {
+            self.receiver.changed().await.ok()?;
+            if let Some(token) = self.receiver.borrow_and_update().clone() {
+                return Some(token);
+            }
+        }
     }
 }
 
@@ -570,6 +619,7 @@ impl Inner {
         })));
         // After the store: a reader that sees the new generation also sees the new entry.
         self.generation.fetch_add(1, Ordering::Release);
+        self.updates.send_replace(Some(token.clone()));
         Ok(Accepted::New(token))
     }
 
@@ -812,6 +862,7 @@ impl TokenCacheBuilder {
             generation: AtomicU64::new(0),
             current: ArcSwapOption::empty(),
             state: Mutex::new(RefreshState::default()),
+            updates: watch::Sender::new(None),
             _stop_background: runtime.is_some().then_some(stop),
         });
         if let Some(runtime) = runtime {

@@ -55,6 +55,9 @@ pub struct Connector {
 }
 
 struct ConnectorInner {
+    /// The merged settings, for the integrations that build their own connect options.
+    #[cfg(feature = "sqlx")]
+    settings: Settings,
     /// Everything but the password (and the user, when it comes from the token).
     base: tokio_postgres::Config,
     /// The same, one per host, in the order they are tried: each attempt gets its own
@@ -186,14 +189,44 @@ impl Connector {
     ) -> Result<tokio_postgres::Config, Error> {
         let mut config = base.clone();
         if self.inner.user_from_token {
-            let name = token.require_username()?;
-            config.user(single_server_user(
-                name,
-                self.inner.single_server.as_deref(),
-            ));
+            config.user(self.user_for(token)?);
         }
         config.password(token.secret());
         Ok(config)
+    }
+
+    /// The role to log in as with `token`: the one configured, else the token's, with the
+    /// Single Server suffix when asked for.
+    pub(crate) fn user_for(&self, token: &Token) -> Result<String, Error> {
+        match self.inner.base.get_user() {
+            Some(user) if !self.inner.user_from_token => Ok(user.to_owned()),
+            _ => Ok(single_server_user(
+                token.require_username()?,
+                self.inner.single_server.as_deref(),
+            )
+            .into_owned()),
+        }
+    }
+
+    /// The settings the connector was built from (defaults not filled in).
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Each host and its port, in the order given.
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn hosts(&self) -> impl Iterator<Item = (&str, u16)> {
+        self.inner
+            .per_host
+            .iter()
+            .map(|host| (host.host.as_str(), host.port))
+    }
+
+    /// The database (after defaults).
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn dbname(&self) -> &str {
+        self.inner.base.get_dbname().unwrap_or(DEFAULT_DBNAME)
     }
 
     /// Tries each host in turn, each attempt bounded as a whole (DNS, TCP, TLS, startup,
@@ -554,6 +587,9 @@ impl ConnectorBuilder {
                 tls,
                 ssl_mode,
                 token_configs: ArcSwapOption::empty(),
+                // Last: the fields above read it.
+                #[cfg(feature = "sqlx")]
+                settings,
             }),
         })
     }

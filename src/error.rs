@@ -12,7 +12,7 @@ use azure_core::time::OffsetDateTime;
 
 /// SQLSTATE `28P01` (invalid password) and `28000` (invalid authorization specification):
 /// what PostgreSQL answers when it does not accept the token.
-const AUTH_FAILURE_SQLSTATES: [&str; 2] = ["28P01", "28000"];
+pub(crate) const AUTH_FAILURE_SQLSTATES: [&str; 2] = ["28P01", "28000"];
 
 /// A convenient alias for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

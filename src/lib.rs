@@ -36,6 +36,9 @@ mod cloud;
 mod connector;
 mod conninfo;
 pub mod credential;
+#[cfg(feature = "diesel-async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "diesel-async")))]
+pub mod diesel;
 mod environment;
 pub mod error;
 mod jitter;
@@ -43,6 +46,9 @@ mod lock;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
+#[cfg(feature = "sqlx")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
+pub mod sqlx;
 mod status;
 mod tls;
 mod token;

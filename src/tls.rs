@@ -91,7 +91,7 @@ pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConne
     Ok(MakeTlsConnector::new(connector))
 }
 
-fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
+pub(crate) fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| {
         Error::invalid(

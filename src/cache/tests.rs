@@ -724,3 +724,32 @@ mod properties {
         }
     }
 }
+
+#[tokio::test]
+async fn listeners_hear_each_stored_token_and_stop_with_the_cache() {
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(ScriptedCredential::new(&clock, [Step::Fail]));
+    let cache = cache(&clock, &credential);
+    let mut updates = cache.updates();
+
+    // A failed refresh stores nothing, so there is nothing to hear.
+    assert!(cache.token().await.is_err());
+    assert!(updates.next().now_or_never().is_none());
+
+    clock.advance(Duration::from_secs(2)); // past the first backoff
+    let first = cache.token().await.unwrap();
+    assert_eq!(secret(&updates.next().await.unwrap()), secret(&first));
+    // Heard once: a fresh token served again is no news.
+    assert_eq!(secret(&cache.token().await.unwrap()), secret(&first));
+    assert!(updates.next().now_or_never().is_none());
+
+    let forced = cache.refresh_rejected(&first).await.unwrap().unwrap();
+    // A listener made late starts from the next token, not the current one.
+    let mut late = cache.updates();
+    assert_eq!(secret(&updates.next().await.unwrap()), secret(&forced));
+    assert!(late.next().now_or_never().is_none());
+
+    drop(cache);
+    assert!(updates.next().await.is_none());
+    assert!(late.next().await.is_none());
+}

@@ -1,21 +1,42 @@
 //! Everything that needs the real PostgreSQL of the test bed, in one binary.
 
+#[cfg(all(feature = "diesel-async", feature = "deadpool", feature = "bb8"))]
+mod diesel_pools;
 mod end_to_end;
 mod expiry;
 mod no_secrets;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
+#[cfg(any(
+    all(feature = "deadpool", feature = "bb8"),
+    feature = "sqlx",
+    feature = "diesel-async"
+))]
+mod rotation;
+#[cfg(feature = "sqlx")]
+mod service;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod soak;
+#[cfg(feature = "sqlx")]
+mod sqlx_pool;
 mod timeouts;
 mod tls;
 
-/// Says, in every test run, that the pool and soak tests were not built, rather than skipping
-/// them silently.
+// Say, in every test run, which tests were not built, rather than skipping them silently.
 #[cfg(not(all(feature = "deadpool", feature = "bb8")))]
 #[test]
 #[ignore = "the pool and soak tests need --features deadpool,bb8 (or --all-features)"]
 fn pool_and_soak_tests_need_the_deadpool_and_bb8_features() {}
+
+#[cfg(not(feature = "sqlx"))]
+#[test]
+#[ignore = "the sqlx and service-example tests need --features sqlx (or --all-features)"]
+fn sqlx_tests_need_the_sqlx_feature() {}
+
+#[cfg(not(all(feature = "diesel-async", feature = "deadpool", feature = "bb8")))]
+#[test]
+#[ignore = "the Diesel tests need --features diesel-async,deadpool,bb8 (or --all-features)"]
+fn diesel_tests_need_the_diesel_async_deadpool_and_bb8_features() {}
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -38,6 +59,13 @@ async fn bed() -> TestBed {
 /// Log lines, kept to look for tokens in.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// What was logged so far.
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
 
 impl Write for Captured {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -2,7 +2,6 @@
 //! behind the cache's back, an identity-endpoint outage, and typed pool errors.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,50 +11,9 @@ use pg_entra::pool::deadpool::managed::{Object, Pool, PoolError, TimeoutType};
 use pg_entra::pool::{Bb8Manager, DeadpoolManager, DeadpoolPool, RecyclingMethod};
 use pg_entra::testing::{ManualClock, Reply, TestBed};
 use pg_entra::{Connector, Error, TokenCache};
-use time::OffsetDateTime;
 
 use super::bed;
-
-const WORKERS: usize = 16;
-
-/// How long the rotation tests' tokens live: the cache refreshes them half-way.
-const SHORT_LIFETIME: Duration = Duration::from_secs(2);
-
-/// The bed with short-lived tokens, so that a few seconds cover two rotations.
-async fn rotating_bed() -> Arc<TestBed> {
-    let bed = bed().await;
-    bed.identity().set_token_lifetime(SHORT_LIFETIME);
-    Arc::new(bed)
-}
-
-/// `WORKERS` tasks that each check a connection out, query and return it, over two token
-/// lifetimes and a bit. Returns what each checkout reported.
-async fn workload<F, Fut, T>(checkout_and_query: F) -> Vec<T>
-where
-    F: Fn() -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<T, String>> + Send,
-    T: Send + 'static,
-{
-    let until = tokio::time::Instant::now() + 2 * SHORT_LIFETIME + Duration::from_millis(500);
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let run = checkout_and_query.clone();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                while tokio::time::Instant::now() < until {
-                    seen.push(run().await.expect("every checkout and query succeeds"));
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                seen
-            })
-        })
-        .collect();
-    let mut seen = Vec::new();
-    for worker in workers {
-        seen.extend(worker.await.expect("a worker panicked"));
-    }
-    seen
-}
+use super::rotation::{change_password_behind_the_cache, rotating_bed, workload};
 
 async fn current_user_on(client: &tokio_postgres::Client) -> Result<String, String> {
     let row = client
@@ -146,16 +104,6 @@ async fn bb8_serves_a_workload_across_two_token_rotations() {
     assert!(bed.identity().tokens_issued() >= 3);
     assert!(pool.state().statistics.connections_created > 8);
     assert_eq!(current_user_on(&veteran).await.unwrap(), name);
-}
-
-/// Sets the role's password to something the cache has never seen.
-async fn change_password_behind_the_cache(bed: &TestBed) {
-    let valid_until = OffsetDateTime::now_utc() + time::Duration::hours(1);
-    bed.postgres()
-        .password_setter()
-        .set_password(bed.principal().name(), "rotated-by-an-admin", valid_until)
-        .await
-        .unwrap();
 }
 
 #[tokio::test]

@@ -71,7 +71,7 @@ async fn a_host_name_the_certificate_does_not_cover_fails() {
 /// Records every byte a client sends, answering the TLS request with `reply`, then (for `S`)
 /// a TLS handshake with a certificate from a CA the client does not trust. The task returns
 /// the bytes and, for `S`, whether the handshake completed.
-async fn recording_server(reply: u8) -> (u16, JoinHandle<(Vec<u8>, Option<bool>)>) {
+pub(super) async fn recording_server(reply: u8) -> (u16, JoinHandle<(Vec<u8>, Option<bool>)>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let untrusted = TestCa::generate("not trusted")

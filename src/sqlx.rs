@@ -1,0 +1,574 @@
+//! sqlx 0.9: connect options with the token as password, and a pool that follows the token.
+//!
+//! sqlx has no per-connection password hook: its pool opens every new connection with the
+//! options it holds. [`SqlxPool`] keeps those options in step with the connector's
+//! [`TokenCache`](crate::TokenCache): a task listens for each new token and hands the pool
+//! options carrying it, and the cache refreshes ahead of expiry on a timer while the pool
+//! lives (as [`background_refresh`](crate::cache::TokenCacheBuilder::background_refresh)
+//! does), so a connect never waits on the identity endpoint while the token is fresh, and
+//! nobody polls.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use sqlx::postgres::PgPoolOptions;
+//!
+//! let connector = pg_entra::Connector::from_env()?;
+//! let pool = connector.sqlx_pool(PgPoolOptions::new().max_connections(8)).await?;
+//! let user: String = sqlx::query_scalar("select current_user")
+//!     .fetch_one(&mut *pool.acquire().await?)
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # What carries over from the connector
+//! One host and its port, the database, the user (given, or the token's name), the
+//! application name and `options` (`-c name=value` settings), and the root certificates:
+//! sqlx verifies the chain and the host name (`verify-full`) whichever verifying mode the
+//! connector was given, as the connector does. Settings sqlx cannot honour (several hosts,
+//! `hostaddr`, keepalives, `tcp_user_timeout`, `target_session_attrs`, `load_balance_hosts`,
+//! `channel_binding`) are refused with [`Error::Config`] rather than dropped. The connect
+//! timeout is the pool's `acquire_timeout`.
+//!
+//! sqlx also reads `PGSSLCERT`, `PGSSLKEY` and `PGOPTIONS` from the process environment
+//! itself, and its native-tls backend trusts only the first certificate of a root-certificate
+//! file (besides the system roots): with a bundle, the first one is used and a warning logged.
+//!
+//! # Rotation and revocation
+//! - **Rotation:** each new physical connection logs in with the current token; connections
+//!   already open stay open (PostgreSQL checks the token at login only).
+//! - **Revocation:** if the server refuses a login (SQLSTATE `28P01` or `28000`),
+//!   [`SqlxPool::acquire`] forces the cache's rate-limited refresh
+//!   ([`TokenCache::refresh_rejected`](crate::TokenCache::refresh_rejected)), puts the new
+//!   token in the pool's options and tries once more. sqlx's own connect loop does not retry
+//!   these codes (only `53300` too-many-connections and `57P03` cannot-connect-now, until the
+//!   acquire timeout), so without this the error would reach the caller on every new connection
+//!   until the next scheduled refresh. Queries run on `&PgPool` (through `Deref`) follow
+//!   rotation but return a refused login as it is; the next [`SqlxPool::acquire`] recovers.
+//!
+//! # Secrets
+//! [`SqlxConnectOptions`]' and [`SqlxPool`]'s `Debug` never show the token. sqlx's own
+//! `PgConnectOptions` `Debug` does (it prints the password): do not log what
+//! [`SqlxConnectOptions::into_inner`] or `PgPool::connect_options` return.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
+
+use native_tls::Certificate;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode, Postgres};
+use tokio::sync::oneshot;
+
+use crate::cache::TokenUpdates;
+use crate::connector::Connector;
+use crate::error::{AUTH_FAILURE_SQLSTATES, Error};
+use crate::tls::read_certificates;
+use crate::token::Token;
+
+/// The `-c` flag of libpq's `options`, which is all sqlx can pass on.
+const SETTING_FLAG: &str = "-c";
+
+impl Connector {
+    /// sqlx connect options for the server with the current token as password (waiting for a
+    /// token only when the cache has none that is usable). See the [module docs](crate::sqlx)
+    /// for what carries over.
+    ///
+    /// The options hold one token: for a pool, use [`sqlx_pool`](Self::sqlx_pool), which
+    /// replaces them as the token rotates.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a setting sqlx cannot honour or an unreadable root certificate
+    /// file; the cache's errors when there is no token; [`Error::UnknownUser`] when no user
+    /// is configured and the token names none.
+    pub async fn sqlx_options(&self) -> Result<SqlxConnectOptions, Error> {
+        let base = SqlxBase::new(self)?;
+        let token = self.token_cache().token().await?;
+        base.with_token(self, token)
+    }
+
+    /// A sqlx pool whose new connections always log in with the current token, built from
+    /// `options` (`PgPoolOptions::new()` for sqlx's defaults). Connections are opened on
+    /// demand, as `PgPoolOptions::connect_lazy_with` does; acquire one to check the login at
+    /// start-up.
+    ///
+    /// The task that keeps the pool's options in step with the token (and the token fresh)
+    /// ends when the pool is closed or when the last [`SqlxPool`] clone is dropped.
+    ///
+    /// # Errors
+    /// As [`sqlx_options`](Self::sqlx_options).
+    pub async fn sqlx_pool(&self, options: PgPoolOptions) -> Result<SqlxPool, Error> {
+        let base = SqlxBase::new(self)?;
+        // Listen before the first token is read, so that no token stored after it is missed.
+        let updates = self.token_cache().updates();
+        let token = self.token_cache().token().await?;
+        let first = base.with_token(self, token)?;
+        let pool = options.connect_lazy_with(first.options);
+        let follower = Arc::new(Follower {
+            connector: self.clone(),
+            base,
+            in_pool: Mutex::new(first.token),
+        });
+        let (pool_for_task, follower_for_task) = (pool.clone(), Arc::clone(&follower));
+        let (stop, stopped) = oneshot::channel();
+        let keep_fresh = self.token_cache().keep_fresh();
+        tokio::spawn(async move {
+            follow(pool_for_task, follower_for_task, updates, stopped).await;
+            drop(keep_fresh);
+        });
+        Ok(SqlxPool {
+            pool,
+            shared: Arc::new(Shared {
+                follower,
+                _stop: stop,
+            }),
+        })
+    }
+}
+
+/// sqlx's `PgConnectOptions` with one token as the password, and a `Debug` that shows
+/// everything but the password.
+#[derive(Clone)]
+pub struct SqlxConnectOptions {
+    options: PgConnectOptions,
+    token: Token,
+}
+
+impl SqlxConnectOptions {
+    /// The sqlx options, to connect with (`PgConnection::connect_with`) or to adjust. Their
+    /// `Debug` shows the password: do not log them.
+    pub fn into_inner(self) -> PgConnectOptions {
+        self.options
+    }
+
+    /// The token the options carry (its `Debug` hides the secret too).
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+}
+
+impl From<SqlxConnectOptions> for PgConnectOptions {
+    fn from(options: SqlxConnectOptions) -> Self {
+        options.options
+    }
+}
+
+impl fmt::Debug for SqlxConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options = &self.options;
+        f.debug_struct("SqlxConnectOptions")
+            .field("host", &options.get_host())
+            .field("port", &options.get_port())
+            .field("database", &options.get_database())
+            .field("username", &options.get_username())
+            .field("ssl_mode", &options.get_ssl_mode())
+            .field("application_name", &options.get_application_name())
+            .field("password", &"<the access token, not shown>")
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+/// A sqlx pool that follows the connector's token; derefs to `PgPool`. Clones share the
+/// pool.
+///
+/// Use [`acquire`](Self::acquire) for connections: it also recovers from a refused token (see
+/// the [module docs](crate::sqlx)). Everything else is the `PgPool`'s:
+/// `sqlx::query(..).fetch_one(&*pool)`, `pool.begin()`, `pool.close()`.
+#[derive(Clone)]
+pub struct SqlxPool {
+    pool: PgPool,
+    shared: Arc<Shared>,
+}
+
+/// Held by every [`SqlxPool`] clone; dropping the last one stops the task.
+struct Shared {
+    follower: Arc<Follower>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// What the task and [`SqlxPool::acquire`] share to put a token into the pool's options.
+struct Follower {
+    connector: Connector,
+    base: SqlxBase,
+    /// The token in the pool's options. The lock makes "read the newest token, set it"
+    /// one step, so the task and a recovering acquire cannot set an older token last.
+    in_pool: Mutex<Token>,
+}
+
+impl SqlxPool {
+    /// A connection from the pool, as `PgPool::acquire`; if opening it was refused at login
+    /// (`28P01`/`28000`), one forced token refresh and one more try (see the
+    /// [module docs](crate::sqlx)).
+    ///
+    /// # Errors
+    /// sqlx's errors, as `PgPool::acquire` returns them; a refused login that the forced
+    /// refresh could not cure (or that came within the refresh's rate limit) is returned as
+    /// it is.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let follower = &self.shared.follower;
+        let tried = follower.token_in_pool();
+        let error = match self.pool.acquire().await {
+            Err(error) if login_refused(&error) => error,
+            done => return done,
+        };
+        match follower
+            .connector
+            .token_cache()
+            .refresh_rejected(&tried)
+            .await
+        {
+            Ok(Some(_)) => {
+                tracing::info!(
+                    %error,
+                    "the server refused the token; retrying once with a new token"
+                );
+                follower.update(&self.pool);
+                self.pool.acquire().await
+            }
+            Ok(None) => Err(error),
+            Err(refresh_error) => {
+                tracing::warn!(%refresh_error, "cannot refresh the token the server refused");
+                Err(error)
+            }
+        }
+    }
+
+    /// The sqlx pool (also reachable through `Deref`). A clone of it keeps working only while
+    /// a [`SqlxPool`] is alive: the last one dropped stops the token updates.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The token new connections log in with.
+    pub fn token(&self) -> Token {
+        self.shared.follower.token_in_pool()
+    }
+}
+
+impl Deref for SqlxPool {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+impl fmt::Debug for SqlxPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // sqlx's pool `Debug` shows its pool options, not the connect options.
+        f.debug_struct("SqlxPool")
+            .field("pool", &self.pool)
+            .field("token", &self.token())
+            .finish()
+    }
+}
+
+impl Follower {
+    fn token_in_pool(&self) -> Token {
+        crate::lock::lock(&self.in_pool).clone()
+    }
+
+    /// Puts the cache's newest token into the pool's options, if it is not there yet.
+    fn update(&self, pool: &PgPool) {
+        let mut in_pool = crate::lock::lock(&self.in_pool);
+        let Some(newest) = self.connector.token_cache().cached() else {
+            return;
+        };
+        if newest.is_same(&in_pool) {
+            return;
+        }
+        match self.base.with_token(&self.connector, newest) {
+            Ok(options) => {
+                tracing::debug!(
+                    expires_on = %options.token.expires_on(),
+                    "new token in the sqlx pool's connect options"
+                );
+                pool.set_connect_options(options.options);
+                *in_pool = options.token;
+            }
+            // Only the user name can fail here (a token without one): keep the old options,
+            // whose login will fail and say so, rather than guess a name.
+            Err(error) => tracing::warn!(%error, "cannot use the new token in the sqlx pool"),
+        }
+    }
+}
+
+impl fmt::Debug for Follower {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Follower").finish_non_exhaustive()
+    }
+}
+
+/// Follows the cache until the pool is closed, the last [`SqlxPool`] is dropped, or the
+/// cache is dropped.
+async fn follow(
+    pool: PgPool,
+    follower: Arc<Follower>,
+    mut updates: TokenUpdates,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    // A token may have landed between the pool's first options and the listener.
+    follower.update(&pool);
+    loop {
+        tokio::select! {
+            token = updates.next() => match token {
+                Some(_) => follower.update(&pool),
+                None => break,
+            },
+            _ = pool.close_event() => break,
+            _ = &mut stopped => break,
+        }
+    }
+    tracing::debug!("the sqlx pool no longer follows the token");
+}
+
+/// True for a login the server refused: the token, or the role, was not accepted.
+fn login_refused(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => error
+            .code()
+            .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code.as_ref())),
+        _ => false,
+    }
+}
+
+/// Everything in the connect options but the user and password, checked once.
+#[derive(Clone)]
+struct SqlxBase {
+    options: PgConnectOptions,
+}
+
+impl SqlxBase {
+    fn new(connector: &Connector) -> Result<Self, Error> {
+        let settings = connector.settings();
+        let mut hosts = connector.hosts();
+        let (host, port) = hosts
+            .next()
+            .ok_or_else(|| Error::missing("host", "no server host"))?;
+        if hosts.next().is_some() {
+            return Err(Error::unsupported(
+                "host",
+                "sqlx connects to one host; give the connector a single host for a sqlx pool",
+            ));
+        }
+        let refused = [
+            ("hostaddr", settings.hostaddrs.is_some()),
+            ("keepalives", settings.keepalives.is_some()),
+            ("keepalives_idle", settings.keepalives_idle.is_some()),
+            (
+                "keepalives_interval",
+                settings.keepalives_interval.is_some(),
+            ),
+            ("keepalives_count", settings.keepalives_count.is_some()),
+            ("tcp_user_timeout", settings.tcp_user_timeout.is_some()),
+            (
+                "target_session_attrs",
+                settings.target_session_attrs.is_some(),
+            ),
+            ("load_balance_hosts", settings.load_balance_hosts.is_some()),
+            ("channel_binding", settings.channel_binding.is_some()),
+        ];
+        if let Some((setting, _)) = refused.into_iter().find(|(_, set)| *set) {
+            return Err(Error::unsupported(
+                setting,
+                format!("sqlx cannot apply {setting}; remove it to use a sqlx pool"),
+            ));
+        }
+        // sqlx fills in what it finds in the process environment; everything it would use to
+        // reach the server is set here.
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(host)
+            .port(port)
+            .database(connector.dbname())
+            // Every mode this crate accepts verifies the host name too.
+            .ssl_mode(PgSslMode::VerifyFull);
+        if let Some(name) = settings
+            .application_name
+            .as_ref()
+            .or(settings.fallback_application_name.as_ref())
+        {
+            options = options.application_name(name);
+        }
+        if let Some(raw) = &settings.options
+            && options.get_options() != Some(raw.as_str())
+        {
+            options = options.options(server_settings(raw)?);
+        }
+        if let Some(path) = settings.ssl_root_cert.as_deref().filter(|p| *p != "system") {
+            options = options.ssl_root_cert_from_pem(first_root_as_pem(path)?);
+        }
+        Ok(Self { options })
+    }
+
+    fn with_token(&self, connector: &Connector, token: Token) -> Result<SqlxConnectOptions, Error> {
+        let options = self
+            .options
+            .clone()
+            .username(&connector.user_for(&token)?)
+            .password(token.secret());
+        Ok(SqlxConnectOptions { options, token })
+    }
+}
+
+/// The first certificate of a root-certificate file as PEM: sqlx's native-tls backend reads
+/// one certificate from the bytes it is given.
+fn first_root_as_pem(path: &str) -> Result<Vec<u8>, Error> {
+    let certificates = read_certificates(std::path::Path::new(path))?;
+    if certificates.len() > 1 {
+        tracing::warn!(
+            path,
+            count = certificates.len(),
+            "sqlx trusts only the first certificate of a root-certificate file (besides the \
+             system roots)"
+        );
+    }
+    let der = certificates
+        .first()
+        .map(Certificate::to_der)
+        .transpose()
+        .map_err(|e| Error::Tls {
+            message: format!("cannot re-encode the root certificate from {path}"),
+            source: Some(Box::new(e)),
+        })?
+        .ok_or_else(|| Error::invalid("sslrootcert", format!("{path} holds no certificate")))?;
+    Ok(pem("CERTIFICATE", &der).into_bytes())
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut text = format!("-----BEGIN {label}-----\n");
+    for line in body.as_bytes().chunks(64) {
+        text.push_str(std::str::from_utf8(line).unwrap_or_default());
+        text.push('\n');
+    }
+    text.push_str(&format!("-----END {label}-----\n"));
+    text
+}
+
+/// The `name=value` pairs of a libpq `options` string made only of `-c name=value` (or
+/// `-cname=value`, `--name=value`) settings, unescaped as libpq does (a backslash keeps the
+/// next character, whitespace separates).
+fn server_settings(raw: &str) -> Result<Vec<(String, String)>, Error> {
+    let words = split_options(raw);
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let setting = if word == SETTING_FLAG {
+            words.next().unwrap_or_default()
+        } else if let Some(rest) = word.strip_prefix("--") {
+            rest.to_owned()
+        } else if let Some(rest) = word.strip_prefix(SETTING_FLAG) {
+            rest.to_owned()
+        } else {
+            return Err(unsupported_options(&word));
+        };
+        match setting.split_once('=') {
+            Some((name, value)) if !name.is_empty() => {
+                settings.push((name.to_owned(), value.to_owned()));
+            }
+            _ => return Err(unsupported_options(&setting)),
+        }
+    }
+    Ok(settings)
+}
+
+fn unsupported_options(word: &str) -> Error {
+    Error::unsupported(
+        "options",
+        format!(
+            "sqlx passes only `-c name=value` server settings; {word:?} is not one (write \
+             options as `-c name=value`)"
+        ),
+    )
+}
+
+/// Splits on unescaped whitespace; a backslash keeps the character after it.
+fn split_options(raw: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_ascii_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pairs(raw: &str) -> Vec<(String, String)> {
+        server_settings(raw).unwrap()
+    }
+
+    #[test]
+    fn options_in_every_libpq_spelling() {
+        let expected = vec![
+            ("search_path".to_owned(), "app, public".to_owned()),
+            ("geqo".to_owned(), "off".to_owned()),
+            ("work_mem".to_owned(), "64MB".to_owned()),
+        ];
+        assert_eq!(
+            pairs(r"-c search_path=app,\ public -cgeqo=off --work_mem=64MB"),
+            expected
+        );
+        assert!(pairs("  ").is_empty());
+    }
+
+    #[test]
+    fn options_sqlx_cannot_pass_are_refused_by_name() {
+        for raw in ["-d 5", "-c", "-c =x", "statement_timeout=5"] {
+            let error = server_settings(raw).unwrap_err();
+            let Error::Config(config) = &error else {
+                panic!("{raw}: {error:?}");
+            };
+            assert_eq!(config.setting(), "options", "{raw}");
+        }
+    }
+
+    #[test]
+    fn pem_wraps_at_64_columns() {
+        let text = pem("CERTIFICATE", &[7u8; 100]);
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
+        assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
+        assert!(lines[1..lines.len() - 1].iter().all(|l| l.len() <= 64));
+        assert_eq!(lines[1].len(), 64);
+    }
+
+    proptest! {
+        #[test]
+        fn any_options_string_gives_settings_or_a_typed_error(raw in ".{0,64}") {
+            match server_settings(&raw) {
+                Ok(settings) => prop_assert!(settings.iter().all(|(name, _)| !name.is_empty())),
+                Err(error) => prop_assert!(matches!(error, Error::Config(_))),
+            }
+        }
+
+        #[test]
+        fn settings_survive_libpq_escaping(
+            settings in proptest::collection::vec(("[a-z_]{1,12}", "[ -~]{0,12}"), 0..4)
+        ) {
+            let escape = |s: &str| s.replace('\\', "\\\\").replace(' ', "\\ ");
+            let raw = settings
+                .iter()
+                .map(|(name, value)| format!("-c {}={}", name, escape(value)))
+                .collect::<Vec<_>>()
+                .join(" ");
+            prop_assert_eq!(server_settings(&raw).unwrap(), settings);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! `examples/service.rs`, the example's own code, served on loopback and called over HTTP
+//! across two token rotations: every answer is checked.
+
+use std::time::Duration;
+
+use pg_entra::testing::TestBed;
+use sqlx::postgres::PgPoolOptions;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::rotation::{rotating_bed, workload};
+
+#[path = "../../examples/service.rs"]
+#[allow(dead_code)] // its `main` and `run` are the example's, not the test's
+mod example;
+
+/// One `GET` over a new TCP connection: the status code and the body.
+async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end in {answer:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+async fn start(bed: &TestBed) -> u16 {
+    let connector = bed.connector_builder().build().unwrap();
+    let pool = connector
+        .sqlx_pool(
+            PgPoolOptions::new()
+                .max_connections(8)
+                // New logins keep happening, so that each token is used to log in.
+                .max_lifetime(Duration::from_millis(300))
+                .acquire_timeout(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(example::serve(listener, pool, std::future::pending()));
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_answers_every_request_across_two_token_rotations() {
+    let bed = rotating_bed().await;
+    let port = start(&bed).await;
+    let name = bed.principal().name().to_owned();
+
+    let answers = workload({
+        let name = name.clone();
+        move || {
+            let name = name.clone();
+            async move {
+                let health = get(port, "/healthz").await?;
+                assert_eq!(health, (200, "ok\n".to_owned()));
+                let (status, body) = get(port, "/whoami").await?;
+                assert_eq!(status, 200, "{body}");
+                let who: example::WhoAmI =
+                    serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+                assert_eq!(who.user, name);
+                assert!(who.server_version.starts_with(char::is_numeric), "{body}");
+                assert!(who.tls_cipher.is_some_and(|c| !c.is_empty()), "{body}");
+                Ok(())
+            }
+        }
+    })
+    .await;
+
+    assert!(answers.len() > 16, "{} request pairs", answers.len());
+    let issued = bed.identity().tokens_issued();
+    assert!(issued >= 3, "two rotations need three tokens, got {issued}");
+    assert_eq!(get(port, "/nowhere").await.unwrap().0, 404);
+}
