@@ -2,6 +2,7 @@
 //! diesel-async's own deadpool and bb8 pools take, so Diesel code keeps its pool types.
 //!
 //! ```no_run
+//! # #[cfg(feature = "deadpool")]
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use diesel_async::pooled_connection::ManagerConfig;
 //! use diesel_async::pooled_connection::deadpool::Pool;

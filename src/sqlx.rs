@@ -29,9 +29,13 @@
 //! `channel_binding`) are refused with [`Error::Config`] rather than dropped. The connect
 //! timeout is the pool's `acquire_timeout`.
 //!
-//! sqlx also reads `PGSSLCERT`, `PGSSLKEY` and `PGOPTIONS` from the process environment
-//! itself, and its native-tls backend trusts only the first certificate of a root-certificate
-//! file (besides the system roots): with a bundle, the first one is used and a warning logged.
+//! sqlx also reads libpq variables from the process environment itself, whatever
+//! [`Environment`](crate::Environment) the connector was given: everything it uses to reach
+//! the server is set here, but `PGOPTIONS` and `PGSSLROOTCERT` cannot be unset, so a value
+//! there that differs from the connector's is refused ([`Error::Config`]); `PGSSLCERT` and
+//! `PGSSLKEY` (a client certificate) are used as sqlx finds them. Its native-tls backend
+//! trusts only the first certificate of a root-certificate file (besides the system roots):
+//! with a bundle, the first one is used and a warning logged.
 //!
 //! # Rotation and revocation
 //! - **Rotation:** each new physical connection logs in with the current token; connections
@@ -67,6 +71,8 @@ use crate::token::Token;
 
 /// The `-c` flag of libpq's `options`, which is all sqlx can pass on.
 const SETTING_FLAG: &str = "-c";
+/// `sslrootcert=system`: the system roots only.
+const SYSTEM_ROOTS: &str = "system";
 
 impl Connector {
     /// sqlx connect options for the server with the current token as password (waiting for a
@@ -389,13 +395,32 @@ impl SqlxBase {
         {
             options = options.application_name(name);
         }
+        // sqlx took PGOPTIONS and PGSSLROOTCERT from the process environment and cannot be
+        // told to drop them: they must agree with the connector, or be replaced.
+        let process_options = options.get_options().map(str::to_owned);
+        agree_with_process(
+            "PGOPTIONS",
+            "options",
+            process_options.as_deref(),
+            settings.options.as_deref(),
+        )?;
         if let Some(raw) = &settings.options
-            && options.get_options() != Some(raw.as_str())
+            && process_options.is_none()
         {
             options = options.options(server_settings(raw)?);
         }
-        if let Some(path) = settings.ssl_root_cert.as_deref().filter(|p| *p != "system") {
-            options = options.ssl_root_cert_from_pem(first_root_as_pem(path)?);
+        match settings
+            .ssl_root_cert
+            .as_deref()
+            .filter(|p| *p != SYSTEM_ROOTS)
+        {
+            Some(path) => options = options.ssl_root_cert_from_pem(first_root_as_pem(path)?),
+            None => agree_with_process(
+                "PGSSLROOTCERT",
+                "sslrootcert",
+                std::env::var("PGSSLROOTCERT").ok().as_deref(),
+                None,
+            )?,
         }
         Ok(Self { options })
     }
@@ -407,6 +432,28 @@ impl SqlxBase {
             .username(&connector.user_for(&token)?)
             .password(token.secret());
         Ok(SqlxConnectOptions { options, token })
+    }
+}
+
+/// Refuses a libpq variable that sqlx read from the process environment (`process`) when the
+/// connector's value (`ours`) differs: sqlx would use it all the same.
+fn agree_with_process(
+    variable: &str,
+    setting: &'static str,
+    process: Option<&str>,
+    ours: Option<&str>,
+) -> Result<(), Error> {
+    match process {
+        Some(value) if Some(value) != ours => Err(Error::conflict(
+            setting,
+            format!(
+                "sqlx reads {variable} from the process environment itself and cannot be told \
+                 to ignore it; it is {value:?} there, but the connector has {}: unset {variable} \
+                 or give the connector the same value",
+                ours.map_or_else(|| "none".to_owned(), |v| format!("{v:?}"))
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -537,6 +584,25 @@ mod tests {
             };
             assert_eq!(config.setting(), "options", "{raw}");
         }
+    }
+
+    #[test]
+    fn process_variables_sqlx_cannot_drop_must_agree() {
+        assert!(agree_with_process("PGOPTIONS", "options", None, Some("-c a=b")).is_ok());
+        assert!(agree_with_process("PGOPTIONS", "options", Some("-c a=b"), Some("-c a=b")).is_ok());
+        for (process, ours) in [("-c a=b", None), ("-c a=b", Some("-c a=c"))] {
+            let Err(Error::Config(error)) =
+                agree_with_process("PGOPTIONS", "options", Some(process), ours)
+            else {
+                panic!("{process:?} against {ours:?} was accepted");
+            };
+            assert_eq!(error.setting(), "options");
+            assert!(error.to_string().contains("unset PGOPTIONS"), "{error}");
+        }
+        // With system roots only, any PGSSLROOTCERT sqlx would read is refused, even `system`
+        // (which sqlx would open as a file).
+        assert!(agree_with_process("PGSSLROOTCERT", "sslrootcert", Some("system"), None).is_err());
+        assert!(agree_with_process("PGSSLROOTCERT", "sslrootcert", None, None).is_ok());
     }
 
     #[test]
