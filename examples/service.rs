@@ -5,7 +5,7 @@
 //! # locally, no Azure: a test bed whose tokens live 60 s
 //! cargo run --example service --features sqlx
 //! curl http://127.0.0.1:3000/healthz     # ok
-//! curl http://127.0.0.1:3000/whoami      # {"user":"pg-entra-test-vm","server_version":"15.18",...}
+//! curl http://127.0.0.1:3000/whoami      # {"user":"pg-entra-test-vm","server_version":"15.18 …","tls_cipher":"TLS_AES_256_GCM_SHA384"}
 //! # on Azure: PGHOST etc. and a managed identity, as for `examples/connect.rs`
 //! PGHOST=myserver.postgres.database.azure.com cargo run --example service --features sqlx
 //! ```
