@@ -39,7 +39,10 @@
 //!
 //! # Rotation and revocation
 //! - **Rotation:** each new physical connection logs in with the current token; connections
-//!   already open stay open (PostgreSQL checks the token at login only).
+//!   already open stay open (PostgreSQL checks the token at login only). Azure accepts the
+//!   previous token until it expires, so a connection opened while the options are being
+//!   switched logs in as well. (The test bed is stricter: it accepts only the newest token, and
+//!   [`SqlxPool::acquire`]'s retry covers that window.)
 //! - **Revocation:** if the server refuses a login (SQLSTATE `28P01` or `28000`),
 //!   [`SqlxPool::acquire`] forces the cache's rate-limited refresh
 //!   ([`TokenCache::refresh_rejected`](crate::TokenCache::refresh_rejected)), puts the new
