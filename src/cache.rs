@@ -266,9 +266,9 @@ impl TokenCache {
     /// A listener for the tokens this cache stores from now on, for code that must push each new
     /// token somewhere (a pool's connect options, say) instead of asking for it per connect.
     ///
-    /// With background refresh on (the default) a new token arrives ahead of the old one's
-    /// expiry without anyone asking; forced refreshes after a refused login arrive too.
-    /// Without it, tokens arrive when callers' requests refresh them.
+    /// With background refresh on (off by default) a new token arrives ahead of the old
+    /// one's expiry without anyone asking; without it, tokens arrive when callers' requests
+    /// refresh them. Forced refreshes after a refused login arrive either way.
     pub fn updates(&self) -> TokenUpdates {
         TokenUpdates {
             receiver: self.inner.updates.subscribe(),

@@ -276,6 +276,12 @@ impl Connector {
         &self.inner.tokens
     }
 
+    /// The limit on one connection attempt to one host.
+    #[cfg(feature = "diesel-async")]
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.inner.connect_timeout
+    }
+
     /// The TLS mode asked for (all of them verify; see [`SslMode`]).
     pub fn ssl_mode(&self) -> SslMode {
         self.inner.ssl_mode

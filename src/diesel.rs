@@ -41,6 +41,9 @@ impl Connector {
     /// A Diesel connection (diesel-async's `AsyncPgConnection`) over a connection from
     /// [`connect_with_connection`](Self::connect_with_connection).
     ///
+    /// The session set-up diesel-async runs after the login is bounded by the connect timeout
+    /// too.
+    ///
     /// # Errors
     /// Diesel's `ConnectionError::BadConnection` with this crate's message and hint (the
     /// message never holds the token), or `CouldntSetupConfiguration` when diesel-async's
@@ -50,7 +53,18 @@ impl Connector {
             .connect_with_connection()
             .await
             .map_err(bad_connection)?;
-        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        // diesel-async queries the new session to set it up; a server gone silent after the
+        // login must not hold the caller (or a pool's connect) forever.
+        let timeout = self.connect_timeout();
+        let setup = AsyncPgConnection::try_from_client_and_connection(client, connection);
+        tokio::time::timeout(timeout, setup)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ConnectionError::BadConnection(format!(
+                    "the server did not finish diesel-async's session set-up within {timeout:?} \
+                 (the connect timeout)"
+                )))
+            })
     }
 
     /// A diesel-async connection manager whose connections come from
@@ -58,9 +72,8 @@ impl Connector {
     /// its setup replaced. Hand it to diesel-async's deadpool or bb8 pool builder.
     pub fn diesel_manager(
         &self,
-        config: ManagerConfig<AsyncPgConnection>,
+        mut config: ManagerConfig<AsyncPgConnection>,
     ) -> AsyncDieselConnectionManager<AsyncPgConnection> {
-        let mut config = config;
         let connector = self.clone();
         config.custom_setup = Box::new(move |_unused_url| {
             let connector = connector.clone();

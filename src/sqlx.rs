@@ -61,7 +61,8 @@ use std::fmt;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-use native_tls::Certificate;
+use arc_swap::ArcSwap;
+
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode, Postgres};
 use tokio::sync::oneshot;
@@ -69,13 +70,11 @@ use tokio::sync::oneshot;
 use crate::cache::TokenUpdates;
 use crate::connector::Connector;
 use crate::error::{AUTH_FAILURE_SQLSTATES, Error};
-use crate::tls::read_certificates;
+use crate::tls::{first_root_certificate_pem, root_certificate_file};
 use crate::token::Token;
 
 /// The `-c` flag of libpq's `options`, which is all sqlx can pass on.
 const SETTING_FLAG: &str = "-c";
-/// `sslrootcert=system`: the system roots only.
-const SYSTEM_ROOTS: &str = "system";
 
 impl Connector {
     /// sqlx connect options for the server with the current token as password (waiting for a
@@ -115,7 +114,8 @@ impl Connector {
         let follower = Arc::new(Follower {
             connector: self.clone(),
             base,
-            in_pool: Mutex::new(first.token),
+            in_pool: ArcSwap::from_pointee(first.token),
+            updating: Mutex::new(()),
         });
         let (pool_for_task, follower_for_task) = (pool.clone(), Arc::clone(&follower));
         let (stop, stopped) = oneshot::channel();
@@ -199,9 +199,11 @@ struct Shared {
 struct Follower {
     connector: Connector,
     base: SqlxBase,
-    /// The token in the pool's options. The lock makes "read the newest token, set it"
-    /// one step, so the task and a recovering acquire cannot set an older token last.
-    in_pool: Mutex<Token>,
+    /// The token in the pool's options, read on every acquire without a lock.
+    in_pool: ArcSwap<Token>,
+    /// Makes "read the newest token, set it" one step, so that the task and a recovering
+    /// acquire cannot set an older token last.
+    updating: Mutex<()>,
 }
 
 impl SqlxPool {
@@ -274,16 +276,16 @@ impl fmt::Debug for SqlxPool {
 
 impl Follower {
     fn token_in_pool(&self) -> Token {
-        crate::lock::lock(&self.in_pool).clone()
+        Token::clone(&self.in_pool.load())
     }
 
     /// Puts the cache's newest token into the pool's options, if it is not there yet.
     fn update(&self, pool: &PgPool) {
-        let mut in_pool = crate::lock::lock(&self.in_pool);
+        let _only_writer = crate::lock::lock(&self.updating);
         let Some(newest) = self.connector.token_cache().cached() else {
             return;
         };
-        if newest.is_same(&in_pool) {
+        if newest.is_same(&self.in_pool.load()) {
             return;
         }
         match self.base.with_token(&self.connector, newest) {
@@ -293,18 +295,12 @@ impl Follower {
                     "new token in the sqlx pool's connect options"
                 );
                 pool.set_connect_options(options.options);
-                *in_pool = options.token;
+                self.in_pool.store(Arc::new(options.token));
             }
             // Only the user name can fail here (a token without one): keep the old options,
             // whose login will fail and say so, rather than guess a name.
             Err(error) => tracing::warn!(%error, "cannot use the new token in the sqlx pool"),
         }
-    }
-}
-
-impl fmt::Debug for Follower {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Follower").finish_non_exhaustive()
     }
 }
 
@@ -342,7 +338,6 @@ fn login_refused(error: &sqlx::Error) -> bool {
 }
 
 /// Everything in the connect options but the user and password, checked once.
-#[derive(Clone)]
 struct SqlxBase {
     options: PgConnectOptions,
 }
@@ -412,12 +407,10 @@ impl SqlxBase {
         {
             options = options.options(server_settings(raw)?);
         }
-        match settings
-            .ssl_root_cert
-            .as_deref()
-            .filter(|p| *p != SYSTEM_ROOTS)
-        {
-            Some(path) => options = options.ssl_root_cert_from_pem(first_root_as_pem(path)?),
+        match root_certificate_file(settings.ssl_root_cert.as_deref()) {
+            Some(path) => {
+                options = options.ssl_root_cert_from_pem(first_root_certificate_pem(path)?)
+            }
             None => agree_with_process(
                 "PGSSLROOTCERT",
                 "sslrootcert",
@@ -458,42 +451,6 @@ fn agree_with_process(
         )),
         _ => Ok(()),
     }
-}
-
-/// The first certificate of a root-certificate file as PEM: sqlx's native-tls backend reads
-/// one certificate from the bytes it is given.
-fn first_root_as_pem(path: &str) -> Result<Vec<u8>, Error> {
-    let certificates = read_certificates(std::path::Path::new(path))?;
-    if certificates.len() > 1 {
-        tracing::warn!(
-            path,
-            count = certificates.len(),
-            "sqlx trusts only the first certificate of a root-certificate file (besides the \
-             system roots)"
-        );
-    }
-    let der = certificates
-        .first()
-        .map(Certificate::to_der)
-        .transpose()
-        .map_err(|e| Error::Tls {
-            message: format!("cannot re-encode the root certificate from {path}"),
-            source: Some(Box::new(e)),
-        })?
-        .ok_or_else(|| Error::invalid("sslrootcert", format!("{path} holds no certificate")))?;
-    Ok(pem("CERTIFICATE", &der).into_bytes())
-}
-
-fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut text = format!("-----BEGIN {label}-----\n");
-    for line in body.as_bytes().chunks(64) {
-        text.push_str(std::str::from_utf8(line).unwrap_or_default());
-        text.push('\n');
-    }
-    text.push_str(&format!("-----END {label}-----\n"));
-    text
 }
 
 /// The `name=value` pairs of a libpq `options` string made only of `-c name=value` (or
@@ -606,16 +563,6 @@ mod tests {
         // (which sqlx would open as a file).
         assert!(agree_with_process("PGSSLROOTCERT", "sslrootcert", Some("system"), None).is_err());
         assert!(agree_with_process("PGSSLROOTCERT", "sslrootcert", None, None).is_ok());
-    }
-
-    #[test]
-    fn pem_wraps_at_64_columns() {
-        let text = pem("CERTIFICATE", &[7u8; 100]);
-        let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines[0], "-----BEGIN CERTIFICATE-----");
-        assert_eq!(lines.last(), Some(&"-----END CERTIFICATE-----"));
-        assert!(lines[1..lines.len() - 1].iter().all(|l| l.len() <= 64));
-        assert_eq!(lines[1].len(), 64);
     }
 
     proptest! {

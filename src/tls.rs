@@ -79,7 +79,7 @@ impl FromStr for SslMode {
 pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConnector, Error> {
     let mut builder = TlsConnector::builder();
     builder.min_protocol_version(Some(Protocol::Tlsv12));
-    if let Some(path) = root_cert.filter(|p| *p != SYSTEM_ROOTS) {
+    if let Some(path) = root_certificate_file(root_cert) {
         for certificate in read_certificates(Path::new(path))? {
             builder.add_root_certificate(certificate);
         }
@@ -91,7 +91,54 @@ pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConne
     Ok(MakeTlsConnector::new(connector))
 }
 
-pub(crate) fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
+/// The file an `sslrootcert` setting names, unless it is `system` (the system roots only).
+pub(crate) fn root_certificate_file(root_cert: Option<&str>) -> Option<&str> {
+    root_cert.filter(|path| *path != SYSTEM_ROOTS)
+}
+
+/// The first certificate of a root-certificate file (PEM bundle or DER), as PEM: sqlx's
+/// native-tls backend reads one certificate from the bytes it is given. A bundle's others are
+/// dropped with a warning.
+#[cfg(feature = "sqlx")]
+pub(crate) fn first_root_certificate_pem(path: &str) -> Result<Vec<u8>, Error> {
+    let certificates = read_certificates(Path::new(path))?;
+    if certificates.len() > 1 {
+        tracing::warn!(
+            path,
+            count = certificates.len(),
+            "sqlx trusts only the first certificate of a root-certificate file (besides the \
+             system roots)"
+        );
+    }
+    let first = certificates
+        .first()
+        .ok_or_else(|| Error::invalid("sslrootcert", format!("{path} holds no certificate")))?;
+    let der = first.to_der().map_err(|e| Error::Tls {
+        message: format!("cannot re-encode the root certificate from {path}"),
+        source: Some(Box::new(e)),
+    })?;
+    Ok(der_to_pem(&der).into_bytes())
+}
+
+/// One certificate as PEM, base64 in 64-column lines (RFC 7468).
+#[cfg(feature = "sqlx")]
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let body = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut text = String::with_capacity(body.len() + body.len() / 64 + 64);
+    text.push_str(PEM_BEGIN);
+    text.push('\n');
+    // Base64 is ASCII, so 64-byte chunks are whole characters.
+    for line in body.as_bytes().chunks(64) {
+        text.push_str(std::str::from_utf8(line).unwrap_or_default());
+        text.push('\n');
+    }
+    text.push_str(PEM_END);
+    text.push('\n');
+    text
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
     let shown = path.display();
     let bytes = std::fs::read(path).map_err(|e| {
         Error::invalid(
@@ -165,6 +212,23 @@ mod tests {
             error.to_string().contains("/nonexistent/root.crt"),
             "{error}"
         );
+    }
+
+    #[cfg(feature = "sqlx")]
+    #[test]
+    fn pem_wraps_at_64_columns_and_reads_back() {
+        use base64::Engine as _;
+        let text = der_to_pem(&[7u8; 100]);
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines[0], PEM_BEGIN);
+        assert_eq!(lines.last(), Some(&PEM_END));
+        assert_eq!(lines[1].len(), 64);
+        assert!(lines[1..lines.len() - 1].iter().all(|l| l.len() <= 64));
+        let body: String = lines[1..lines.len() - 1].concat();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        assert_eq!(decoded, [7u8; 100]);
     }
 
     #[test]

@@ -14,8 +14,14 @@ use super::rotation::{rotating_bed, workload};
 #[allow(dead_code)] // its `main` and `run` are the example's, not the test's
 mod example;
 
-/// One `GET` over a new TCP connection: the status code and the body.
+/// One `GET` over a new TCP connection: the status code and the body; an error after 30 s.
 async fn get(port: u16, path: &str) -> Result<(u16, String), String> {
+    tokio::time::timeout(Duration::from_secs(30), get_unbounded(port, path))
+        .await
+        .map_err(|_| format!("GET {path}: no answer within 30 s"))?
+}
+
+async fn get_unbounded(port: u16, path: &str) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use pg_entra::Error;
-use pg_entra::testing::TestCa;
+use pg_entra::testing::{TestBed, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -40,6 +40,11 @@ async fn an_untrusted_server_certificate_fails_before_authentication() {
         .unwrap();
     let error = connector.connect().await.unwrap_err();
     assert!(matches!(error, Error::Tls { .. }), "{error:?}");
+    assert_no_login_reached(&bed);
+}
+
+/// The bed's server saw no login from its principal: no authorization, no password check.
+pub(super) fn assert_no_login_reached(bed: &TestBed) {
     let log = bed.postgres().log();
     let role = bed.principal().name();
     assert!(
@@ -60,12 +65,7 @@ async fn a_host_name_the_certificate_does_not_cover_fails() {
         .unwrap();
     let error = connector.connect().await.unwrap_err();
     assert!(matches!(error, Error::Tls { .. }), "{error:?}");
-    let role = bed.principal().name();
-    assert!(
-        !bed.postgres()
-            .log()
-            .contains(&format!("connection authorized: user={role}"))
-    );
+    assert_no_login_reached(&bed);
 }
 
 /// Records every byte a client sends, answering the TLS request with `reply`, then (for `S`)
