@@ -195,9 +195,10 @@ impl Connector {
         Ok(config)
     }
 
-    /// The role to log in as with `token`: the one configured, else the token's, with the
-    /// Single Server suffix when asked for.
-    pub(crate) fn user_for(&self, token: &Token) -> Result<String, Error> {
+    /// The role a login with `token` uses: the one configured, else the name the token's
+    /// claims imply ([`Token::username`]), with the Single Server suffix when asked for. An
+    /// error when neither exists (a service principal's token with no user configured).
+    pub fn user_for(&self, token: &Token) -> Result<String, Error> {
         match self.inner.base.get_user() {
             Some(user) if !self.inner.user_from_token => Ok(user.to_owned()),
             _ => Ok(single_server_user(
@@ -285,6 +286,13 @@ impl Connector {
     /// The TLS mode asked for (all of them verify; see [`SslMode`]).
     pub fn ssl_mode(&self) -> SslMode {
         self.inner.ssl_mode
+    }
+
+    /// The configuration every connection starts from: hosts, ports, database, the user when
+    /// one was configured, application name, connect timeout. It holds no password, and its
+    /// TLS mode is `require` (verification is the [`tls_connector`](Self::tls_connector)'s).
+    pub fn base_config(&self) -> &tokio_postgres::Config {
+        &self.inner.base
     }
 }
 

@@ -60,6 +60,12 @@ impl Token {
         self.inner.claims.username.as_deref()
     }
 
+    /// The claim [`username`](Self::username) came from (`xms_mirid`, `upn`,
+    /// `preferred_username` or `unique_name`), to explain a name to a person.
+    pub fn username_claim(&self) -> Option<&'static str> {
+        self.inner.claims.username_claim
+    }
+
     /// The derived user name, or an error naming the claims that were present.
     pub(crate) fn require_username(&self) -> Result<&str, Error> {
         self.username().ok_or_else(|| Error::UnknownUser {
@@ -118,6 +124,7 @@ fn identity_name_from_resource_id(id: &str) -> Option<String> {
 #[derive(Debug, Default)]
 struct PrincipalClaims {
     username: Option<String>,
+    username_claim: Option<&'static str>,
     audience: Option<String>,
     /// Names of all claims, for error messages.
     present: Vec<String>,
@@ -146,18 +153,23 @@ impl PrincipalClaims {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
         };
-        let username = USERNAME_CLAIMS.iter().find_map(|&name| {
-            let value = text(name)?;
-            if name == "xms_mirid" {
-                identity_name_from_resource_id(value)
-            } else {
-                Some(value.to_owned())
-            }
-        });
+        let (username_claim, username) = USERNAME_CLAIMS
+            .iter()
+            .find_map(|&name| {
+                let value = text(name)?;
+                let username = if name == "xms_mirid" {
+                    identity_name_from_resource_id(value)?
+                } else {
+                    value.to_owned()
+                };
+                Some((name, username))
+            })
+            .unzip();
         let mut present: Vec<String> = claims.keys().cloned().collect();
         present.sort();
         Self {
             username,
+            username_claim,
             audience: text("aud").map(str::to_owned),
             present,
         }
@@ -188,6 +200,7 @@ mod tests {
             expiry(),
         );
         assert_eq!(token.username(), Some("my-vm"));
+        assert_eq!(token.username_claim(), Some("xms_mirid"));
     }
 
     #[test]
@@ -237,11 +250,13 @@ mod tests {
             expiry(),
         );
         assert_eq!(upn.username(), Some("Ada@Contoso.com"));
+        assert_eq!(upn.username_claim(), Some("upn"));
         let preferred = Token::new(
             jwt(serde_json::json!({"preferred_username": "bob@contoso.com", "unique_name": "x"})),
             expiry(),
         );
         assert_eq!(preferred.username(), Some("bob@contoso.com"));
+        assert_eq!(preferred.username_claim(), Some("preferred_username"));
         let unique = Token::new(
             jwt(serde_json::json!({"unique_name": "live.com#eve@contoso.com"})),
             expiry(),

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
@@ -17,6 +17,7 @@ use super::unavailable::CredentialUnavailable;
 use super::vars::TOKEN_CREDENTIALS_VAR;
 use crate::cloud::resource_for_scope;
 use crate::error::Error;
+use crate::lock::lock;
 
 /// How long the first IMDS request may take before the chain decides there is no IMDS.
 const DEFAULT_IMDS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -118,6 +119,8 @@ pub struct DefaultAzureCredential {
     members: Vec<(Member, Arc<dyn TokenCredential>)>,
     /// The member that produced a token.
     winner: OnceLock<usize>,
+    /// The members the last search through the chain passed over, and why.
+    skipped: Mutex<Vec<(&'static str, String)>>,
 }
 
 impl DefaultAzureCredential {
@@ -141,6 +144,14 @@ impl DefaultAzureCredential {
     pub fn selected_credential(&self) -> Option<&'static str> {
         self.winner.get().map(|&i| self.members[i].0.name())
     }
+
+    /// The credentials the last search through the chain passed over, each with why it was
+    /// unavailable (variables not set, no endpoint, tool not logged in): those before the
+    /// [selected one](Self::selected_credential) once one has produced a token, else every
+    /// one that was unavailable. Empty before the first token request.
+    pub fn skipped_credentials(&self) -> Vec<(&'static str, String)> {
+        lock(&self.skipped).clone()
+    }
 }
 
 #[async_trait::async_trait]
@@ -154,9 +165,12 @@ impl TokenCredential for DefaultAzureCredential {
             return self.members[winner].1.get_token(scopes, options).await;
         }
         let mut unavailable = Vec::new();
+        let mut skipped = Vec::new();
         for (index, (member, credential)) in self.members.iter().enumerate() {
             match credential.get_token(scopes, options.clone()).await {
                 Ok(token) => {
+                    // Reasons first: whoever sees the winner also sees why the others lost.
+                    *lock(&self.skipped) = skipped;
                     let _ = self.winner.set(index);
                     tracing::info!(
                         credential = member.name(),
@@ -166,9 +180,14 @@ impl TokenCredential for DefaultAzureCredential {
                 }
                 Err(error) if CredentialUnavailable::is_in(&error) => {
                     tracing::debug!(credential = member.name(), %error, "credential unavailable; trying the next");
+                    let reason = error
+                        .downcast_ref::<CredentialUnavailable>()
+                        .map_or_else(|| error.to_string(), |u| u.reason().to_owned());
+                    skipped.push((member.name(), reason));
                     unavailable.push(error.to_string());
                 }
                 Err(error) => {
+                    *lock(&self.skipped) = skipped;
                     tracing::warn!(credential = member.name(), %error, "credential failed; the chain stops here");
                     let kind = error.kind().clone();
                     let message = format!(
@@ -179,6 +198,7 @@ impl TokenCredential for DefaultAzureCredential {
                 }
             }
         }
+        *lock(&self.skipped) = skipped;
         Err(azure_core::Error::new(
             ErrorKind::Credential,
             NoCredential {
@@ -424,6 +444,7 @@ impl DefaultAzureCredentialBuilder {
         Ok(DefaultAzureCredential {
             members,
             winner: OnceLock::new(),
+            skipped: Mutex::new(Vec::new()),
         })
     }
 }

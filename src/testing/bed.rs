@@ -70,6 +70,12 @@ impl TestBed {
     /// `PGPORT`, `PGDATABASE`, `PGSSLMODE`, `PGSSLROOTCERT` and
     /// `AZURE_POD_IDENTITY_AUTHORITY_HOST` (plus `AZURE_CLIENT_ID` for a user-assigned identity).
     pub fn environment(&self) -> Environment {
+        Environment::from_vars(self.vars())
+    }
+
+    /// The variables of [`environment`](Self::environment), to hand to another process (none
+    /// is a secret).
+    pub fn vars(&self) -> Vec<(String, String)> {
         let mut vars = self.postgres.libpq_vars();
         vars.push((
             crate::credential::vars::POD_IDENTITY_AUTHORITY_HOST_VAR.into(),
@@ -78,7 +84,7 @@ impl TestBed {
         if !self.principal.is_system_assigned() {
             vars.push(("AZURE_CLIENT_ID".into(), self.principal.client_id().into()));
         }
-        Environment::from_vars(vars)
+        vars
     }
 
     /// A connector builder aimed at the server with the bed's credential.

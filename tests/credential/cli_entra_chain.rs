@@ -361,8 +361,24 @@ async fn the_chain_remembers_the_winner() {
         ("AZURE_POD_IDENTITY_AUTHORITY_HOST", imds.authority_host()),
     ])
     .unwrap();
+    assert!(chain.skipped_credentials().is_empty(), "nothing tried yet");
     chain_token(&chain).await.unwrap();
     assert_eq!(chain.selected_credential(), Some("AzureCliCredential"));
+    // Each member passed over, in order, with its own reason.
+    let skipped = chain.skipped_credentials();
+    assert_eq!(
+        skipped.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+        [
+            "EnvironmentCredential",
+            "WorkloadIdentityCredential",
+            "ManagedIdentityCredential"
+        ]
+    );
+    assert!(skipped[0].1.contains("AZURE_TENANT_ID"), "{skipped:?}");
+    assert!(
+        skipped[2].1.contains("does not know this identity"),
+        "{skipped:?}"
+    );
     // The probe (no `Metadata` header, refused at once), then the token request (400).
     let seen = imds.recorded();
     assert_eq!(
@@ -396,6 +412,7 @@ async fn order_and_a_refused_credential_stops_the_chain() {
     );
     chain_token(&first).await.unwrap();
     assert_eq!(first.selected_credential(), Some("EnvironmentCredential"));
+    assert!(first.skipped_credentials().is_empty(), "the first member won");
     assert_eq!(tools.runs("az"), 0);
 
     // The service principal's secret is wrong: that is a refusal, not "unavailable".

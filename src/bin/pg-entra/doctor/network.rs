@@ -1,0 +1,423 @@
+//! Step 6: each host's DNS answer, TCP connect time, and TLS handshake (the PostgreSQL TLS
+//! request, then the server's certificate: subject, issuer, expiry, the root it chains to).
+
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use openssl::asn1::Asn1Time;
+use openssl::ssl::{HandshakeError, SslConnector, SslMethod, SslRef};
+use openssl::x509::{X509, X509NameRef, X509Ref, X509VerifyResult};
+use pg_entra::{Connector, Environment};
+use tokio_postgres::config::Host;
+
+use super::{Report, Step};
+use crate::exit::Failure;
+
+/// PostgreSQL's SSLRequest: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+/// Azure Database for PostgreSQL's certificates chain to these (facts doc, TLS).
+const AZURE_ROOTS: &str =
+    "DigiCert Global Root G2 or Microsoft RSA Root Certificate Authority 2017";
+
+/// Checks every configured host; the first that fails ends the check.
+pub(super) async fn check(
+    connector: &Connector,
+    timeout: Duration,
+    report: &mut Report,
+) -> Result<(), Failure> {
+    let config = connector.base_config();
+    let ports = config.get_ports();
+    let hostaddrs = config.get_hostaddrs();
+    let root_file = Environment::process()
+        .var("PGSSLROOTCERT")
+        .filter(|file| file != "system");
+    for (index, host) in config.get_hosts().iter().enumerate() {
+        let Host::Tcp(host) = host else { continue };
+        let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+        let fixed = hostaddrs.get(index).copied();
+        let (step, failure) =
+            check_host(host, port, fixed, root_file.clone(), timeout).await;
+        report.record(step, failure)?;
+    }
+    Ok(())
+}
+
+/// DNS, TCP and TLS for one host: the step, and the failure class if it failed.
+async fn check_host(
+    host: &str,
+    port: u16,
+    hostaddr: Option<IpAddr>,
+    root_file: Option<String>,
+    timeout: Duration,
+) -> (Step, Failure) {
+    let title = "network";
+    let mut facts: Vec<(String, String)> = Vec::new();
+    let finish = |mut step: Step, facts: &[(String, String)]| {
+        for (label, value) in facts {
+            step = step.detail(label.clone(), value.clone());
+        }
+        step
+    };
+
+    // DNS (skipped when a hostaddr is given, as libpq does).
+    let addresses: Vec<SocketAddr> = match hostaddr {
+        Some(address) => {
+            facts.push(("hostaddr".into(), address.to_string()));
+            vec![SocketAddr::new(address, port)]
+        }
+        None => match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await
+        {
+            Ok(Ok(found)) => {
+                let found: Vec<SocketAddr> = found.collect();
+                let shown: Vec<String> = found.iter().map(|a| a.ip().to_string()).collect();
+                facts.push(("DNS".into(), format!("{host} → {}", shown.join(", "))));
+                found
+            }
+            Ok(Err(error)) => {
+                let step = Step::failed(title, format!("{host} does not resolve: {error}"))
+                    .cause("a typo in the server name (Flexible Server: <name>.postgres.database.azure.com)")
+                    .cause("a private endpoint whose private DNS zone (privatelink.postgres.database.azure.com) is not linked to this network")
+                    .cause("no DNS server reachable from here");
+                return (finish(step, &facts), Failure::Network);
+            }
+            Err(_) => {
+                let step = Step::failed(
+                    title,
+                    format!("resolving {host} took longer than {timeout:?}"),
+                )
+                .next("check this machine's DNS servers");
+                return (finish(step, &facts), Failure::Timeout);
+            }
+        },
+    };
+
+    // TCP: the first address that accepts, as libpq tries them in order.
+    let mut connected = None;
+    let mut last_error = None;
+    for address in &addresses {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
+            Ok(Ok(_stream)) => {
+                facts.push((
+                    "TCP".into(),
+                    format!("{address} connected in {:.1} ms", ms(started.elapsed())),
+                ));
+                connected = Some(*address);
+                break;
+            }
+            Ok(Err(error)) => last_error = Some((*address, Some(error))),
+            Err(_) => last_error = Some((*address, None)),
+        }
+    }
+    let Some(address) = connected else {
+        let step = match last_error {
+            Some((address, Some(error))) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let step = Step::failed(title, format!("nothing is listening on {address} (connection refused)"))
+                    .cause(format!("the port is wrong (Azure Database for PostgreSQL: 5432; its PgBouncer: 6432); this check used {port}"))
+                    .cause("the server is stopped or restarting")
+                    .cause("the name resolves to a different machine than the server");
+                (step, Failure::Network)
+            }
+            Some((address, Some(error))) => (
+                Step::failed(title, format!("cannot connect to {address}: {error}"))
+                    .next("check routes and network security groups between this machine and the server"),
+                Failure::Network,
+            ),
+            Some((address, None)) => (
+                Step::failed(title, format!("no answer from {address} within {timeout:?}"))
+                    .cause("a firewall drops the packets: add this machine's address to the server's firewall rules (Networking), or reach it through its private endpoint")
+                    .cause(format!("a network security group or route blocks port {port}")),
+                Failure::Timeout,
+            ),
+            None => (
+                Step::failed(title, format!("{host} resolved to no address")),
+                Failure::Network,
+            ),
+        };
+        return (finish(step.0, &facts), step.1);
+    };
+
+    // TLS, on a blocking socket with timeouts (openssl's blocking API shows the chain).
+    let server_name = host.to_owned();
+    let handshake = tokio::task::spawn_blocking(move || {
+        handshake(address, &server_name, root_file.as_deref(), timeout)
+    })
+    .await
+    .unwrap_or_else(|error| Err(TlsProblem::Other(error.to_string())));
+    match handshake {
+        Ok(tls) => {
+            facts.push(("TLS".into(), format!("{}, {}", tls.protocol, tls.cipher)));
+            facts.push(("certificate".into(), tls.leaf.subject.clone()));
+            if !tls.leaf.names.is_empty() {
+                facts.push(("names".into(), tls.leaf.names.join(", ")));
+            }
+            facts.push(("issuer".into(), tls.leaf.issuer.clone()));
+            facts.push(("expires".into(), tls.leaf.expiry()));
+            facts.push(("root".into(), tls.root.clone()));
+            let mut step = Step::passed(
+                title,
+                format!("{host}:{port} reachable, certificate verified"),
+            );
+            if tls.leaf.days_left < 14 {
+                step = step.warning("the server certificate expires within 14 days");
+            }
+            (finish(step, &facts), Failure::Tls)
+        }
+        Err(problem) => {
+            let (step, failure) = problem.diagnose(host);
+            (finish(step, &facts), failure)
+        }
+    }
+}
+
+/// What the TLS step learnt from a verified handshake.
+struct TlsFacts {
+    protocol: String,
+    cipher: String,
+    leaf: CertificateFacts,
+    /// The subject of the trusted root the chain ended at.
+    root: String,
+}
+
+/// The facts of one certificate a person checks.
+struct CertificateFacts {
+    subject: String,
+    issuer: String,
+    /// DNS names and addresses it is valid for.
+    names: Vec<String>,
+    not_after: String,
+    days_left: i32,
+}
+
+impl CertificateFacts {
+    fn of(certificate: &X509Ref) -> Self {
+        let names = certificate
+            .subject_alt_names()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|name| {
+                        name.dnsname().map(str::to_owned).or_else(|| {
+                            name.ipaddress().and_then(|bytes| match bytes.len() {
+                                4 => <[u8; 4]>::try_from(bytes).ok().map(|b| IpAddr::from(b).to_string()),
+                                16 => <[u8; 16]>::try_from(bytes).ok().map(|b| IpAddr::from(b).to_string()),
+                                _ => None,
+                            })
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let days_left = Asn1Time::days_from_now(0)
+            .ok()
+            .and_then(|now| now.diff(certificate.not_after()).ok())
+            .map_or(0, |diff| diff.days);
+        Self {
+            subject: name(certificate.subject_name()),
+            issuer: name(certificate.issuer_name()),
+            names,
+            not_after: certificate.not_after().to_string(),
+            days_left,
+        }
+    }
+
+    fn expiry(&self) -> String {
+        if self.days_left >= 0 {
+            format!("{} (in {} days)", self.not_after, self.days_left)
+        } else {
+            format!("{} ({} days ago)", self.not_after, -self.days_left)
+        }
+    }
+}
+
+/// Why the TLS step failed.
+enum TlsProblem {
+    /// The server answered the TLS request with `N`.
+    NoTls,
+    /// The certificate was not accepted; the presented one, when there was one.
+    Untrusted {
+        reason: String,
+        presented: Option<CertificateFacts>,
+    },
+    Io(std::io::Error),
+    Other(String),
+}
+
+impl TlsProblem {
+    fn diagnose(self, host: &str) -> (Step, Failure) {
+        let title = "network";
+        match self {
+            TlsProblem::NoTls => (
+                Step::failed(title, "the server does not offer TLS, so the token cannot be sent")
+                    .cause("this is not Azure Database for PostgreSQL (which always offers TLS), or a proxy in between strips it")
+                    .next("check the host and port"),
+                Failure::Tls,
+            ),
+            TlsProblem::Untrusted { reason, presented } => {
+                let mut step = Step::failed(
+                    title,
+                    format!("the server's certificate is not trusted: {reason}"),
+                );
+                if let Some(presented) = &presented {
+                    step = step
+                        .detail("presented", presented.subject.clone())
+                        .detail("issuer", presented.issuer.clone());
+                    if !presented.names.is_empty() {
+                        step = step.detail("names", presented.names.join(", "));
+                    }
+                }
+                if reason.contains("hostname mismatch") || reason.contains("IP address mismatch") {
+                    step = step.next(format!(
+                        "connect with a name the certificate lists, not {host}: for a private endpoint keep the server's own name and let DNS resolve it to the private address"
+                    ));
+                } else {
+                    step = step
+                        .cause(format!("this machine lacks the root the chain ends at (Azure: {AZURE_ROOTS})"))
+                        .cause("PGSSLROOTCERT names a file without that root (it adds to the system roots here; in libpq it replaces them)")
+                        .next("install the system CA bundle (Debian/Ubuntu: ca-certificates), or set PGSSLROOTCERT to a PEM file holding the root; never pin the intermediate or the server certificate, which Azure rotates");
+                }
+                (step, Failure::Tls)
+            }
+            TlsProblem::Io(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                (
+                    Step::failed(title, "the server accepted the connection and then went silent during TLS")
+                        .cause("a firewall or proxy that lets the connection in but not the traffic")
+                        .cause("the server is overloaded or hung"),
+                    Failure::Timeout,
+                )
+            }
+            TlsProblem::Io(error) => (
+                Step::failed(title, format!("the connection failed during TLS: {error}")),
+                Failure::Tls,
+            ),
+            TlsProblem::Other(message) => (
+                Step::failed(title, format!("the TLS handshake failed: {message}")),
+                Failure::Tls,
+            ),
+        }
+    }
+}
+
+impl From<std::io::Error> for TlsProblem {
+    fn from(error: std::io::Error) -> Self {
+        TlsProblem::Io(error)
+    }
+}
+
+impl From<openssl::error::ErrorStack> for TlsProblem {
+    fn from(error: openssl::error::ErrorStack) -> Self {
+        TlsProblem::Other(error.to_string())
+    }
+}
+
+/// The PostgreSQL TLS request, then a verifying handshake for `host`: the system roots plus
+/// `root_file`, the host name checked, as the connector does.
+fn handshake(
+    address: SocketAddr,
+    host: &str,
+    root_file: Option<&str>,
+    timeout: Duration,
+) -> Result<TlsFacts, TlsProblem> {
+    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(&SSL_REQUEST)?;
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer)?;
+    match answer[0] {
+        b'S' => {}
+        b'N' => return Err(TlsProblem::NoTls),
+        other => {
+            return Err(TlsProblem::Other(format!(
+                "the server answered the TLS request with {:?}, not S or N",
+                char::from(other)
+            )));
+        }
+    }
+    let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+    if let Some(file) = root_file {
+        for root in read_roots(file)? {
+            builder.cert_store_mut().add_cert(root)?;
+        }
+    }
+    match builder.build().connect(host, stream) {
+        Ok(tls) => Ok(facts(tls.ssl())),
+        Err(HandshakeError::Failure(failed)) => {
+            let ssl = failed.ssl();
+            let verify = ssl.verify_result();
+            if verify == X509VerifyResult::OK {
+                Err(TlsProblem::Other(failed.error().to_string()))
+            } else {
+                Err(TlsProblem::Untrusted {
+                    reason: verify.error_string().to_owned(),
+                    presented: ssl.peer_certificate().map(|c| CertificateFacts::of(&c)),
+                })
+            }
+        }
+        Err(HandshakeError::WouldBlock(_)) => Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into())),
+        Err(HandshakeError::SetupFailure(error)) => Err(error.into()),
+    }
+}
+
+fn facts(ssl: &SslRef) -> TlsFacts {
+    let chain: Vec<&X509Ref> = ssl
+        .verified_chain()
+        .map(|chain| chain.iter().collect())
+        .unwrap_or_default();
+    let leaf = ssl
+        .peer_certificate()
+        .map(|c| CertificateFacts::of(&c))
+        .or_else(|| chain.first().map(|c| CertificateFacts::of(c)));
+    TlsFacts {
+        protocol: ssl.version_str().to_owned(),
+        cipher: ssl
+            .current_cipher()
+            .map_or_else(String::new, |c| c.name().to_owned()),
+        leaf: leaf.unwrap_or(CertificateFacts {
+            subject: String::new(),
+            issuer: String::new(),
+            names: Vec::new(),
+            not_after: String::new(),
+            days_left: 0,
+        }),
+        root: chain
+            .last()
+            .map_or_else(String::new, |root| name(root.subject_name())),
+    }
+}
+
+/// A root certificate file: a PEM bundle, or one DER certificate (as libpq accepts).
+fn read_roots(file: &str) -> Result<Vec<X509>, TlsProblem> {
+    let bytes = std::fs::read(file).map_err(|error| {
+        TlsProblem::Other(format!("cannot read PGSSLROOTCERT {file}: {error}"))
+    })?;
+    let text_begins = bytes.windows(11).any(|w| w == b"-----BEGIN ");
+    let roots = if text_begins {
+        X509::stack_from_pem(&bytes)?
+    } else {
+        vec![X509::from_der(&bytes)?]
+    };
+    Ok(roots)
+}
+
+/// `CN=…, O=…` in the certificate's order.
+fn name(name: &X509NameRef) -> String {
+    name.entries()
+        .map(|entry| {
+            let key = entry.object().nid().short_name().unwrap_or("?");
+            let value = entry.data().to_string().unwrap_or_default();
+            format!("{key}={value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
