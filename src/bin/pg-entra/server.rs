@@ -40,8 +40,9 @@ pub(crate) struct Setting {
 }
 
 /// The settings the doctor shows: name, flag, libpq variable, default.
-const SHOWN: [(&str, &str, &str, Option<&str>); 6] = [
+const SHOWN: [(&str, &str, &str, Option<&str>); 7] = [
     ("host", "--host", "PGHOST", None),
+    ("hostaddr", "", "PGHOSTADDR", None),
     ("port", "--port", "PGPORT", Some("5432")),
     ("database", "--dbname", "PGDATABASE", Some("postgres")),
     ("user", "--user", "PGUSER", None),
@@ -61,11 +62,13 @@ impl ServerArgs {
     }
 
     /// Host, port, database, user and TLS settings with their sources, in the order the
-    /// connector applies them (flag, then libpq variable, then default).
+    /// connector applies them (flag, then libpq variable, then default). A host address only
+    /// when one is set.
     pub(crate) fn settings(&self) -> Vec<Setting> {
         let env = Environment::process();
         SHOWN
             .iter()
+            .filter(|(name, _, var, _)| *name != "hostaddr" || env.var(var).is_some())
             .map(|&(name, flag, var, default)| {
                 let (value, source) = match (self.flag(name), env.var(var)) {
                     (Some(value), _) => (Some(value), flag.to_owned()),

@@ -83,6 +83,16 @@ impl Step {
         self
     }
 
+    /// Puts these details before the ones already there (what was learnt before a failure).
+    pub(crate) fn details_first(mut self, facts: &[(String, String)]) -> Self {
+        let earlier = facts.iter().map(|(label, value)| Detail {
+            label: label.clone(),
+            value: value.clone(),
+        });
+        self.details.splice(0..0, earlier);
+        self
+    }
+
     pub(crate) fn warning(mut self, warning: impl Into<String>) -> Self {
         self.warnings.push(warning.into());
         self

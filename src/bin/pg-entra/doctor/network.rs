@@ -3,10 +3,11 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openssl::asn1::Asn1Time;
-use openssl::ssl::{HandshakeError, SslConnector, SslMethod, SslRef};
+use openssl::ssl::{HandshakeError, SslConnector, SslMethod, SslRef, SslVerifyMode};
 use openssl::x509::{X509, X509NameRef, X509Ref, X509VerifyResult};
 use pg_entra::{Connector, Environment};
 use tokio_postgres::config::Host;
@@ -16,6 +17,8 @@ use crate::exit::Failure;
 
 /// PostgreSQL's SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+/// The issuer of the test bed's certificates (`pg_entra::testing`).
+const TEST_CA: &str = "pg-entra test CA";
 /// Azure Database for PostgreSQL's certificates chain to these (facts doc, TLS).
 const AZURE_ROOTS: &str =
     "DigiCert Global Root G2 or Microsoft RSA Root Certificate Authority 2017";
@@ -53,12 +56,7 @@ async fn check_host(
 ) -> (Step, Failure) {
     let title = "network";
     let mut facts: Vec<(String, String)> = Vec::new();
-    let finish = |mut step: Step, facts: &[(String, String)]| {
-        for (label, value) in facts {
-            step = step.detail(label.clone(), value.clone());
-        }
-        step
-    };
+    let finish = |step: Step, facts: &[(String, String)]| step.details_first(facts);
 
     // DNS (skipped when a hostaddr is given, as libpq does).
     let addresses: Vec<SocketAddr> = match hostaddr {
@@ -271,6 +269,13 @@ impl TlsProblem {
                     step = step.next(format!(
                         "connect with a name the certificate lists, not {host}: for a private endpoint keep the server's own name and let DNS resolve it to the private address"
                     ));
+                } else if presented
+                    .as_ref()
+                    .is_some_and(|p| p.issuer.contains(TEST_CA))
+                {
+                    step = step.next(
+                        "this is the pg-entra test bed's certificate: set PGSSLROOTCERT to the CA file `pg-entra testbed` printed",
+                    );
                 } else {
                     step = step
                         .cause(format!("this machine lacks the root the chain ends at (Azure: {AZURE_ROOTS})"))
@@ -346,17 +351,33 @@ fn handshake(
             builder.cert_store_mut().add_cert(root)?;
         }
     }
+    // A refused handshake keeps no peer certificate: note the presented one as it is refused.
+    let presented: Arc<Mutex<Option<CertificateFacts>>> = Arc::default();
+    let seen = Arc::clone(&presented);
+    builder.set_verify_callback(SslVerifyMode::PEER, move |ok, context| {
+        if !ok {
+            let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if seen.is_none() {
+                let leaf = context.chain().and_then(|chain| chain.iter().next());
+                *seen = leaf.map(CertificateFacts::of);
+            }
+        }
+        ok
+    });
     match builder.build().connect(host, stream) {
         Ok(tls) => Ok(facts(tls.ssl())),
         Err(HandshakeError::Failure(failed)) => {
-            let ssl = failed.ssl();
-            let verify = ssl.verify_result();
+            let verify = failed.ssl().verify_result();
             if verify == X509VerifyResult::OK {
                 Err(TlsProblem::Other(failed.error().to_string()))
             } else {
+                let presented = presented
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .take();
                 Err(TlsProblem::Untrusted {
                     reason: verify.error_string().to_owned(),
-                    presented: ssl.peer_certificate().map(|c| CertificateFacts::of(&c)),
+                    presented,
                 })
             }
         }

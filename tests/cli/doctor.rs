@@ -1,0 +1,264 @@
+//! `pg-entra doctor`: all ✓ on a good set-up, and the right diagnosis and exit code for each
+//! failure class.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use pg_entra::testing::{IdentityEndpoint, LocalPostgres, Principal, Reply, TestBed};
+
+use super::{Run, pg_entra, with};
+
+/// The exit codes the README documents.
+const CREDENTIAL: i32 = 4;
+const TOKEN: i32 = 5;
+const NETWORK: i32 = 6;
+const TLS: i32 = 7;
+const LOGIN_REFUSED: i32 = 8;
+const DATABASE_MISSING: i32 = 10;
+
+async fn doctor(vars: &[(String, String)], extra: &[&str]) -> Run {
+    let mut args = vec!["doctor"];
+    args.extend_from_slice(extra);
+    let run = pg_entra(&args, vars).await;
+    run.assert_no_token();
+    run
+}
+
+/// The step lines (`✓ 3. token: …`), in order.
+fn marks(run: &Run) -> Vec<String> {
+    run.stdout
+        .lines()
+        .filter(|line| line.starts_with('✓') || line.starts_with('✗'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Asserts the run stopped at `step` (1-based) with `code`, every earlier step passed.
+fn assert_stopped_at(run: &Run, step: usize, code: i32) {
+    assert_eq!(run.code, Some(code), "exit code");
+    let marks = marks(run);
+    // The steps, then the closing line.
+    assert_eq!(marks.len(), step + 1, "{marks:#?}");
+    assert!(marks[..step - 1].iter().all(|m| m.starts_with('✓')), "{marks:#?}");
+    assert!(marks[step - 1].starts_with(&format!("✗ {step}.")), "{marks:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_good_set_up_passes_every_step() {
+    let bed = TestBed::start().await.unwrap();
+    let run = doctor(&bed.vars(), &[]).await;
+    assert_eq!(run.code, Some(0));
+    let marks = marks(&run);
+    assert_eq!(marks.len(), 8, "{marks:#?}");
+    assert!(marks.iter().all(|m| m.starts_with('✓')), "{marks:#?}");
+    let name = bed.principal().name();
+    for expected in [
+        "✓ 2. credential: ManagedIdentityCredential".to_owned(),
+        "EnvironmentCredential       skipped: AZURE_TENANT_ID".to_owned(),
+        format!("✓ 4. user name: {name}"),
+        "rule  from the token's xms_mirid claim".to_owned(),
+        format!("select * from pgaadauth_create_principal('{name}', false, false);"),
+        format!("'{}', 'service', false, false);", bed.principal().object_id()),
+        "root         CN=pg-entra test CA".to_owned(),
+        format!("current_user    {name}"),
+        "TLS cipher      TLS_".to_owned(),
+    ] {
+        assert!(run.stdout.contains(&expected), "{expected:?} missing");
+    }
+
+    // The same as JSON, for scripts.
+    let run = doctor(&bed.vars(), &["--json"]).await;
+    assert_eq!(run.code, Some(0));
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["exit_code"], 0);
+    let steps = report["steps"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["configuration", "credential", "token", "user name", "role", "network", "login"]
+    );
+    assert!(steps.iter().all(|s| s["ok"] == true));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_role_is_refused_and_the_sql_to_create_it_is_printed() {
+    // A server without the identity's role, and an endpoint that issues its tokens.
+    let postgres = LocalPostgres::start().await.unwrap();
+    let principal = Principal::user_assigned("orders-api");
+    let identity = IdentityEndpoint::builder()
+        .principal(principal.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut vars = postgres.libpq_vars();
+    vars.push((
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
+        identity.authority_host(),
+    ));
+    vars.push(("AZURE_CLIENT_ID".into(), principal.client_id().into()));
+
+    let run = doctor(&vars, &[]).await;
+    assert_stopped_at(&run, 7, LOGIN_REFUSED);
+    assert!(run.stdout.contains("password authentication failed for user \"orders-api\" (28P01)"));
+    assert!(run.stdout.contains("for a user-assigned managed identity"));
+    assert!(run.stdout.contains(
+        "select * from pgaadauth_create_principal('orders-api', false, false);"
+    ));
+    assert!(run.stdout.contains(&format!(
+        "select * from pgaadauth_create_principal_with_oid('orders-api', '{}', 'service', false, false);",
+        principal.object_id()
+    )));
+    let causes = run.stdout.split("likely causes").nth(1).unwrap();
+    assert!(
+        causes.trim_start().contains("1. no role orders-api exists"),
+        "with no user given, the missing role comes first:\n{causes}"
+    );
+
+    // Creating the role as printed (the bed's PostgreSQL has no pgaadauth; a plain role whose
+    // password the endpoint sets stands in for it) makes the next check pass.
+    postgres.create_role("orders-api").await.unwrap();
+    drop(identity);
+    let identity = IdentityEndpoint::builder()
+        .principal(principal.clone())
+        .password_setter(postgres.password_setter())
+        .start()
+        .await
+        .unwrap();
+    let vars = with(&vars, "AZURE_POD_IDENTITY_AUTHORITY_HOST", &identity.authority_host());
+    assert_eq!(doctor(&vars, &[]).await.code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_user_name_is_named_as_the_first_cause() {
+    let bed = TestBed::start().await.unwrap();
+    let run = doctor(&with(&bed.vars(), "PGUSER", "reporting"), &[]).await;
+    assert_stopped_at(&run, 7, LOGIN_REFUSED);
+    assert!(run.stdout.contains("user         reporting  from PGUSER"));
+    assert!(run.stdout.contains("rule  given by PGUSER"));
+    assert!(run.stdout.contains(&format!(
+        "PGUSER=reporting differs from the name in the token ({})",
+        bed.principal().name()
+    )));
+    let causes = run.stdout.split("likely causes").nth(1).unwrap();
+    assert!(
+        causes.contains(&format!(
+            "1. PGUSER=reporting is not this principal's name, {}",
+            bed.principal().name()
+        )),
+        "{causes}"
+    );
+    // A flag beats the variable, and says so.
+    let run = doctor(&bed.vars(), &["--user", "reporting"]).await;
+    assert!(run.stdout.contains("1. --user=reporting is not this principal's name"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_identity_endpoint_answering_400_means_no_identity_is_assigned() {
+    let bed = TestBed::start().await.unwrap();
+    bed.identity().script([Reply::status(400)]);
+    let run = doctor(&bed.vars(), &[]).await;
+    assert_stopped_at(&run, 2, CREDENTIAL);
+    assert!(run.stdout.contains("managed identity endpoint answered 400"));
+    // Every member, and why it could not be used.
+    for member in [
+        "EnvironmentCredential",
+        "WorkloadIdentityCredential",
+        "ManagedIdentityCredential",
+        "AzureCliCredential",
+        "AzureDeveloperCliCredential",
+    ] {
+        assert!(run.stdout.contains(&format!("{member} ")), "{member} missing");
+    }
+    assert!(run.stdout.contains("does not know this identity"));
+    assert!(run.stdout.contains("turn on the resource's managed identity"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_certificate_stops_before_the_login() {
+    let bed = TestBed::start().await.unwrap();
+    // The system roots only: the bed's CA is not among them.
+    let run = doctor(&with(&bed.vars(), "PGSSLROOTCERT", "system"), &[]).await;
+    assert_stopped_at(&run, 6, TLS);
+    assert!(run.stdout.contains("the server's certificate is not trusted"));
+    assert!(run.stdout.contains("presented  CN=localhost"));
+    assert!(run.stdout.contains("issuer     CN=pg-entra test CA"));
+    assert!(!run.stdout.contains("7. login"));
+
+    // A trusted certificate for another name: the name is checked too (the address comes
+    // from PGHOSTADDR, so no DNS is needed for the made-up name).
+    let vars = with(
+        &with(&bed.vars(), "PGHOST", "db.example.test"),
+        "PGHOSTADDR",
+        "127.0.0.1",
+    );
+    let run = doctor(&vars, &[]).await;
+    assert_stopped_at(&run, 6, TLS);
+    assert!(run.stdout.contains("hostaddr     127.0.0.1  from PGHOSTADDR"));
+    assert!(!run.stdout.contains("    DNS "), "no DNS step with a host address");
+    assert!(run.stdout.contains("hostname mismatch"));
+    assert!(run.stdout.contains("connect with a name the certificate lists"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_listening_on_the_port() {
+    let bed = TestBed::start().await.unwrap();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port().to_string();
+    drop(free);
+    let run = doctor(&with(&bed.vars(), "PGPORT", &port), &[]).await;
+    assert_stopped_at(&run, 6, NETWORK);
+    assert!(run.stdout.contains(&format!("nothing is listening on 127.0.0.1:{port}")));
+    assert!(run.stdout.contains("DNS  localhost → 127.0.0.1"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_database() {
+    let bed = TestBed::start().await.unwrap();
+    let run = doctor(&bed.vars(), &["--dbname", "inventory"]).await;
+    assert_stopped_at(&run, 7, DATABASE_MISSING);
+    assert!(run.stdout.contains("database \"inventory\" does not exist (3D000)"));
+    assert!(run.stdout.contains("database     inventory  from --dbname"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_token_is_caught_before_it_is_sent() {
+    let bed = TestBed::start().await.unwrap();
+    // The endpoint hands out a token that expired ten minutes ago (a stale cache, a clock
+    // far ahead).
+    let expired = time::OffsetDateTime::now_utc().unix_timestamp() - 600;
+    let payload = serde_json::json!({
+        "aud": "https://ossrdbms-aad.database.windows.net",
+        "tid": "72f988bf-0000-4000-8000-00000000c0de",
+        "oid": bed.principal().object_id(),
+        "xms_mirid": bed.principal().resource_id(),
+        "exp": expired,
+    });
+    let token = format!(
+        "{}.{}.c2lnbmF0dXJl",
+        URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"RS256"}"#),
+        URL_SAFE_NO_PAD.encode(payload.to_string())
+    );
+    let body = serde_json::json!({
+        "access_token": token,
+        "expires_on": expired.to_string(),
+        "resource": "https://ossrdbms-aad.database.windows.net",
+        "token_type": "Bearer",
+    });
+    bed.identity()
+        .script([Reply::raw(200, "application/json", body.to_string())]);
+    let run = doctor(&bed.vars(), &[]).await;
+    assert_stopped_at(&run, 3, TOKEN);
+    assert!(run.stdout.contains("the token has already expired"));
+    assert!(run.stdout.contains("(10 min ago)"));
+    assert!(!run.stdout.contains(&token[20..60]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_for_another_audience() {
+    let bed = TestBed::start().await.unwrap();
+    let run = doctor(&bed.vars(), &["--scope", "https://management.azure.com/.default"]).await;
+    assert_stopped_at(&run, 3, TOKEN);
+    assert!(run.stdout.contains(
+        "the token is for https://management.azure.com, not for Azure Database for PostgreSQL"
+    ));
+}
