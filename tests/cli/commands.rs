@@ -37,7 +37,10 @@ async fn token_prints_the_token_and_nothing_else() {
     assert_eq!(answer["credential"], "ManagedIdentityCredential");
     assert_eq!(answer["user"], bed.principal().name());
     assert_eq!(answer["user_claim"], "xms_mirid");
-    assert_eq!(answer["scope"], "https://ossrdbms-aad.database.windows.net/.default");
+    assert_eq!(
+        answer["scope"],
+        "https://ossrdbms-aad.database.windows.net/.default"
+    );
     let seconds = answer["expires_in"].as_i64().unwrap();
     assert!((3000..=3600).contains(&seconds), "{seconds}");
     assert!(answer["access_token"].as_str().unwrap().starts_with("eyJ"));
@@ -47,11 +50,16 @@ async fn token_prints_the_token_and_nothing_else() {
 #[tokio::test(flavor = "multi_thread")]
 async fn token_failures_go_to_stderr_with_the_credential_exit_code() {
     let bed = TestBed::start().await.unwrap();
-    bed.identity().script([pg_entra::testing::Reply::status(400)]);
+    bed.identity()
+        .script([pg_entra::testing::Reply::status(400)]);
     let run = pg_entra(&["token"], &bed.vars()).await;
     assert_eq!(run.code, Some(4));
     assert_eq!(run.stdout, "", "nothing a script could mistake for a token");
-    assert!(run.stderr.contains("does not know this identity"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("does not know this identity"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,7 +108,10 @@ async fn psql_gets_the_token_in_its_environment_only() {
         "PGSSLMODE",
         "require",
     );
-    let vars: Vec<_> = vars.into_iter().filter(|(k, _)| k != "PGDATABASE").collect();
+    let vars: Vec<_> = vars
+        .into_iter()
+        .filter(|(k, _)| k != "PGDATABASE")
+        .collect();
     let run = pg_entra(&["psql", "--", "-c", "select 1"], &vars).await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     run.assert_no_token();
@@ -124,7 +135,10 @@ async fn psql_gets_the_token_in_its_environment_only() {
     let before = bed.identity().requests();
     for (vars, args) in [
         (with(&vars, "PGSSLMODE", "disable"), vec!["psql"]),
-        (vars.clone(), vec!["psql", "--", "host=localhost sslmode=prefer"]),
+        (
+            vars.clone(),
+            vec!["psql", "--", "host=localhost sslmode=prefer"],
+        ),
     ] {
         let run = pg_entra(&args, &vars).await;
         assert_eq!(run.code, Some(3));
@@ -155,7 +169,10 @@ async fn testbed_prints_variables_that_doctor_accepts_and_stops_on_ctrl_c() {
             .strip_prefix("export ")
             .and_then(|rest| rest.split_once('='))
             .expect("export NAME='value'");
-        let value = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')).unwrap();
+        let value = value
+            .strip_prefix('\'')
+            .and_then(|v| v.strip_suffix('\''))
+            .unwrap();
         vars.push((name.to_owned(), value.to_owned()));
     }
     let names: Vec<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
@@ -176,7 +193,10 @@ async fn testbed_prints_variables_that_doctor_accepts_and_stops_on_ctrl_c() {
 
     // Ctrl-C stops it cleanly: exit 0, its files gone.
     let pid = testbed.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let status = tokio::time::timeout(Duration::from_secs(60), testbed.wait())
         .await
@@ -184,7 +204,10 @@ async fn testbed_prints_variables_that_doctor_accepts_and_stops_on_ctrl_c() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     let root_cert = &vars.iter().find(|(k, _)| k == "PGSSLROOTCERT").unwrap().1;
-    assert!(!std::path::Path::new(root_cert).exists(), "the bed's files are removed");
+    assert!(
+        !std::path::Path::new(root_cert).exists(),
+        "the bed's files are removed"
+    );
 }
 
 /// The TLS connector trusting the bed's CA, for connecting without pg-entra.

@@ -38,8 +38,14 @@ fn assert_stopped_at(run: &Run, step: usize, code: i32) {
     let marks = marks(run);
     // The steps, then the closing line.
     assert_eq!(marks.len(), step + 1, "{marks:#?}");
-    assert!(marks[..step - 1].iter().all(|m| m.starts_with('✓')), "{marks:#?}");
-    assert!(marks[step - 1].starts_with(&format!("✗ {step}.")), "{marks:#?}");
+    assert!(
+        marks[..step - 1].iter().all(|m| m.starts_with('✓')),
+        "{marks:#?}"
+    );
+    assert!(
+        marks[step - 1].starts_with(&format!("✗ {step}.")),
+        "{marks:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -57,7 +63,10 @@ async fn a_good_set_up_passes_every_step() {
         format!("✓ 4. user name: {name}"),
         "rule  from the token's xms_mirid claim".to_owned(),
         format!("select * from pgaadauth_create_principal('{name}', false, false);"),
-        format!("'{}', 'service', false, false);", bed.principal().object_id()),
+        format!(
+            "'{}', 'service', false, false);",
+            bed.principal().object_id()
+        ),
         "root         CN=pg-entra test CA".to_owned(),
         format!("current_user    {name}"),
         "TLS cipher      TLS_".to_owned(),
@@ -75,7 +84,15 @@ async fn a_good_set_up_passes_every_step() {
     let names: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["configuration", "credential", "token", "user name", "role", "network", "login"]
+        [
+            "configuration",
+            "credential",
+            "token",
+            "user name",
+            "role",
+            "network",
+            "login"
+        ]
     );
     assert!(steps.iter().all(|s| s["ok"] == true));
 }
@@ -99,11 +116,15 @@ async fn a_missing_role_is_refused_and_the_sql_to_create_it_is_printed() {
 
     let run = doctor(&vars, &[]).await;
     assert_stopped_at(&run, 7, LOGIN_REFUSED);
-    assert!(run.stdout.contains("password authentication failed for user \"orders-api\" (28P01)"));
+    assert!(
+        run.stdout
+            .contains("password authentication failed for user \"orders-api\" (28P01)")
+    );
     assert!(run.stdout.contains("for a user-assigned managed identity"));
-    assert!(run.stdout.contains(
-        "select * from pgaadauth_create_principal('orders-api', false, false);"
-    ));
+    assert!(
+        run.stdout
+            .contains("select * from pgaadauth_create_principal('orders-api', false, false);")
+    );
     assert!(run.stdout.contains(&format!(
         "select * from pgaadauth_create_principal_with_oid('orders-api', '{}', 'service', false, false);",
         principal.object_id()
@@ -124,7 +145,11 @@ async fn a_missing_role_is_refused_and_the_sql_to_create_it_is_printed() {
         .start()
         .await
         .unwrap();
-    let vars = with(&vars, "AZURE_POD_IDENTITY_AUTHORITY_HOST", &identity.authority_host());
+    let vars = with(
+        &vars,
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+        &identity.authority_host(),
+    );
     assert_eq!(doctor(&vars, &[]).await.code, Some(0));
 }
 
@@ -149,7 +174,10 @@ async fn a_wrong_user_name_is_named_as_the_first_cause() {
     );
     // A flag beats the variable, and says so.
     let run = doctor(&bed.vars(), &["--user", "reporting"]).await;
-    assert!(run.stdout.contains("1. --user=reporting is not this principal's name"));
+    assert!(
+        run.stdout
+            .contains("1. --user=reporting is not this principal's name")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,7 +186,10 @@ async fn an_identity_endpoint_answering_400_means_no_identity_is_assigned() {
     bed.identity().script([Reply::status(400)]);
     let run = doctor(&bed.vars(), &[]).await;
     assert_stopped_at(&run, 2, CREDENTIAL);
-    assert!(run.stdout.contains("managed identity endpoint answered 400"));
+    assert!(
+        run.stdout
+            .contains("managed identity endpoint answered 400")
+    );
     // Every member, and why it could not be used.
     for member in [
         "EnvironmentCredential",
@@ -167,10 +198,16 @@ async fn an_identity_endpoint_answering_400_means_no_identity_is_assigned() {
         "AzureCliCredential",
         "AzureDeveloperCliCredential",
     ] {
-        assert!(run.stdout.contains(&format!("{member} ")), "{member} missing");
+        assert!(
+            run.stdout.contains(&format!("{member} ")),
+            "{member} missing"
+        );
     }
     assert!(run.stdout.contains("does not know this identity"));
-    assert!(run.stdout.contains("turn on the resource's managed identity"));
+    assert!(
+        run.stdout
+            .contains("turn on the resource's managed identity")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -179,7 +216,10 @@ async fn an_untrusted_certificate_stops_before_the_login() {
     // The system roots only: the bed's CA is not among them.
     let run = doctor(&with(&bed.vars(), "PGSSLROOTCERT", "system"), &[]).await;
     assert_stopped_at(&run, 6, TLS);
-    assert!(run.stdout.contains("the server's certificate is not trusted"));
+    assert!(
+        run.stdout
+            .contains("the server's certificate is not trusted")
+    );
     assert!(run.stdout.contains("presented  CN=localhost"));
     assert!(run.stdout.contains("issuer     CN=pg-entra test CA"));
     assert!(!run.stdout.contains("7. login"));
@@ -193,10 +233,19 @@ async fn an_untrusted_certificate_stops_before_the_login() {
     );
     let run = doctor(&vars, &[]).await;
     assert_stopped_at(&run, 6, TLS);
-    assert!(run.stdout.contains("hostaddr     127.0.0.1  from PGHOSTADDR"));
-    assert!(!run.stdout.contains("    DNS "), "no DNS step with a host address");
+    assert!(
+        run.stdout
+            .contains("hostaddr     127.0.0.1  from PGHOSTADDR")
+    );
+    assert!(
+        !run.stdout.contains("    DNS "),
+        "no DNS step with a host address"
+    );
     assert!(run.stdout.contains("hostname mismatch"));
-    assert!(run.stdout.contains("connect with a name the certificate lists"));
+    assert!(
+        run.stdout
+            .contains("connect with a name the certificate lists")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -207,7 +256,10 @@ async fn nothing_listening_on_the_port() {
     drop(free);
     let run = doctor(&with(&bed.vars(), "PGPORT", &port), &[]).await;
     assert_stopped_at(&run, 6, NETWORK);
-    assert!(run.stdout.contains(&format!("nothing is listening on 127.0.0.1:{port}")));
+    assert!(
+        run.stdout
+            .contains(&format!("nothing is listening on 127.0.0.1:{port}"))
+    );
     assert!(run.stdout.contains("DNS  localhost → 127.0.0.1"));
 }
 
@@ -216,7 +268,10 @@ async fn a_missing_database() {
     let bed = TestBed::start().await.unwrap();
     let run = doctor(&bed.vars(), &["--dbname", "inventory"]).await;
     assert_stopped_at(&run, 7, DATABASE_MISSING);
-    assert!(run.stdout.contains("database \"inventory\" does not exist (3D000)"));
+    assert!(
+        run.stdout
+            .contains("database \"inventory\" does not exist (3D000)")
+    );
     assert!(run.stdout.contains("database     inventory  from --dbname"));
 }
 
@@ -256,7 +311,11 @@ async fn an_expired_token_is_caught_before_it_is_sent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_for_another_audience() {
     let bed = TestBed::start().await.unwrap();
-    let run = doctor(&bed.vars(), &["--scope", "https://management.azure.com/.default"]).await;
+    let run = doctor(
+        &bed.vars(),
+        &["--scope", "https://management.azure.com/.default"],
+    )
+    .await;
     assert_stopped_at(&run, 3, TOKEN);
     assert!(run.stdout.contains(
         "the token is for https://management.azure.com, not for Azure Database for PostgreSQL"

@@ -54,7 +54,10 @@ async fn pg_entra(args: &[&str], vars: &[(String, String)]) -> Run {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     };
-    eprintln!("pg-entra {args:?} → {:?}\n{}{}", run.code, run.stdout, run.stderr);
+    eprintln!(
+        "pg-entra {args:?} → {:?}\n{}{}",
+        run.code, run.stdout, run.stderr
+    );
     run
 }
 

@@ -412,7 +412,10 @@ async fn order_and_a_refused_credential_stops_the_chain() {
     );
     chain_token(&first).await.unwrap();
     assert_eq!(first.selected_credential(), Some("EnvironmentCredential"));
-    assert!(first.skipped_credentials().is_empty(), "the first member won");
+    assert!(
+        first.skipped_credentials().is_empty(),
+        "the first member won"
+    );
     assert_eq!(tools.runs("az"), 0);
 
     // The service principal's secret is wrong: that is a refusal, not "unavailable".

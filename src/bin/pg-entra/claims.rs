@@ -143,11 +143,15 @@ mod tests {
     fn kinds_from_claims() {
         let kind = |payload| Claims::of(&jwt(payload)).kind();
         assert_eq!(
-            kind(serde_json::json!({"xms_mirid": "/subscriptions/s/resourcegroups/r/providers/Microsoft.Compute/virtualMachines/vm"})),
+            kind(
+                serde_json::json!({"xms_mirid": "/subscriptions/s/resourcegroups/r/providers/Microsoft.Compute/virtualMachines/vm"})
+            ),
             PrincipalKind::SystemAssignedIdentity
         );
         assert_eq!(
-            kind(serde_json::json!({"xms_mirid": "/subscriptions/s/resourcegroups/r/providers/Microsoft.ManagedIdentity/userAssignedIdentities/api"})),
+            kind(
+                serde_json::json!({"xms_mirid": "/subscriptions/s/resourcegroups/r/providers/Microsoft.ManagedIdentity/userAssignedIdentities/api"})
+            ),
             PrincipalKind::UserAssignedIdentity
         );
         assert_eq!(
@@ -173,7 +177,10 @@ mod tests {
         let shown = claims.shown();
         assert_eq!(
             shown,
-            [("aud", "https://ossrdbms-aad.database.windows.net".to_owned())]
+            [(
+                "aud",
+                "https://ossrdbms-aad.database.windows.net".to_owned()
+            )]
         );
     }
 }

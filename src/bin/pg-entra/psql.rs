@@ -73,7 +73,9 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
     let program = env.var("PG_ENTRA_PSQL").unwrap_or_else(|| "psql".into());
     let mut command = Command::new(&program);
     command.args(&args.psql_args);
-    command.env("PGPASSWORD", token.secret()).env("PGUSER", &user);
+    command
+        .env("PGPASSWORD", token.secret())
+        .env("PGUSER", &user);
     if let Some(host) = &server.host {
         command.env("PGHOST", host);
     }

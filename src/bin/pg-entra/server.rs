@@ -47,7 +47,12 @@ const SHOWN: [(&str, &str, &str, Option<&str>); 7] = [
     ("database", "--dbname", "PGDATABASE", Some("postgres")),
     ("user", "--user", "PGUSER", None),
     ("sslmode", "", "PGSSLMODE", Some("verify-full")),
-    ("sslrootcert", "", "PGSSLROOTCERT", Some("system roots only")),
+    (
+        "sslrootcert",
+        "",
+        "PGSSLROOTCERT",
+        Some("system roots only"),
+    ),
 ];
 
 impl ServerArgs {
@@ -87,7 +92,10 @@ impl ServerArgs {
 
     /// The configured host names (a libpq list may hold several).
     pub(crate) fn hosts(&self) -> Vec<String> {
-        let hosts = self.host.clone().or_else(|| Environment::process().var("PGHOST"));
+        let hosts = self
+            .host
+            .clone()
+            .or_else(|| Environment::process().var("PGHOST"));
         hosts
             .map(|list| list.split(',').map(|h| h.trim().to_owned()).collect())
             .unwrap_or_default()

@@ -50,7 +50,10 @@ pub(super) async fn check(
         .detail("current_user", current_user.clone())
         .detail("server_version", version)
         .detail("database", database)
-        .detail("TLS cipher", cipher.unwrap_or_else(|| "(none reported)".into()));
+        .detail(
+            "TLS cipher",
+            cipher.unwrap_or_else(|| "(none reported)".into()),
+        );
     report.record(step, Failure::Internal)?;
     Ok(format!(
         "{current_user} can log in to {database} with an Entra token"

@@ -39,8 +39,7 @@ pub(super) async fn check(
         let Host::Tcp(host) = host else { continue };
         let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
         let fixed = hostaddrs.get(index).copied();
-        let (step, failure) =
-            check_host(host, port, fixed, root_file.clone(), timeout).await;
+        let (step, failure) = check_host(host, port, fixed, root_file.clone(), timeout).await;
         report.record(step, failure)?;
     }
     Ok(())
@@ -64,8 +63,7 @@ async fn check_host(
             facts.push(("hostaddr".into(), address.to_string()));
             vec![SocketAddr::new(address, port)]
         }
-        None => match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await
-        {
+        None => match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
             Ok(Ok(found)) => {
                 let found: Vec<SocketAddr> = found.collect();
                 let shown: Vec<String> = found.iter().map(|a| a.ip().to_string()).collect();
@@ -198,8 +196,12 @@ impl CertificateFacts {
                     .filter_map(|name| {
                         name.dnsname().map(str::to_owned).or_else(|| {
                             name.ipaddress().and_then(|bytes| match bytes.len() {
-                                4 => <[u8; 4]>::try_from(bytes).ok().map(|b| IpAddr::from(b).to_string()),
-                                16 => <[u8; 16]>::try_from(bytes).ok().map(|b| IpAddr::from(b).to_string()),
+                                4 => <[u8; 4]>::try_from(bytes)
+                                    .ok()
+                                    .map(|b| IpAddr::from(b).to_string()),
+                                16 => <[u8; 16]>::try_from(bytes)
+                                    .ok()
+                                    .map(|b| IpAddr::from(b).to_string()),
                                 _ => None,
                             })
                         })
@@ -236,7 +238,7 @@ enum TlsProblem {
     /// The certificate was not accepted; the presented one, when there was one.
     Untrusted {
         reason: String,
-        presented: Option<CertificateFacts>,
+        presented: Option<Box<CertificateFacts>>,
     },
     Io(std::io::Error),
     Other(String),
@@ -352,14 +354,14 @@ fn handshake(
         }
     }
     // A refused handshake keeps no peer certificate: note the presented one as it is refused.
-    let presented: Arc<Mutex<Option<CertificateFacts>>> = Arc::default();
+    let presented: Arc<Mutex<Option<Box<CertificateFacts>>>> = Arc::default();
     let seen = Arc::clone(&presented);
     builder.set_verify_callback(SslVerifyMode::PEER, move |ok, context| {
         if !ok {
             let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if seen.is_none() {
                 let leaf = context.chain().and_then(|chain| chain.iter().next());
-                *seen = leaf.map(CertificateFacts::of);
+                *seen = leaf.map(|leaf| Box::new(CertificateFacts::of(leaf)));
             }
         }
         ok
@@ -381,7 +383,9 @@ fn handshake(
                 })
             }
         }
-        Err(HandshakeError::WouldBlock(_)) => Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into())),
+        Err(HandshakeError::WouldBlock(_)) => {
+            Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into()))
+        }
         Err(HandshakeError::SetupFailure(error)) => Err(error.into()),
     }
 }
@@ -415,9 +419,8 @@ fn facts(ssl: &SslRef) -> TlsFacts {
 
 /// A root certificate file: a PEM bundle, or one DER certificate (as libpq accepts).
 fn read_roots(file: &str) -> Result<Vec<X509>, TlsProblem> {
-    let bytes = std::fs::read(file).map_err(|error| {
-        TlsProblem::Other(format!("cannot read PGSSLROOTCERT {file}: {error}"))
-    })?;
+    let bytes = std::fs::read(file)
+        .map_err(|error| TlsProblem::Other(format!("cannot read PGSSLROOTCERT {file}: {error}")))?;
     let text_begins = bytes.windows(11).any(|w| w == b"-----BEGIN ");
     let roots = if text_begins {
         X509::stack_from_pem(&bytes)?

@@ -10,11 +10,11 @@ const COSMOS_SUFFIX: &str = ".postgres.cosmos.azure.com";
 /// The role-creation SQL for `user` (the login name) and the principal the token names.
 pub(super) fn step(user: &str, claims: &Claims, server: &ServerArgs) -> Step {
     let kind = claims.kind();
-    if server
-        .hosts()
-        .iter()
-        .any(|h| h.trim_end_matches('.').to_ascii_lowercase().ends_with(COSMOS_SUFFIX))
-    {
+    if server.hosts().iter().any(|h| {
+        h.trim_end_matches('.')
+            .to_ascii_lowercase()
+            .ends_with(COSMOS_SUFFIX)
+    }) {
         return Step::passed("role", "Cosmos DB for PostgreSQL: roles are added in the portal")
             .next(format!(
                 "Azure portal → the cluster → Authentication: add the {} `{user}` as a Microsoft Entra role",
@@ -24,7 +24,11 @@ pub(super) fn step(user: &str, claims: &Claims, server: &ServerArgs) -> Step {
     if server.single_server {
         // The login name carries `@<server>`; the role does not.
         let role = user.rsplit_once('@').map_or(user, |(name, _)| name);
-        let role = if kind == PrincipalKind::User { user } else { role };
+        let role = if kind == PrincipalKind::User {
+            user
+        } else {
+            role
+        };
         return Step::passed(
             "role",
             "if it is missing, an Entra administrator creates it on Single Server (in `postgres`) with:",

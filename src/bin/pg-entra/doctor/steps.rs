@@ -100,7 +100,10 @@ async fn credential(
     let (mut step, access) = match answer {
         Ok(access) => {
             let selected = chain.selected_credential().unwrap_or("the credential");
-            (Step::passed("credential", selected.to_owned()), Some(access))
+            (
+                Step::passed("credential", selected.to_owned()),
+                Some(access),
+            )
         }
         Err(error) => {
             let lines = causes(&error);
@@ -130,6 +133,9 @@ async fn credential(
     };
     for (name, reason) in &skipped {
         step = step.detail(*name, format!("skipped: {reason}"));
+    }
+    if let Some(client_id) = Environment::process().var("AZURE_CLIENT_ID") {
+        step = step.detail("AZURE_CLIENT_ID", client_id);
     }
     if let Some(only) = Environment::process().var("AZURE_TOKEN_CREDENTIALS") {
         step = step.detail("AZURE_TOKEN_CREDENTIALS", only);
