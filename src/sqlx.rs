@@ -209,7 +209,8 @@ struct Follower {
 impl SqlxPool {
     /// A connection from the pool, as `PgPool::acquire`; if opening it was refused at login
     /// (`28P01`/`28000`), one forced token refresh and one more try (see the
-    /// [module docs](crate::sqlx)).
+    /// [module docs](crate::sqlx)). When a newer token reached the pool's options while the
+    /// refused connection was being opened, that token is tried first, without a refresh.
     ///
     /// # Errors
     /// sqlx's errors, as `PgPool::acquire` returns them; a refused login that the forced
@@ -217,15 +218,28 @@ impl SqlxPool {
     /// it is.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         let follower = &self.shared.follower;
-        let tried = follower.token_in_pool();
-        let error = match self.pool.acquire().await {
+        let before = follower.token_in_pool();
+        let mut error = match self.pool.acquire().await {
             Err(error) if login_refused(&error) => error,
             done => return done,
         };
+        // sqlx does not say which token the refused login used. If the options moved on while
+        // the connection was being opened, it may have been the older one: try the newer
+        // token, which no login has been refused with yet, before forcing a refresh.
+        let mut refused = follower.token_in_pool();
+        if !refused.is_same(&before) {
+            match self.pool.acquire().await {
+                Err(again) if login_refused(&again) => {
+                    error = again;
+                    refused = follower.token_in_pool();
+                }
+                done => return done,
+            }
+        }
         match follower
             .connector
             .token_cache()
-            .refresh_rejected(&tried)
+            .refresh_rejected(&refused)
             .await
         {
             Ok(Some(_)) => {
