@@ -95,6 +95,10 @@ async fn a_good_set_up_passes_every_step() {
         ]
     );
     assert!(steps.iter().all(|s| s["ok"] == true));
+    assert_eq!(
+        steps[0]["details"][0],
+        serde_json::json!({"label": "host", "value": "localhost", "source": "PGHOST"})
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

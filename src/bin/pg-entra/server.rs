@@ -32,7 +32,7 @@ pub(crate) struct ServerArgs {
 }
 
 /// One setting as shown to a person: its value and where the value came from.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone)]
 pub(crate) struct Setting {
     pub(crate) name: &'static str,
     pub(crate) value: Option<String>,

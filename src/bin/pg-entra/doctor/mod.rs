@@ -52,6 +52,9 @@ pub(crate) struct Step {
 struct Detail {
     label: String,
     value: String,
+    /// Where a setting's value came from (`--host`, `PGHOST`, `default`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
 }
 
 impl Step {
@@ -79,6 +82,22 @@ impl Step {
         self.details.push(Detail {
             label: label.into(),
             value: value.into(),
+            source: None,
+        });
+        self
+    }
+
+    /// A setting's value and where it came from.
+    pub(crate) fn setting(
+        mut self,
+        label: impl Into<String>,
+        value: impl Into<String>,
+        source: impl Into<String>,
+    ) -> Self {
+        self.details.push(Detail {
+            label: label.into(),
+            value: value.into(),
+            source: Some(source.into()),
         });
         self
     }
@@ -88,6 +107,7 @@ impl Step {
         let earlier = facts.iter().map(|(label, value)| Detail {
             label: label.clone(),
             value: value.clone(),
+            source: None,
         });
         self.details.splice(0..0, earlier);
         self
@@ -132,8 +152,13 @@ impl Step {
             .unwrap_or(0);
         for detail in &self.details {
             let pad = width - detail.label.chars().count();
+            let source = detail
+                .source
+                .as_ref()
+                .map(|source| style.dim(&format!("  from {source}")))
+                .unwrap_or_default();
             text += &format!(
-                "    {}{}  {}\n",
+                "    {}{}  {}{source}\n",
                 style.dim(&detail.label),
                 " ".repeat(pad),
                 detail.value

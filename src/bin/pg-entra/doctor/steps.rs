@@ -77,14 +77,14 @@ fn configuration(
     let mut step = Step::passed("configuration", summary);
     for setting in server.settings() {
         let value = setting.value.as_deref().unwrap_or("(derived)");
-        step = step.detail(setting.name, format!("{value}  from {}", setting.source));
+        step = step.setting(setting.name, value, setting.source);
     }
     let scope_source = if server.scope.is_some() {
         "--scope"
     } else {
         "the server's cloud"
     };
-    step = step.detail("scope", format!("{}  from {scope_source}", server.scope()));
+    step = step.setting("scope", server.scope(), scope_source);
     report.record(step, Failure::Configuration)?;
     Ok((chain, connector))
 }
