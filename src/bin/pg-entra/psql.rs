@@ -5,10 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use pg_entra::{Environment, Token, TokenCredential};
+use pg_entra::Environment;
 
 use crate::exit::Failure;
-use crate::server::{IssuedToken, ServerArgs, causes};
+use crate::server::{ServerArgs, causes};
 
 /// Where distributions keep the system's CA bundle, for libpq versions without
 /// `sslrootcert=system` (before 16).
@@ -38,29 +38,21 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
         return Err(Failure::Configuration);
     }
     let server = args.server;
-    let chain = server.chain().map_err(|error| {
-        eprintln!("pg-entra: {error}");
-        Failure::Configuration
-    })?;
-    let scope = server.scope();
     // The settings are checked before a token is asked for (plaintext modes, no host).
-    server
-        .connector(Arc::new(IssuedToken(empty_token())), None)
+    let connector = server
+        .chain()
+        .and_then(|chain| server.connector(Arc::new(chain), None))
         .map_err(|error| {
             eprintln!("pg-entra: {error}");
             Failure::Configuration
         })?;
-    let access = chain.get_token(&[&scope], None).await.map_err(|error| {
-        eprintln!("pg-entra: no access token for {scope}:");
+    let token = connector.token_cache().token().await.map_err(|error| {
+        eprintln!("pg-entra: no access token for {}:", server.scope());
         for line in causes(&error) {
             eprintln!("  {line}");
         }
         Failure::Credential
     })?;
-    let token = Token::from(access.clone());
-    let connector = server
-        .connector(Arc::new(IssuedToken(access)), None)
-        .map_err(|_| Failure::Configuration)?;
     let user = connector.user_for(&token).map_err(|error| {
         eprintln!("pg-entra: {error}");
         if let Some(hint) = error.hint() {
@@ -134,11 +126,6 @@ fn system_bundle(env: &Environment) -> Option<String> {
         .into_iter()
         .chain(SYSTEM_BUNDLES.iter().map(|path| (*path).to_owned()))
         .find(|path| Path::new(path).is_file())
-}
-
-/// A placeholder the settings check hands to the connector; it is never sent anywhere.
-fn empty_token() -> pg_entra::credential::AccessToken {
-    pg_entra::credential::AccessToken::new(String::new(), time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Replaces this process with `command`; returns only if it could not.

@@ -193,7 +193,8 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    fn add(&mut self, step: Step) {
+    /// Records a step (printed at once as text).
+    pub(crate) fn add(&mut self, step: Step) {
         if !self.json {
             print!("{}", step.render(self.steps.len() + 1, self.style));
         }

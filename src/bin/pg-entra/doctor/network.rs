@@ -39,20 +39,22 @@ pub(super) async fn check(
         let Host::Tcp(host) = host else { continue };
         let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
         let fixed = hostaddrs.get(index).copied();
-        let (step, failure) = check_host(host, port, fixed, root_file.clone(), timeout).await;
-        report.record(step, failure)?;
+        match check_host(host, port, fixed, root_file.clone(), timeout).await {
+            Ok(step) => report.add(step),
+            Err((step, failure)) => return Err(report.fail(step, failure)),
+        }
     }
     Ok(())
 }
 
-/// DNS, TCP and TLS for one host: the step, and the failure class if it failed.
+/// DNS, TCP and TLS for one host: the step that passed, or the one that failed and its class.
 async fn check_host(
     host: &str,
     port: u16,
     hostaddr: Option<IpAddr>,
     root_file: Option<String>,
     timeout: Duration,
-) -> (Step, Failure) {
+) -> Result<Step, (Step, Failure)> {
     let title = "network";
     let mut facts: Vec<(String, String)> = Vec::new();
     let finish = |step: Step, facts: &[(String, String)]| step.details_first(facts);
@@ -75,7 +77,7 @@ async fn check_host(
                     .cause("a typo in the server name (Flexible Server: <name>.postgres.database.azure.com)")
                     .cause("a private endpoint whose private DNS zone (privatelink.postgres.database.azure.com) is not linked to this network")
                     .cause("no DNS server reachable from here");
-                return (finish(step, &facts), Failure::Network);
+                return Err((finish(step, &facts), Failure::Network));
             }
             Err(_) => {
                 let step = Step::failed(
@@ -83,7 +85,7 @@ async fn check_host(
                     format!("resolving {host} took longer than {timeout:?}"),
                 )
                 .next("check this machine's DNS servers");
-                return (finish(step, &facts), Failure::Timeout);
+                return Err((finish(step, &facts), Failure::Timeout));
             }
         },
     };
@@ -131,7 +133,7 @@ async fn check_host(
                 Failure::Network,
             ),
         };
-        return (finish(step.0, &facts), step.1);
+        return Err((finish(step.0, &facts), step.1));
     };
 
     // TLS, on a blocking socket with timeouts (openssl's blocking API shows the chain).
@@ -158,11 +160,11 @@ async fn check_host(
             if tls.leaf.days_left < 14 {
                 step = step.warning("the server certificate expires within 14 days");
             }
-            (finish(step, &facts), Failure::Tls)
+            Ok(finish(step, &facts))
         }
         Err(problem) => {
             let (step, failure) = problem.diagnose(host);
-            (finish(step, &facts), failure)
+            Err((finish(step, &facts), failure))
         }
     }
 }

@@ -131,8 +131,13 @@ async fn credential(
             (step, None)
         }
     };
+    let passed_over = if access.is_some() {
+        "skipped"
+    } else {
+        "unavailable"
+    };
     for (name, reason) in &skipped {
-        step = step.detail(*name, format!("skipped: {reason}"));
+        step = step.detail(*name, format!("{passed_over}: {reason}"));
     }
     if let Some(client_id) = Environment::process().var("AZURE_CLIENT_ID") {
         step = step.detail("AZURE_CLIENT_ID", client_id);
@@ -172,7 +177,7 @@ fn token_step(
         Step::failed("token", "the token has already expired")
             .cause("this machine's clock is ahead of the identity endpoint's (check NTP)")
             .cause("the identity endpoint or a cache in front of it handed out an old token")
-            .next("compare `date -u` with the expiry below; restart the local token cache (Azure CLI: `az account get-access-token` again)")
+            .next("compare `date -u` with the expiry above, then ask for a new token (with the Azure CLI: `az account get-access-token`)")
     } else if let Some(audience) = audience
         .as_deref()
         .filter(|aud| aud.starts_with("https://") && !aud.starts_with("https://ossrdbms-aad."))
