@@ -23,9 +23,9 @@ use exit::Failure;
 /// Entra ID tokens for Azure Database for PostgreSQL: print one, run psql with one, or find
 /// out why a login fails.
 #[derive(Debug, Parser)]
-#[command(name = "pg-entra", version, about, max_term_width = 100)]
+#[command(name = "pg-entra", version, max_term_width = 100)]
 struct Cli {
-    /// Print machine-readable JSON instead of text for people.
+    /// Print JSON for scripts instead of text for people (`token`, `doctor`).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]

@@ -201,3 +201,37 @@ pub(crate) fn causes(error: &(dyn std::error::Error + 'static)) -> Vec<String> {
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_token_debug_hides_the_token() {
+        let issued = IssuedToken(AccessToken::new(
+            "eyJ.secret-token-value.sig".to_owned(),
+            time::OffsetDateTime::UNIX_EPOCH,
+        ));
+        let shown = format!("{issued:?}");
+        assert!(!shown.contains("secret-token-value"), "{shown}");
+        assert!(shown.contains("expires_on"), "{shown}");
+    }
+
+    #[test]
+    fn causes_are_not_repeated() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "connecting failed: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::other("refused"));
+        assert_eq!(causes(&error), ["connecting failed: refused"]);
+    }
+}
