@@ -71,7 +71,7 @@ async fn a_good_set_up_passes_every_step() {
         format!("current_user    {name}"),
         "TLS cipher      TLS_".to_owned(),
     ] {
-        assert!(run.stdout.contains(&expected), "{expected:?} missing");
+        run.assert_says(expected);
     }
 
     // The same as JSON, for scripts.
@@ -120,19 +120,13 @@ async fn a_missing_role_is_refused_and_the_sql_to_create_it_is_printed() {
 
     let run = doctor(&vars, &[]).await;
     assert_stopped_at(&run, 7, LOGIN_REFUSED);
-    assert!(
-        run.stdout
-            .contains("password authentication failed for user \"orders-api\" (28P01)")
-    );
-    assert!(run.stdout.contains("for a user-assigned managed identity"));
-    assert!(
-        run.stdout
-            .contains("select * from pgaadauth_create_principal('orders-api', false, false);")
-    );
-    assert!(run.stdout.contains(&format!(
+    run.assert_says("password authentication failed for user \"orders-api\" (28P01)");
+    run.assert_says("for a user-assigned managed identity");
+    run.assert_says("select * from pgaadauth_create_principal('orders-api', false, false);");
+    run.assert_says(format!(
         "select * from pgaadauth_create_principal_with_oid('orders-api', '{}', 'service', false, false);",
         principal.object_id()
-    )));
+    ));
     let causes = run.stdout.split("likely causes").nth(1).unwrap();
     assert!(
         causes.trim_start().contains("1. no role orders-api exists"),
@@ -162,12 +156,12 @@ async fn a_wrong_user_name_is_named_as_the_first_cause() {
     let bed = TestBed::start().await.unwrap();
     let run = doctor(&with(&bed.vars(), "PGUSER", "reporting"), &[]).await;
     assert_stopped_at(&run, 7, LOGIN_REFUSED);
-    assert!(run.stdout.contains("user         reporting  from PGUSER"));
-    assert!(run.stdout.contains("rule  given by PGUSER"));
-    assert!(run.stdout.contains(&format!(
+    run.assert_says("user         reporting  from PGUSER");
+    run.assert_says("rule  given by PGUSER");
+    run.assert_says(format!(
         "PGUSER=reporting differs from the name in the token ({})",
         bed.principal().name()
-    )));
+    ));
     let causes = run.stdout.split("likely causes").nth(1).unwrap();
     assert!(
         causes.contains(&format!(
@@ -178,10 +172,7 @@ async fn a_wrong_user_name_is_named_as_the_first_cause() {
     );
     // A flag beats the variable, and says so.
     let run = doctor(&bed.vars(), &["--user", "reporting"]).await;
-    assert!(
-        run.stdout
-            .contains("1. --user=reporting is not this principal's name")
-    );
+    run.assert_says("1. --user=reporting is not this principal's name");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,10 +181,7 @@ async fn an_identity_endpoint_answering_400_means_no_identity_is_assigned() {
     bed.identity().script([Reply::status(400)]);
     let run = doctor(&bed.vars(), &[]).await;
     assert_stopped_at(&run, 2, CREDENTIAL);
-    assert!(
-        run.stdout
-            .contains("managed identity endpoint answered 400")
-    );
+    run.assert_says("managed identity endpoint answered 400");
     // Every member, and why it could not be used.
     for member in [
         "EnvironmentCredential",
@@ -202,16 +190,10 @@ async fn an_identity_endpoint_answering_400_means_no_identity_is_assigned() {
         "AzureCliCredential",
         "AzureDeveloperCliCredential",
     ] {
-        assert!(
-            run.stdout.contains(&format!("{member} ")),
-            "{member} missing"
-        );
+        run.assert_says(format!("{member} "));
     }
-    assert!(run.stdout.contains("does not know this identity"));
-    assert!(
-        run.stdout
-            .contains("turn on the resource's managed identity")
-    );
+    run.assert_says("does not know this identity");
+    run.assert_says("turn on the resource's managed identity");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -220,12 +202,9 @@ async fn an_untrusted_certificate_stops_before_the_login() {
     // The system roots only: the bed's CA is not among them.
     let run = doctor(&with(&bed.vars(), "PGSSLROOTCERT", "system"), &[]).await;
     assert_stopped_at(&run, 6, TLS);
-    assert!(
-        run.stdout
-            .contains("the server's certificate is not trusted")
-    );
-    assert!(run.stdout.contains("presented  CN=localhost"));
-    assert!(run.stdout.contains("issuer     CN=pg-entra test CA"));
+    run.assert_says("the server's certificate is not trusted");
+    run.assert_says("presented  CN=localhost");
+    run.assert_says("issuer     CN=pg-entra test CA");
     assert!(!run.stdout.contains("7. login"));
 
     // A trusted certificate for another name: the name is checked too (the address comes
@@ -237,19 +216,13 @@ async fn an_untrusted_certificate_stops_before_the_login() {
     );
     let run = doctor(&vars, &[]).await;
     assert_stopped_at(&run, 6, TLS);
-    assert!(
-        run.stdout
-            .contains("hostaddr     127.0.0.1  from PGHOSTADDR")
-    );
+    run.assert_says("hostaddr     127.0.0.1  from PGHOSTADDR");
     assert!(
         !run.stdout.contains("    DNS "),
         "no DNS step with a host address"
     );
-    assert!(run.stdout.contains("hostname mismatch"));
-    assert!(
-        run.stdout
-            .contains("connect with a name the certificate lists")
-    );
+    run.assert_says("hostname mismatch");
+    run.assert_says("connect with a name the certificate lists");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -260,11 +233,8 @@ async fn nothing_listening_on_the_port() {
     drop(free);
     let run = doctor(&with(&bed.vars(), "PGPORT", &port), &[]).await;
     assert_stopped_at(&run, 6, NETWORK);
-    assert!(
-        run.stdout
-            .contains(&format!("nothing is listening on 127.0.0.1:{port}"))
-    );
-    assert!(run.stdout.contains("DNS  localhost → 127.0.0.1"));
+    run.assert_says(format!("nothing is listening on 127.0.0.1:{port}"));
+    run.assert_says("DNS  localhost → 127.0.0.1");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -272,11 +242,8 @@ async fn a_missing_database() {
     let bed = TestBed::start().await.unwrap();
     let run = doctor(&bed.vars(), &["--dbname", "inventory"]).await;
     assert_stopped_at(&run, 7, DATABASE_MISSING);
-    assert!(
-        run.stdout
-            .contains("database \"inventory\" does not exist (3D000)")
-    );
-    assert!(run.stdout.contains("database     inventory  from --dbname"));
+    run.assert_says("database \"inventory\" does not exist (3D000)");
+    run.assert_says("database     inventory  from --dbname");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -307,8 +274,8 @@ async fn an_expired_token_is_caught_before_it_is_sent() {
         .script([Reply::raw(200, "application/json", body.to_string())]);
     let run = doctor(&bed.vars(), &[]).await;
     assert_stopped_at(&run, 3, TOKEN);
-    assert!(run.stdout.contains("the token has already expired"));
-    assert!(run.stdout.contains("(10 min ago)"));
+    run.assert_says("the token has already expired");
+    run.assert_says("(10 min ago)");
     assert!(!run.stdout.contains(&token[20..60]));
 }
 
@@ -321,7 +288,7 @@ async fn a_token_for_another_audience() {
     )
     .await;
     assert_stopped_at(&run, 3, TOKEN);
-    assert!(run.stdout.contains(
-        "the token is for https://management.azure.com, not for Azure Database for PostgreSQL"
-    ));
+    run.assert_says(
+        "the token is for https://management.azure.com, not for Azure Database for PostgreSQL",
+    );
 }

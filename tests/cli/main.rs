@@ -24,6 +24,17 @@ struct Run {
 }
 
 impl Run {
+    /// Fails the test, showing the output, unless stdout contains `text`.
+    #[track_caller]
+    fn assert_says(&self, text: impl AsRef<str>) {
+        let text = text.as_ref();
+        assert!(
+            self.stdout.contains(text),
+            "{text:?} not in the output:\n{}",
+            self.stdout
+        );
+    }
+
     /// Fails the test if a token appears anywhere in the output.
     fn assert_no_token(&self) {
         assert!(

@@ -78,6 +78,15 @@ impl Step {
         }
     }
 
+    /// A failed step saying what the library said, and its hint as what to do next.
+    pub(crate) fn failed_with(step: &'static str, error: &pg_entra::Error) -> Self {
+        let failed = Self::failed(step, error.to_string());
+        match error.hint() {
+            Some(hint) => failed.next(hint),
+            None => failed,
+        }
+    }
+
     pub(crate) fn detail(mut self, label: impl Into<String>, value: impl Into<String>) -> Self {
         self.details.push(Detail {
             label: label.into(),

@@ -60,10 +60,7 @@ fn configuration(
     let (chain, connector) = match built {
         Ok(built) => built,
         Err(error) => {
-            let mut step = Step::failed("configuration", error.to_string());
-            if let Some(hint) = error.hint() {
-                step = step.next(hint);
-            }
+            let step = Step::failed_with("configuration", &error);
             return Err(report.fail(step, Failure::Configuration));
         }
     };
@@ -216,10 +213,7 @@ fn user_name(
     let user = match connector.user_for(token) {
         Ok(user) => user,
         Err(error) => {
-            let mut step = Step::failed("user name", error.to_string());
-            if let Some(hint) = error.hint() {
-                step = step.next(hint);
-            }
+            let step = Step::failed_with("user name", &error);
             return Err(report.fail(step, Failure::Token));
         }
     };
