@@ -54,7 +54,8 @@ fn doctor_passes_every_step() {
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
     let steps = report["steps"].as_array().expect("steps");
-    assert_eq!(steps.len(), 7, "every step ran");
+    // Seven steps, and one more network step for each further host.
+    assert!(steps.len() >= 7, "every step ran: {}", steps.len());
 }
 
 async fn connects_and_queries() {

@@ -31,9 +31,13 @@ pub(super) async fn examine(
     report.record(role_sql::step(&user, &claims, server), Failure::Internal)?;
     network::check(&connector, timeout, report).await?;
     // The login uses the token inspected above, not a new one.
-    let login_connector = server
-        .connector(Arc::new(IssuedToken(access)), Some(timeout))
-        .map_err(|_| Failure::Configuration)?;
+    let login_connector = match server.connector(Arc::new(IssuedToken(access)), Some(timeout)) {
+        Ok(connector) => connector,
+        Err(error) => {
+            let step = Step::failed_with("login", &error);
+            return Err(report.fail(step, Failure::Configuration));
+        }
+    };
     login::check(
         &login_connector,
         &user,
