@@ -14,6 +14,7 @@ const NETWORK: i32 = 6;
 const TLS: i32 = 7;
 const LOGIN_REFUSED: i32 = 8;
 const DATABASE_MISSING: i32 = 10;
+const TIMEOUT: i32 = 11;
 
 async fn doctor(vars: &[(String, String)], extra: &[&str]) -> Run {
     let mut args = vec!["doctor"];
@@ -235,6 +236,19 @@ async fn nothing_listening_on_the_port() {
     assert_stopped_at(&run, 6, NETWORK);
     run.assert_says(format!("nothing is listening on 127.0.0.1:{port}"));
     run.assert_says("DNS  localhost → 127.0.0.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_accepts_and_stays_silent_is_a_timeout() {
+    let bed = TestBed::start().await.unwrap();
+    // Accepts connections (the kernel does, from the backlog) and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    let run = doctor(&with(&bed.vars(), "PGPORT", &port), &["--timeout", "1"]).await;
+    assert_stopped_at(&run, 6, TIMEOUT);
+    run.assert_says(format!("TCP  127.0.0.1:{port} connected"));
+    run.assert_says("accepted the connection and then went silent during TLS");
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread")]

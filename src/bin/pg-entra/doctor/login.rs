@@ -1,6 +1,8 @@
 //! Step 7: the login with the token inspected earlier, and what a refusal most likely means
 //! for this kind of principal.
 
+use std::time::Duration;
+
 use pg_entra::Connector;
 
 use super::{Report, Step};
@@ -11,6 +13,7 @@ use crate::server::{ServerArgs, causes};
 /// Logs in and reads who, what and how; or explains the refusal.
 pub(super) async fn check(
     connector: &Connector,
+    timeout: Duration,
     user: &str,
     token_name: Option<&str>,
     claims: &Claims,
@@ -25,21 +28,26 @@ pub(super) async fn check(
             return Err(report.fail(step, failure));
         }
     };
-    let row = client
-        .query_one(
-            "select current_user::text, current_setting('server_version'), \
-             (select cipher from pg_stat_ssl where pid = pg_backend_pid())",
-            &[],
-        )
-        .await;
-    let row = match row {
-        Ok(row) => row,
-        Err(error) => {
+    let query = client.query_one(
+        "select current_user::text, current_setting('server_version'), \
+         (select cipher from pg_stat_ssl where pid = pg_backend_pid())",
+        &[],
+    );
+    let row = match tokio::time::timeout(timeout, query).await {
+        Ok(Ok(row)) => row,
+        Ok(Err(error)) => {
             let step = Step::failed(
                 title,
                 format!("logged in, but the first query failed: {error}"),
             );
             return Err(report.fail(step, Failure::Internal));
+        }
+        Err(_) => {
+            let step = Step::failed(
+                title,
+                format!("logged in, but the first query got no answer within {timeout:?}"),
+            );
+            return Err(report.fail(step, Failure::Timeout));
         }
     };
     let current_user: String = row.get(0);

@@ -19,8 +19,9 @@ use crate::server::ServerArgs;
 pub(crate) struct DoctorArgs {
     #[command(flatten)]
     server: ServerArgs,
-    /// The limit on each network step and on the login, in seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    /// The limit on each network step and on the login, in seconds (1 to 3600).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
 }
 
@@ -259,7 +260,7 @@ pub(crate) async fn run(args: DoctorArgs, json: bool) -> Result<(), Failure> {
         style: Style::for_stdout(),
         steps: Vec::new(),
     };
-    let timeout = Duration::from_secs(args.timeout.max(1));
+    let timeout = Duration::from_secs(args.timeout);
     let outcome = steps::examine(&args.server, timeout, &mut report).await;
     report.finish(outcome)
 }

@@ -96,19 +96,19 @@ async fn check_host(
     for address in &addresses {
         let started = Instant::now();
         match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address)).await {
-            Ok(Ok(_stream)) => {
+            Ok(Ok(stream)) => {
                 facts.push((
                     "TCP".into(),
                     format!("{address} connected in {:.1} ms", ms(started.elapsed())),
                 ));
-                connected = Some(*address);
+                connected = Some(stream);
                 break;
             }
             Ok(Err(error)) => last_error = Some((*address, Some(error))),
             Err(_) => last_error = Some((*address, None)),
         }
     }
-    let Some(address) = connected else {
+    let Some(stream) = connected else {
         let step = match last_error {
             Some((address, Some(error))) if error.kind() == std::io::ErrorKind::ConnectionRefused => {
                 let step = Step::failed(title, format!("nothing is listening on {address} (connection refused)"))
@@ -138,11 +138,20 @@ async fn check_host(
 
     // TLS, on a blocking socket with timeouts (openssl's blocking API shows the chain).
     let server_name = host.to_owned();
-    let handshake = tokio::task::spawn_blocking(move || {
-        handshake(address, &server_name, root_file.as_deref(), timeout)
-    })
-    .await
-    .unwrap_or_else(|error| Err(TlsProblem::Other(error.to_string())));
+    // The connection just timed, handed to the blocking side; the whole handshake is bounded
+    // too, as a server could answer one byte per read timeout.
+    let stream = stream.into_std().and_then(|stream| {
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    });
+    let blocking = tokio::task::spawn_blocking(move || {
+        handshake(stream?, &server_name, root_file.as_deref(), timeout)
+    });
+    let handshake = match tokio::time::timeout(timeout.saturating_mul(2), blocking).await {
+        Ok(Ok(handshake)) => handshake,
+        Ok(Err(join)) => Err(TlsProblem::Other(join.to_string())),
+        Err(_) => Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into())),
+    };
     match handshake {
         Ok(tls) => {
             facts.push(("TLS".into(), format!("{}, {}", tls.protocol, tls.cipher)));
@@ -328,12 +337,11 @@ impl From<openssl::error::ErrorStack> for TlsProblem {
 /// The PostgreSQL TLS request, then a verifying handshake for `host`: the system roots plus
 /// `root_file`, the host name checked, as the connector does.
 fn handshake(
-    address: SocketAddr,
+    mut stream: TcpStream,
     host: &str,
     root_file: Option<&str>,
     timeout: Duration,
 ) -> Result<TlsFacts, TlsProblem> {
-    let mut stream = TcpStream::connect_timeout(&address, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(&SSL_REQUEST)?;

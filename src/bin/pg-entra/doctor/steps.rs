@@ -40,6 +40,7 @@ pub(super) async fn examine(
     };
     login::check(
         &login_connector,
+        timeout,
         &user,
         token.username(),
         &claims,
