@@ -1,11 +1,21 @@
 //! A real PostgreSQL server configured like Azure Database for PostgreSQL Flexible Server:
 //! TLS only, cleartext password authentication inside TLS, roles whose passwords are tokens
 //! `VALID UNTIL` their expiry.
+//!
+//! The bed runs on developers' machines, so it hands out nothing: its directory is `0700` and
+//! owned by the account that runs the server, the superuser logs in over the Unix socket only
+//! and with a random password that lives in this process's memory, and no line of
+//! `pg_hba.conf` says `trust`. When the bed runs as root the server runs as `postgres`, and
+//! every file written after the directory is handed over is written as `postgres`: a symlink
+//! planted there can only lead to what `postgres` could write anyway.
 
 use std::fmt;
+use std::io::Write as _;
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -26,12 +36,16 @@ const SUPERUSER: &str = "postgres";
 const SERVER_ACCOUNT: &str = "postgres";
 const START_ATTEMPTS: usize = 3;
 
+/// The superuser's password: random, in memory only, never shown.
+const SUPERUSER_PASSWORD_BYTES: usize = 24;
+
 /// A running PostgreSQL in a temporary directory. Stopped and deleted when dropped.
 pub struct LocalPostgres {
     dir: TempDir,
     bindir: PathBuf,
     port: u16,
     as_server_account: bool,
+    superuser_password: Arc<str>,
 }
 
 impl fmt::Debug for LocalPostgres {
@@ -55,16 +69,26 @@ impl LocalPostgres {
     fn start_blocking() -> Result<Self, TestBedError> {
         let bindir = find_bindir()?;
         let as_server_account = running_as_root();
-        let dir = tempfile::Builder::new().prefix("pg-entra-").tempdir()?;
+        // Only the account that runs the server (and root) may enter: the socket, the keys
+        // and the data are inside.
+        let dir = tempfile::Builder::new()
+            .prefix("pg-entra-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()?;
         let data = dir.path().join("data");
         let tls = dir.path().join("tls");
         std::fs::create_dir(&tls)?;
+        std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))?;
 
+        // Everything root writes, it writes before the directory changes hands.
         let ca = TestCa::generate("pg-entra test CA")?;
         let server = ca.issue_server_certificate()?;
         std::fs::write(tls.join("ca.crt"), ca.certificate_pem()?)?;
         std::fs::write(tls.join("server.crt"), &server.certificate_pem)?;
         write_private(&tls.join("server.key"), &server.key_pem)?;
+        let superuser_password = random_password()?;
+        let password_file = dir.path().join("superuser.password");
+        write_private(&password_file, superuser_password.as_bytes())?;
         if as_server_account {
             run(Command::new("chown")
                 .args(["-R", &format!("{SERVER_ACCOUNT}:")])
@@ -76,8 +100,14 @@ impl LocalPostgres {
             bindir,
             port: 0,
             as_server_account,
+            superuser_password: superuser_password.into(),
         };
-        postgres.run_tool(
+        let password_file_option = {
+            let mut option = std::ffi::OsString::from("--pwfile=");
+            option.push(&password_file);
+            option
+        };
+        let initdb = postgres.run_tool(
             "initdb",
             &[
                 "-D".as_ref(),
@@ -85,19 +115,26 @@ impl LocalPostgres {
                 "-U".as_ref(),
                 SUPERUSER.as_ref(),
                 "-A".as_ref(),
-                "trust".as_ref(),
+                "scram-sha-256".as_ref(),
+                password_file_option.as_os_str(),
                 "-E".as_ref(),
                 "UTF8".as_ref(),
                 "--no-sync".as_ref(),
             ],
-        )?;
-        // Flexible Server: TLS only, cleartext password inside it. The superuser reaches the
-        // server over the Unix socket only.
-        std::fs::write(
-            data.join("pg_hba.conf"),
-            "local   all  all                trust\n\
-             hostssl all  all  127.0.0.1/32  password\n\
-             hostssl all  all  ::1/128       password\n",
+        );
+        postgres.remove_file(&password_file)?;
+        initdb?;
+        // Flexible Server: TLS only, cleartext password inside it, no `trust` anywhere. The
+        // superuser: over the Unix socket only (in the 0700 directory), with its password.
+        postgres.write_file(
+            &data.join("pg_hba.conf"),
+            "local   all  postgres                 scram-sha-256\n\
+             local   all  all                      reject\n\
+             hostssl all  postgres  127.0.0.1/32   reject\n\
+             hostssl all  postgres  ::1/128        reject\n\
+             hostssl all  all       127.0.0.1/32   password\n\
+             hostssl all  all       ::1/128        password\n",
+            WriteMode::Replace,
         )?;
         let socket_dir = postgres.dir.path().display().to_string();
         let tls_dir = tls.display().to_string();
@@ -105,6 +142,7 @@ impl LocalPostgres {
             "\n# pg-entra test bed\n\
              listen_addresses = 'localhost'\n\
              unix_socket_directories = '{socket_dir}'\n\
+             unix_socket_permissions = 0700\n\
              ssl = on\n\
              ssl_cert_file = '{tls_dir}/server.crt'\n\
              ssl_key_file = '{tls_dir}/server.key'\n\
@@ -117,10 +155,11 @@ impl LocalPostgres {
              synchronous_commit = off\n\
              full_page_writes = off\n"
         );
-        let conf = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf)?;
-        existing.push_str(&settings);
-        std::fs::write(&conf, existing)?;
+        postgres.write_file(
+            &data.join("postgresql.conf"),
+            &settings,
+            WriteMode::Append,
+        )?;
 
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
@@ -198,9 +237,25 @@ impl LocalPostgres {
         self.dir.path().join("tls").join("ca.crt")
     }
 
-    /// The server log (connection attempts and authentication failures are logged).
+    /// The server log (connection attempts and authentication failures are logged). Read as
+    /// the account that runs the server, so that a link planted in its directory discloses
+    /// nothing else.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+        if !self.as_server_account {
+            return std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        }
+        let output = self
+            .as_server_account_command("cat")
+            .arg("--")
+            .arg(self.log_path())
+            .stderr(Stdio::null())
+            .output();
+        match output {
+            Ok(output) if output.status.success() => {
+                String::from_utf8_lossy(&output.stdout).into_owned()
+            }
+            _ => String::new(),
+        }
     }
 
     /// libpq variables that point at this server (host, port, database, root certificate).
@@ -241,6 +296,79 @@ impl LocalPostgres {
         PasswordSetter {
             socket_dir: self.dir.path().to_owned(),
             port: self.port,
+            superuser_password: Arc::clone(&self.superuser_password),
+        }
+    }
+
+    /// The bed's directory (the server's Unix socket is in it): `0700`, owned by the account
+    /// that runs the server.
+    pub fn directory(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `program` run as the server's account (`runuser -u postgres --`).
+    fn as_server_account_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("runuser");
+        command.args(["-u", SERVER_ACCOUNT, "--"]).arg(program);
+        command
+    }
+
+    /// Writes `contents` to `path` inside the bed's directory. As root, the write runs as the
+    /// server's account, which owns the directory: whatever that account planted at `path`
+    /// (a symlink to a root-owned file, say), the write can reach nothing it could not.
+    fn write_file(&self, path: &Path, contents: &str, mode: WriteMode) -> Result<(), TestBedError> {
+        if !self.as_server_account {
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(mode == WriteMode::Append)
+                .truncate(mode == WriteMode::Replace)
+                .open(path)?;
+            file.write_all(contents.as_bytes())?;
+            return Ok(());
+        }
+        let mut command = self.as_server_account_command("tee");
+        if mode == WriteMode::Append {
+            command.arg("-a");
+        }
+        command
+            .arg("--")
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let shown = format!("{command:?}");
+        let mut child = command
+            .spawn()
+            .map_err(|e| TestBedError::new(format!("cannot run {shown}"), e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(contents.as_bytes())?;
+        }
+        let output = child.wait_with_output()?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(TestBedError::message(format!(
+                "{shown} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            )))
+        }
+    }
+
+    /// Removes `path` inside the bed's directory, as the account that owns it.
+    fn remove_file(&self, path: &Path) -> Result<(), TestBedError> {
+        if self.as_server_account {
+            run(self
+                .as_server_account_command("rm")
+                .arg("-f")
+                .arg("--")
+                .arg(path))
+        } else {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            }
         }
     }
 
@@ -251,13 +379,14 @@ impl LocalPostgres {
     fn run_tool(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), TestBedError> {
         let program = self.bindir.join(tool);
         let mut command = if self.as_server_account {
-            let mut command = Command::new("runuser");
-            command.args(["-u", SERVER_ACCOUNT, "--"]).arg(&program);
-            command
+            self.as_server_account_command(&program)
         } else {
             Command::new(&program)
         };
         command.args(args);
+        // A process group of their own: Ctrl-C in a terminal reaches the program using the
+        // bed, which then stops the server in order, and not initdb or the server half-way.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         // The tools must not pick up the caller's libpq settings.
         for var in [
             "PGHOST",
@@ -282,10 +411,11 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
-        if self.port == 0 {
+        let data = self.dir.path().join("data");
+        // A start-up cut short may have left a server running before its port was recorded.
+        if self.port == 0 && !data.join("postmaster.pid").exists() {
             return;
         }
-        let data = self.dir.path().join("data");
         let stopped = self.run_tool(
             "pg_ctl",
             &[
@@ -303,11 +433,28 @@ impl Drop for LocalPostgres {
     }
 }
 
+/// How a file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteMode {
+    Replace,
+    Append,
+}
+
 /// Sets role passwords over a superuser session.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PasswordSetter {
     socket_dir: PathBuf,
     port: u16,
+    superuser_password: Arc<str>,
+}
+
+impl fmt::Debug for PasswordSetter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PasswordSetter")
+            .field("socket_dir", &self.socket_dir)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PasswordSetter {
@@ -316,6 +463,7 @@ impl PasswordSetter {
             .host_path(&self.socket_dir)
             .port(self.port)
             .user(SUPERUSER)
+            .password(self.superuser_password.as_bytes())
             .dbname("postgres")
             .connect(NoTls)
             .await?;
@@ -415,12 +563,24 @@ fn free_port() -> Result<u16, TestBedError> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
+/// Creates `path` readable by its owner only (PostgreSQL refuses a key readable by others),
+/// before anything is written to it.
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), TestBedError> {
-    use std::os::unix::fs::PermissionsExt as _;
-    std::fs::write(path, contents)?;
-    // PostgreSQL refuses a key readable by others.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)?;
     Ok(())
+}
+
+/// A password from the system's cryptographic random source, hex-encoded.
+fn random_password() -> Result<String, TestBedError> {
+    let mut bytes = [0u8; SUPERUSER_PASSWORD_BYTES];
+    openssl::rand::rand_bytes(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn run(command: &mut Command) -> Result<(), TestBedError> {
@@ -440,5 +600,90 @@ fn run(command: &mut Command) -> Result<(), TestBedError> {
             String::from_utf8_lossy(&stdout),
             String::from_utf8_lossy(&stderr)
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bed directory handed to the server's account, as `start` leaves it, with no server.
+    fn handed_over() -> LocalPostgres {
+        let dir = tempfile::Builder::new()
+            .prefix("pg-entra-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .unwrap();
+        run(Command::new("chown")
+            .args(["-R", &format!("{SERVER_ACCOUNT}:")])
+            .arg(dir.path()))
+        .unwrap();
+        LocalPostgres {
+            dir,
+            bindir: PathBuf::new(),
+            port: 0,
+            as_server_account: true,
+            superuser_password: "unused".into(),
+        }
+    }
+
+    /// As root, a file the server's account links into its directory is never written
+    /// through: root's own file stays as it was, whether the bed replaces or appends.
+    #[test]
+    fn a_planted_symlink_is_not_followed_by_root() {
+        if !running_as_root() {
+            eprintln!("skipped: only a bed run as root hands its directory to another account");
+            return;
+        }
+        let bed = handed_over();
+        let root_owned = tempfile::tempdir().unwrap();
+        let target = root_owned.path().join("root-only.conf");
+        std::fs::write(&target, "root's own\n").unwrap();
+        std::fs::set_permissions(root_owned.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        for (name, mode) in [
+            ("pg_hba.conf", WriteMode::Replace),
+            ("postgresql.conf", WriteMode::Append),
+        ] {
+            let planted = bed.dir.path().join(name);
+            run(bed
+                .as_server_account_command("ln")
+                .arg("-s")
+                .arg(&target)
+                .arg(&planted))
+            .unwrap();
+            assert!(
+                std::fs::symlink_metadata(&planted)
+                    .unwrap()
+                    .file_type()
+                    .is_symlink()
+            );
+            let written = bed.write_file(&planted, "local all all trust\n", mode);
+            assert!(written.is_err(), "{name}: the write went through the link");
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "root's own\n");
+        }
+        // The log is read as the server's account too: a link to a root-only file shows nothing.
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        run(bed
+            .as_server_account_command("ln")
+            .arg("-s")
+            .arg(&target)
+            .arg(bed.log_path()))
+        .unwrap();
+        assert_eq!(bed.log(), "");
+    }
+
+    #[test]
+    fn the_superuser_password_is_random_and_hidden() {
+        let a = random_password().unwrap();
+        let b = random_password().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 2 * SUPERUSER_PASSWORD_BYTES);
+        let setter = PasswordSetter {
+            socket_dir: PathBuf::from("/tmp"),
+            port: 1,
+            superuser_password: a.clone().into(),
+        };
+        assert!(!format!("{setter:?}").contains(&a));
     }
 }

@@ -2,6 +2,7 @@
 
 #[cfg(all(feature = "diesel-async", feature = "deadpool", feature = "bb8"))]
 mod diesel_pools;
+mod bed_security;
 mod end_to_end;
 mod expiry;
 mod no_secrets;

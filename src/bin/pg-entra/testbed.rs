@@ -3,12 +3,30 @@
 use crate::exit::Failure;
 
 /// Starts the bed, prints `export` lines for a shell on stdout (and how to use them on
-/// stderr), and runs until Ctrl-C or SIGTERM; then stops the server and deletes its files.
+/// stderr), and runs until Ctrl-C, SIGTERM or SIGHUP; then stops the server and deletes its
+/// files. The signal handlers are installed before anything starts: a signal during start-up
+/// lets the start-up finish and then removes what it made.
 #[cfg(feature = "testing")]
 pub(crate) async fn run() -> Result<(), Failure> {
     use std::io::Write as _;
 
-    let bed = pg_entra::testing::TestBed::start().await.map_err(|error| {
+    let mut stop = Stop::install().map_err(|error| {
+        eprintln!("pg-entra: cannot install the signal handlers: {error}");
+        Failure::Internal
+    })?;
+    let start = pg_entra::testing::TestBed::start();
+    tokio::pin!(start);
+    let started = tokio::select! {
+        started = &mut start => started,
+        signal = stop.received() => {
+            eprintln!("# {signal} during start-up: removing what was started");
+            // Dropped as soon as it is whole, so that its Drop stops the server and deletes
+            // the directory (a start-up cut in the middle would leave both behind).
+            drop(start.await);
+            return Ok(());
+        }
+    };
+    let bed = started.map_err(|error| {
         eprintln!("pg-entra: the test bed did not start: {error}");
         Failure::Internal
     })?;
@@ -36,33 +54,54 @@ pub(crate) async fn run() -> Result<(), Failure> {
         "# a token without pg-entra: curl -s -H Metadata:true \"$AZURE_POD_IDENTITY_AUTHORITY_HOST/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://ossrdbms-aad.database.windows.net\""
     );
     eprintln!("# Ctrl-C stops it");
-    stopped().await;
-    eprintln!("# stopping the test bed");
+    let signal = stop.received().await;
+    eprintln!("# {signal}: stopping the test bed");
     drop(bed);
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM on Unix (what `kill` and service managers send).
+/// The signals that stop the bed: Ctrl-C (SIGINT), SIGTERM (`kill`, service managers) and
+/// SIGHUP (the terminal closed).
 #[cfg(feature = "testing")]
-async fn stopped() {
+struct Stop {
     #[cfg(unix)]
-    {
+    signals: [(tokio::signal::unix::Signal, &'static str); 3],
+}
+
+#[cfg(feature = "testing")]
+impl Stop {
+    #[cfg(unix)]
+    fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        Ok(Self {
+            signals: [
+                (signal(SignalKind::interrupt())?, "Ctrl-C"),
+                (signal(SignalKind::terminate())?, "SIGTERM"),
+                (signal(SignalKind::hangup())?, "SIGHUP"),
+            ],
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> std::io::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Waits for the next stopping signal; names it.
+    #[cfg(unix)]
+    async fn received(&mut self) -> &'static str {
+        let [(interrupt, a), (terminate, b), (hangup, c)] = &mut self.signals;
+        tokio::select! {
+            _ = interrupt.recv() => a,
+            _ = terminate.recv() => b,
+            _ = hangup.recv() => c,
         }
     }
+
     #[cfg(not(unix))]
-    {
+    async fn received(&mut self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
     }
 }
 
