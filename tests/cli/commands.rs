@@ -4,7 +4,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::Duration;
 
 use pg_entra::testing::TestBed;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
 use super::{PG_ENTRA, pg_entra, psql, with};
 
@@ -218,4 +218,104 @@ fn tls(bed: &TestBed) -> postgres_native_tls::MakeTlsConnector {
         .build()
         .unwrap();
     postgres_native_tls::MakeTlsConnector::new(connector)
+}
+
+/// A directory for the bed's files that the server's account can reach (as root, the bed
+/// hands its own directory to `postgres`), and nothing else in it.
+fn private_tmpdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// What a bed left in `tmpdir` and the processes still running from it.
+fn leftovers(tmpdir: &std::path::Path) -> (Vec<std::path::PathBuf>, String) {
+    let files: Vec<_> = std::fs::read_dir(tmpdir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    let processes = std::process::Command::new("pgrep")
+        .args(["-a", "-f"])
+        .arg(tmpdir)
+        .output()
+        .unwrap();
+    (files, String::from_utf8_lossy(&processes.stdout).into_owned())
+}
+
+fn send(signal: &str, child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn testbed_stopped_by_any_signal_at_any_moment_leaves_nothing() {
+    // During start-up: once its directory exists (initdb is running or about to).
+    for signal in ["HUP", "TERM", "INT"] {
+        let tmpdir = private_tmpdir();
+        let mut testbed = tokio::process::Command::new(PG_ENTRA)
+            .arg("testbed")
+            .env("TMPDIR", tmpdir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let began = tokio::time::timeout(Duration::from_secs(60), async {
+            while leftovers(tmpdir.path()).0.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(began.is_ok(), "the bed made no directory within a minute");
+        send(signal, &testbed);
+        let output = tokio::time::timeout(Duration::from_secs(60), async {
+            let status = testbed.wait().await.unwrap();
+            let mut stderr = String::new();
+            testbed
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await
+                .unwrap();
+            (status, stderr)
+        })
+        .await
+        .expect("the bed stops within a minute");
+        assert!(output.0.success(), "SIG{signal}: {output:?}");
+        assert!(output.1.contains("during start-up"), "SIG{signal}: {}", output.1);
+        let (files, processes) = leftovers(tmpdir.path());
+        assert!(files.is_empty(), "SIG{signal} left {files:?}");
+        assert!(processes.is_empty(), "SIG{signal} left running:\n{processes}");
+    }
+
+    // After start-up: SIGHUP (the terminal closed) stops it like Ctrl-C.
+    let tmpdir = private_tmpdir();
+    let mut testbed = tokio::process::Command::new(PG_ENTRA)
+        .arg("testbed")
+        .env("TMPDIR", tmpdir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(testbed.stdout.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the bed starts within a minute")
+        .unwrap()
+        .expect("an export line");
+    send("HUP", &testbed);
+    let status = tokio::time::timeout(Duration::from_secs(60), testbed.wait())
+        .await
+        .expect("the bed stops within a minute")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let (files, processes) = leftovers(tmpdir.path());
+    assert!(files.is_empty(), "SIGHUP left {files:?}");
+    assert!(processes.is_empty(), "SIGHUP left running:\n{processes}");
 }
