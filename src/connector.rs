@@ -254,7 +254,7 @@ impl Connector {
             let attempt = config.connect(self.inner.tls.clone());
             let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
                 Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(error)) => Error::from_postgres(error),
+                Ok(Err(error)) => Error::from_login(error, token.secret()),
                 Err(_) => Error::ConnectTimeout {
                     host: host.host.clone(),
                     port: host.port,

@@ -116,6 +116,19 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+
+    /// The server refused the login with a message that quoted the password, that is the
+    /// access token: the message is withheld, only its SQLSTATE is kept. Azure never answers
+    /// so; the server is probably not the one intended.
+    #[error(
+        "PostgreSQL refused the login (SQLSTATE {}) with a message that quoted the access \
+         token; the message is withheld",
+        code.as_deref().unwrap_or("none")
+    )]
+    PostgresMessageWithheld {
+        /// The SQLSTATE of the refusal, when the server sent one.
+        code: Option<String>,
+    },
 }
 
 impl Error {
@@ -191,6 +204,28 @@ impl Error {
         Error::Postgres { source: error }
     }
 
+    /// Wraps the error of a login made with `password`: when anything the server said
+    /// quotes the password (any piece of it, in any encoding; see `redact`), only its
+    /// SQLSTATE is kept ([`Error::PostgresMessageWithheld`]).
+    pub(crate) fn from_login(error: tokio_postgres::Error, password: &str) -> Self {
+        let mut said = error.to_string();
+        if let Some(db) = error.as_db_error() {
+            for part in [Some(db.message()), db.detail(), db.hint(), db.where_()]
+                .into_iter()
+                .flatten()
+            {
+                said.push('\n');
+                said.push_str(part);
+            }
+        }
+        if crate::redact::echoes(&said, password) {
+            return Error::PostgresMessageWithheld {
+                code: error.code().map(|code| code.code().to_owned()),
+            };
+        }
+        Error::from_postgres(error)
+    }
+
     /// True when PostgreSQL refused the login (SQLSTATE `28P01` or `28000`): the token was not
     /// accepted, or the role does not exist or is not an Entra principal.
     pub fn is_auth_failure(&self) -> bool {
@@ -198,6 +233,9 @@ impl Error {
             Error::Postgres { source } => source
                 .code()
                 .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code.code())),
+            Error::PostgresMessageWithheld { code } => code
+                .as_deref()
+                .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code)),
             _ => false,
         }
     }
@@ -227,6 +265,10 @@ impl Error {
                 "an Entra admin must create the role in the postgres database with \
                  `select * from pgaadauth_create_principal('<name>', false, false);` and the user \
                  name must be that principal's name (for a managed identity: its name in Azure)",
+            ),
+            Error::PostgresMessageWithheld { .. } => Some(
+                "a server that repeats the password it was sent is not Azure Database for \
+                 PostgreSQL: check that the host (and hostaddr) name the intended server",
             ),
             Error::ConnectTimeout { .. } => Some(
                 "check the host name and port, that the server is running, and that a firewall \

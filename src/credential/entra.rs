@@ -170,12 +170,10 @@ impl ClientCredentials {
                 },
             );
         }
-        // An authority that echoes the form must not carry the secret into the error (the
-        // assertions are JWT-shaped, which parsing already redacts).
-        let error = match &self.auth {
-            ClientAuth::Secret(secret) => ErrorBody::parse(&body).without(secret),
-            _ => ErrorBody::parse(&body),
-        };
+        // An authority that echoes the form must not carry the secret or the assertion into
+        // the error, in whatever encoding it echoes them.
+        let sent: Vec<&str> = secret.into_iter().chain(assertion.as_deref()).collect();
+        let error = ErrorBody::parse(&body, &sent);
         let description = match (&error.description, status / 100) {
             (Some(description), _) => description.clone(),
             (None, 3) => "a redirect, which is never followed".to_owned(),

@@ -82,13 +82,14 @@ pub(crate) async fn read_body(mut response: reqwest::Response) -> Result<Vec<u8>
     Ok(body)
 }
 
-/// The response's `Content-Type`, for describing answers that are not what was expected.
+/// The response's `Content-Type`, whole, for describing answers that are not what was
+/// expected: judge and shorten it with `token_response::shown_header` before showing it.
 pub(crate) fn content_type(response: &reqwest::Response) -> Option<String> {
     response
         .headers()
         .get(reqwest::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.chars().take(60).collect())
+        .map(str::to_owned)
 }
 
 /// The most specific message in an error chain ("Connection refused" rather than "error

@@ -6,10 +6,16 @@
 
 use azure_core::credentials::AccessToken;
 use time::OffsetDateTime;
+
+use crate::redact::{WITHHELD, echoes_any};
 use time::format_description::well_known::Rfc3339;
 
 /// Error descriptions are the service's words; keep them to a readable length.
 const MAX_DESCRIPTION_CHARS: usize = 300;
+/// A header value quoted in an error (a `Content-Type` that is not JSON).
+const MAX_HEADER_CHARS: usize = 60;
+/// How much of a body that is not JSON an excerpt is made from.
+const EXCERPT_SOURCE_BYTES: usize = 4 * 1024;
 
 /// Why a success response could not be turned into a token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,19 +115,31 @@ pub(crate) struct ErrorBody {
 }
 
 impl ErrorBody {
-    pub(crate) fn parse(body: &[u8]) -> Self {
+    /// Reads an error answer. `secrets` are what the request carried (an App Service secret,
+    /// an Arc key, a client secret or assertion): a part of the answer that echoes one, in any
+    /// encoding ([`crate::redact`]), is withheld whole, judged on the untruncated text so that
+    /// a cut cannot leave a piece of it behind.
+    pub(crate) fn parse(body: &[u8], secrets: &[&str]) -> Self {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(body) else {
+            let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_SOURCE_BYTES)]);
+            let excerpt = if echoes_any(&text, secrets) {
+                WITHHELD.to_owned()
+            } else {
+                excerpt(body)
+            };
             return Self {
-                excerpt: Some(excerpt(body)).filter(|e| !e.is_empty()),
+                excerpt: Some(excerpt).filter(|e| !e.is_empty()),
                 ..Self::default()
             };
         };
         let field = |name: &str| {
-            object
-                .get(name)
-                .and_then(|v| v.as_str())
-                .map(|s| redact_bearer_tokens(s.trim()))
-                .filter(|s| !s.is_empty())
+            let text = object.get(name).and_then(|v| v.as_str())?.trim();
+            // The field as sent (escapes and all) and as decoded are both judged.
+            let raw = serde_json::to_string(text).unwrap_or_default();
+            if echoes_any(text, secrets) || echoes_any(&raw, secrets) {
+                return Some(WITHHELD.to_owned());
+            }
+            Some(redact_bearer_tokens(text)).filter(|s| !s.is_empty())
         };
         let description = field("error_description")
             .or_else(|| field("message"))
@@ -134,7 +152,7 @@ impl ErrorBody {
                 }
             });
         Self {
-            code: field("error"),
+            code: field("error").filter(|code| code != WITHHELD),
             description,
             is_json: true,
             excerpt: None,
@@ -142,21 +160,14 @@ impl ErrorBody {
     }
 }
 
-impl ErrorBody {
-    /// The same, with every occurrence of `secret` (what the request carried: an App Service
-    /// secret, an Arc key, a client secret) replaced: an endpoint that echoes its request
-    /// must not carry the secret into an error message.
-    pub(crate) fn without(self, secret: &str) -> Self {
-        if secret.is_empty() {
-            return self;
-        }
-        let scrub = |text: Option<String>| text.map(|t| t.replace(secret, "<redacted>"));
-        Self {
-            code: scrub(self.code),
-            description: scrub(self.description),
-            excerpt: scrub(self.excerpt),
-            is_json: self.is_json,
-        }
+/// A header's value for an error message: withheld when it echoes one of `secrets` (judged
+/// whole), else cut to a readable length.
+pub(crate) fn shown_header(value: Option<String>, secrets: &[&str]) -> Option<String> {
+    let value = value?;
+    if echoes_any(&value, secrets) {
+        Some(WITHHELD.to_owned())
+    } else {
+        Some(value.chars().take(MAX_HEADER_CHARS).collect())
     }
 }
 
@@ -178,7 +189,7 @@ const EXCERPT_CHARS: usize = 100;
 /// The first words of a body that is not JSON: markup dropped, whitespace collapsed, anything
 /// token-shaped redacted, and cut short.
 pub(crate) fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(4 * 1024)]);
+    let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_SOURCE_BYTES)]);
     let mut plain = String::new();
     let mut in_tag = false;
     for c in text.chars() {
@@ -284,31 +295,55 @@ mod tests {
     fn error_bodies_keep_code_and_description_without_tokens() {
         let body = ErrorBody::parse(
             br#"{"error":"invalid_request","error_description":"Identity not found eyJa.b.c"}"#,
+            &[],
         );
         assert_eq!(body.code.as_deref(), Some("invalid_request"));
         assert_eq!(
             body.description.as_deref(),
             Some("Identity not found <redacted>")
         );
-        let html = ErrorBody::parse(b"<html><head><title>Access denied</title></head></html>");
+        let html = ErrorBody::parse(
+            b"<html><head><title>Access denied</title></head></html>",
+            &[],
+        );
         assert!(!html.is_json);
         assert_eq!(html.excerpt.as_deref(), Some("Access denied"));
         assert_eq!(html.code, None);
     }
 
     #[test]
-    fn echoed_secrets_are_scrubbed() {
-        let echoed = ErrorBody::parse(b"<html>bad header X-IDENTITY-HEADER: 0123abcd</html>")
-            .without("0123abcd");
-        assert_eq!(
-            echoed.excerpt.as_deref(),
-            Some("bad header X-IDENTITY-HEADER: <redacted>")
+    fn echoed_secrets_are_withheld() {
+        let echoed = ErrorBody::parse(
+            b"<html>bad header X-IDENTITY-HEADER: 0123abcd</html>",
+            &["0123abcd"],
         );
-        let json = ErrorBody::parse(br#"{"error":"x","error_description":"secret s3 refused"}"#)
-            .without("s3");
+        assert_eq!(echoed.excerpt.as_deref(), Some(WITHHELD));
+        let json = ErrorBody::parse(
+            br#"{"error":"x","error_description":"secret s3 refused"}"#,
+            &["s3"],
+        );
+        assert_eq!(json.description.as_deref(), Some(WITHHELD));
+        assert_eq!(json.code.as_deref(), Some("x"));
+        // Percent-encoded in a form echo (`~` as `%7E`), and cut off by the excerpt's limit:
+        // neither hides it.
+        let secret = "Zq8~Lm3pXv_7Rt2.Wn5~Kd9s";
+        let form = format!(
+            r#"{{"error":"invalid_client","error_description":"bad form: client_id=1&client_secret={}"}}"#,
+            secret.replace('~', "%7E")
+        );
+        let body = ErrorBody::parse(form.as_bytes(), &[secret]);
+        assert_eq!(body.description.as_deref(), Some(WITHHELD));
+        assert_eq!(body.code.as_deref(), Some("invalid_client"));
+        let cut = format!("{} X-IDENTITY-HEADER: {secret}", "word ".repeat(11));
+        let body = ErrorBody::parse(cut.as_bytes(), &[secret]);
+        assert_eq!(body.excerpt.as_deref(), Some(WITHHELD));
         assert_eq!(
-            json.description.as_deref(),
-            Some("secret <redacted> refused")
+            shown_header(Some(format!("text/plain; echo={secret}")), &[secret]).as_deref(),
+            Some(WITHHELD)
+        );
+        assert_eq!(
+            shown_header(Some("text/html".into()), &[secret]).as_deref(),
+            Some("text/html")
         );
     }
 
@@ -381,7 +416,7 @@ mod properties {
         #[test]
         fn token_responses_never_panic(body in proptest::collection::vec(any::<u8>(), 0..512), now in any_now()) {
             let _ = parse_token_response(&body, now);
-            let parsed = ErrorBody::parse(&body);
+            let parsed = ErrorBody::parse(&body, &[]);
             let _ = looks_like_imds(&body);
             if let Some(excerpt) = parsed.excerpt {
                 prop_assert!(excerpt.chars().count() <= EXCERPT_CHARS + 1);
@@ -400,6 +435,40 @@ mod properties {
             match parse_token_response(body.to_string().as_bytes(), now) {
                 Ok(token) => prop_assert_eq!(token.token.secret(), "t"),
                 Err(problem) => prop_assert_eq!(problem, ResponseProblem::MissingExpiry),
+            }
+        }
+
+        /// Whatever the secret and however the answer echoes it (raw, percent-encoded, form,
+        /// JSON-escaped; in a JSON field or a page; cut off anywhere past a piece of it), no
+        /// part of what is shown holds the secret or any 8-character piece of it.
+        #[test]
+        fn no_shown_text_holds_a_piece_of_an_echoed_secret(
+            secret in "[!-~]{8,40}",
+            shape in 0u8..4,
+            json in any::<bool>(),
+            before in "[a-zA-Z :=<>]{0,120}",
+            keep in 8usize..200,
+        ) {
+            let echo = match shape {
+                0 => secret.clone(),
+                1 => secret.bytes().map(|b| format!("%{b:02X}")).collect(),
+                2 => form_urlencoded::byte_serialize(secret.as_bytes()).collect(),
+                _ => secret.chars().map(|c| format!("\\u{:04x}", c as u32)).collect(),
+            };
+            let echo: String = echo.chars().take(keep).collect();
+            let body = if json {
+                serde_json::json!({"error": "invalid_client", "error_description": format!("{before}{echo}")}).to_string()
+            } else {
+                format!("<html><body>{before} {echo}</body></html>")
+            };
+            let parsed = ErrorBody::parse(body.as_bytes(), &[&secret]);
+            for shown in [parsed.code, parsed.description, parsed.excerpt].into_iter().flatten() {
+                prop_assert!(!crate::redact::echoes(&shown, &secret) || shown == WITHHELD, "{}", shown);
+                let lower = shown.to_ascii_lowercase();
+                let secret = secret.to_ascii_lowercase();
+                for start in 0..=secret.len() - 8 {
+                    prop_assert!(!lower.contains(&secret[start..start + 8]), "{}", shown);
+                }
             }
         }
 

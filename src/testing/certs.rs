@@ -15,6 +15,7 @@ use openssl::x509::extension::{
 use openssl::x509::{X509, X509NameBuilder};
 
 use super::TestBedError;
+use super::postgres::TEST_HOST as TEST_HOST_NAME;
 
 const VALID_DAYS: u32 = 30;
 
@@ -117,9 +118,23 @@ impl TestCa {
 
     /// A server certificate for `localhost` and `127.0.0.1`, signed by this CA.
     pub fn issue_server_certificate(&self) -> Result<ServerCertificate, TestBedError> {
+        self.issue(TEST_HOST_NAME, true)
+    }
+
+    /// A server certificate for `dns_name` alone (no address), signed by this CA: a server
+    /// that a client trusting this CA must still refuse under any other name.
+    pub fn issue_certificate_for(&self, dns_name: &str) -> Result<ServerCertificate, TestBedError> {
+        self.issue(dns_name, false)
+    }
+
+    fn issue(
+        &self,
+        dns_name: &str,
+        loopback_addresses: bool,
+    ) -> Result<ServerCertificate, TestBedError> {
         let key = new_key()?;
         let mut builder = certificate_builder(
-            "localhost",
+            dns_name,
             &key,
             Some(self.certificate.subject_name()),
             VALID_DAYS,
@@ -134,11 +149,12 @@ impl TestCa {
         )?;
         builder.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
         let context = builder.x509v3_context(Some(&self.certificate), None);
-        let san = SubjectAlternativeName::new()
-            .dns("localhost")
-            .ip("127.0.0.1")
-            .ip("::1")
-            .build(&context)?;
+        let mut san = SubjectAlternativeName::new();
+        san.dns(dns_name);
+        if loopback_addresses {
+            san.ip("127.0.0.1").ip("::1");
+        }
+        let san = san.build(&context)?;
         let aki = AuthorityKeyIdentifier::new()
             .keyid(false)
             .issuer(false)

@@ -39,6 +39,8 @@ mod certs;
 mod endpoint;
 #[cfg(feature = "testing")]
 mod postgres;
+#[cfg(feature = "testing")]
+mod scripted_postgres;
 
 #[cfg(feature = "testing")]
 use std::fmt;
@@ -61,6 +63,9 @@ pub use endpoint::{
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub use postgres::{LocalPostgres, PasswordSetter};
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use scripted_postgres::{LoginAnswer, ScriptedPostgres, TlsOffer};
 
 /// Why the test bed could not do what was asked.
 #[cfg(feature = "testing")]

@@ -155,11 +155,7 @@ impl LocalPostgres {
              synchronous_commit = off\n\
              full_page_writes = off\n"
         );
-        postgres.write_file(
-            &data.join("postgresql.conf"),
-            &settings,
-            WriteMode::Append,
-        )?;
+        postgres.write_file(&data.join("postgresql.conf"), &settings, WriteMode::Append)?;
 
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {

@@ -239,7 +239,10 @@ fn leftovers(tmpdir: &std::path::Path) -> (Vec<std::path::PathBuf>, String) {
         .arg(tmpdir)
         .output()
         .unwrap();
-    (files, String::from_utf8_lossy(&processes.stdout).into_owned())
+    (
+        files,
+        String::from_utf8_lossy(&processes.stdout).into_owned(),
+    )
 }
 
 fn send(signal: &str, child: &tokio::process::Child) {
@@ -287,10 +290,17 @@ async fn testbed_stopped_by_any_signal_at_any_moment_leaves_nothing() {
         .await
         .expect("the bed stops within a minute");
         assert!(output.0.success(), "SIG{signal}: {output:?}");
-        assert!(output.1.contains("during start-up"), "SIG{signal}: {}", output.1);
+        assert!(
+            output.1.contains("during start-up"),
+            "SIG{signal}: {}",
+            output.1
+        );
         let (files, processes) = leftovers(tmpdir.path());
         assert!(files.is_empty(), "SIG{signal} left {files:?}");
-        assert!(processes.is_empty(), "SIG{signal} left running:\n{processes}");
+        assert!(
+            processes.is_empty(),
+            "SIG{signal} left running:\n{processes}"
+        );
     }
 
     // After start-up: SIGHUP (the terminal closed) stops it like Ctrl-C.

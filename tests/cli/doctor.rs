@@ -306,3 +306,55 @@ async fn a_token_for_another_audience() {
         "the token is for https://management.azure.com, not for Azure Database for PostgreSQL",
     );
 }
+
+/// A server that repeats the password in its refusal: the doctor shows its SQLSTATE and why
+/// the message is withheld, never the message, in text and in JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_repeating_the_token_is_not_quoted() {
+    use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestCa, TlsOffer};
+
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        LoginAnswer::RefuseRepeatingPassword,
+    )
+    .await
+    .unwrap();
+    let principal = Principal::user_assigned("orders-api");
+    let identity = IdentityEndpoint::builder()
+        .principal(principal.clone())
+        .start()
+        .await
+        .unwrap();
+    let vars: Vec<(String, String)> = [
+        ("PGHOST", "localhost".to_owned()),
+        ("PGPORT", server.port().to_string()),
+        ("PGSSLROOTCERT", ca_file.display().to_string()),
+        (
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+            identity.authority_host(),
+        ),
+        ("AZURE_CLIENT_ID", principal.client_id().to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let run = doctor(&vars, &[]).await;
+    assert_stopped_at(&run, 7, LOGIN_REFUSED);
+    run.assert_says("(SQLSTATE 28P01) with a message that quoted the access token");
+    run.assert_says("the server repeated the password it was sent");
+    assert!(
+        server.passwords_received() >= 1,
+        "the control: a login happened"
+    );
+    let json = doctor(&vars, &["--json"]).await;
+    assert_eq!(json.code, Some(LOGIN_REFUSED));
+    assert!(
+        json.stdout.contains("message is withheld"),
+        "{}",
+        json.stdout
+    );
+}

@@ -886,18 +886,70 @@ async fn cli_output_is_read_with_a_cap() {
 #[tokio::test]
 async fn an_authority_that_echoes_the_secret_does_not_put_it_in_the_error() {
     let (endpoint, app, _) = entra().await;
-    endpoint.script([pg_entra::testing::Reply::raw(
-        400,
-        "text/plain",
-        format!("bad request: client_secret={}", endpoint.client_secret()),
-    )]);
-    let vars = service_principal_vars(&endpoint, &app, endpoint.client_secret());
-    let credential = EnvironmentCredential::builder()
-        .options(Environment::from_vars(vars).clone())
-        .build()
-        .unwrap();
-    let error = token_from(&credential).await.unwrap_err();
-    let text = format!("{error} {error:?}");
-    assert!(text.contains("client_secret=<redacted>"), "{text}");
-    assert!(!text.contains(endpoint.client_secret()), "{text}");
+    // Characters that forms and URLs encode.
+    let secret = "Zq8~Lm3pXv_7Rt2.Wn5~Kd9s+Yb4/Hc6=";
+    let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let percent: String = secret.bytes().map(|b| format!("%{b:02X}")).collect();
+    let echoes = [
+        ("text/plain", format!("bad request: client_secret={secret}")),
+        (
+            "text/plain",
+            format!("bad request: client_id=x&client_secret={form}"),
+        ),
+        (
+            "text/plain",
+            format!("bad request: client_secret={percent}"),
+        ),
+        (
+            "application/json",
+            serde_json::json!({
+                "error": "invalid_request",
+                "error_description": format!("AADSTS900144: bad body client_secret={form}&scope=x"),
+            })
+            .to_string(),
+        ),
+        (
+            "application/json",
+            format!(
+                r#"{{"error":"invalid_client","error_description":"echo {}"}}"#,
+                secret
+                    .chars()
+                    .map(|c| format!("\\u{:04x}", c as u32))
+                    .collect::<String>()
+            ),
+        ),
+        // Cut by the excerpt's twelve words in the middle of the secret.
+        (
+            "text/html",
+            format!(
+                "<p>{} client_secret={}</p>",
+                "word ".repeat(11),
+                &secret[..14]
+            ),
+        ),
+    ];
+    for (content_type, body) in echoes {
+        endpoint.script([pg_entra::testing::Reply::raw(
+            400,
+            content_type,
+            body.clone(),
+        )]);
+        let vars = service_principal_vars(&endpoint, &app, secret);
+        let credential = EnvironmentCredential::builder()
+            .options(Environment::from_vars(vars).clone())
+            .build()
+            .unwrap();
+        let error = token_from(&credential).await.unwrap_err();
+        let text = format!("{error} {error:?}");
+        assert!(text.contains("HTTP 400"), "{text}");
+        assert!(text.contains("withheld"), "{body}: {text}");
+        for start in 0..=secret.len() - 8 {
+            let piece = &secret[start..start + 8];
+            let encoded: String = form_urlencoded::byte_serialize(piece.as_bytes()).collect();
+            assert!(
+                !text.contains(piece) && !text.contains(&encoded),
+                "{body}: {text}"
+            );
+        }
+    }
 }

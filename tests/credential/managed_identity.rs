@@ -359,8 +359,37 @@ async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusa
     assert!(!managed.is_rejection(), "{managed:?}");
     let text = error.to_string();
     assert!(text.contains("not a managed identity endpoint's"), "{text}");
-    assert!(text.contains("403 Forbidden nginx"), "{text}");
+    // The page quoted the secret header, so none of it is shown.
+    assert!(text.contains("withheld"), "{text}");
     assert!(!text.contains(endpoint.identity_header()), "{text}");
+    let header = endpoint.identity_header();
+    for start in 0..=header.len().saturating_sub(8) {
+        assert!(
+            !text.contains(&header[start..(start + 8).min(header.len())]),
+            "{text}"
+        );
+    }
+    // Cut off in the middle of the header by the excerpt's twelve words: nothing of it shown.
+    let header = endpoint.identity_header().to_owned();
+    endpoint.impersonate(Some(Reply::raw(
+        403,
+        "text/plain",
+        // The header starts at the 89th character of the 100 an excerpt keeps.
+        format!("{} H: {header}", "a".repeat(84)),
+    )));
+    let cut = credential(app_service_vars(&endpoint), None, &endpoint)
+        .unwrap()
+        .get_token(&[Cloud::Public.scope()], None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(cut.contains("withheld"), "{cut}");
+    assert!(!cut.contains(&header[..8]), "{cut}");
+    endpoint.impersonate(Some(Reply::raw(
+        403,
+        "text/html",
+        format!("<html><pre>X-IDENTITY-HEADER: {header}</pre></html>"),
+    )));
     // Through the connector's error type: unavailable, not rejected.
     let classified = pg_entra::TokenCache::builder(std::sync::Arc::new(
         credential(app_service_vars(&endpoint), None, &endpoint).unwrap(),

@@ -43,7 +43,15 @@ fn psql_login(account: Option<&str>, conninfo: &str, password: Option<&str>) -> 
         None => Command::new(psql),
     };
     command
-        .args(["-w", "-X", "-A", "-t", "-c", "select current_user", conninfo])
+        .args([
+            "-w",
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select current_user",
+            conninfo,
+        ])
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .current_dir("/");
@@ -90,7 +98,10 @@ async fn token_for(bed: &TestBed) -> String {
     use pg_entra::TokenCredential as _;
     let token = bed
         .credential()
-        .get_token(&["https://ossrdbms-aad.database.windows.net/.default"], None)
+        .get_token(
+            &["https://ossrdbms-aad.database.windows.net/.default"],
+            None,
+        )
         .await
         .expect("the bed's identity gets a token");
     token.token.secret().to_owned()
@@ -103,7 +114,10 @@ async fn the_directory_is_private_and_no_line_trusts() {
     let metadata = std::fs::metadata(dir).unwrap();
     assert_eq!(metadata.permissions().mode() & 0o777, 0o700);
     let expected_owner = if running_as_root() {
-        let id = Command::new("id").args(["-u", "postgres"]).output().unwrap();
+        let id = Command::new("id")
+            .args(["-u", "postgres"])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&id.stdout).trim().parse().unwrap()
     } else {
         std::fs::metadata("/proc/self").unwrap().uid()

@@ -1,8 +1,8 @@
 //! Everything that needs the real PostgreSQL of the test bed, in one binary.
 
+mod bed_security;
 #[cfg(all(feature = "diesel-async", feature = "deadpool", feature = "bb8"))]
 mod diesel_pools;
-mod bed_security;
 mod end_to_end;
 mod expiry;
 mod no_secrets;

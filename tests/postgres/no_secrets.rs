@@ -88,3 +88,56 @@ fn describe(error: &pg_entra::Error) -> String {
     }
     text
 }
+
+/// A server that repeats the password in its refusal: the error keeps the SQLSTATE and
+/// withholds the message, so no piece of the token reaches `Display`, `Debug` or a cause.
+#[tokio::test]
+async fn a_server_repeating_the_password_is_not_quoted() {
+    use std::sync::Arc;
+
+    use pg_entra::testing::{
+        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
+    };
+    use pg_entra::{Connector, Environment};
+
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        LoginAnswer::RefuseRepeatingPassword,
+    )
+    .await
+    .unwrap();
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "localhost".to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ]))
+        .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
+            "orders-api",
+        ))))
+        .build()
+        .unwrap();
+    let error = connector.connect().await.unwrap_err();
+    assert!(
+        server.passwords_received() >= 1,
+        "the control: a login happened"
+    );
+    assert!(
+        matches!(&error, pg_entra::Error::PostgresMessageWithheld { code } if code.as_deref() == Some("28P01")),
+        "{error:?}"
+    );
+    assert!(error.is_auth_failure());
+    let token = connector.token_cache().cached().unwrap();
+    let shown = describe(&error);
+    let secret = token.secret();
+    for start in (0..secret.len() - 8).step_by(7) {
+        assert!(
+            !shown.contains(&secret[start..start + 8]),
+            "a piece of the token reached: {shown}"
+        );
+    }
+}

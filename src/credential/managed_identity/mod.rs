@@ -25,7 +25,7 @@ use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
 use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::options::CredentialOptions;
 use super::scope::only_scope;
-use super::token_response::{ErrorBody, looks_like_imds, parse_token_response};
+use super::token_response::{ErrorBody, looks_like_imds, parse_token_response, shown_header};
 use super::vars::{CLIENT_ID_VAR, POD_IDENTITY_AUTHORITY_HOST_VAR};
 use crate::cloud::resource_for_scope;
 use crate::error::Error;
@@ -262,20 +262,15 @@ impl ManagedIdentityCredential {
             Ok(Ok((status, retry_after, content_type, body, arc_key))) => {
                 // What the request carried never comes back out in an error, even from an
                 // endpoint that echoes its request.
-                let secrets = [self.source.secret(), arc_key.as_deref()];
-                let scrub = |text: Option<String>| {
-                    secrets.iter().flatten().fold(text, |text, secret| {
-                        text.map(|t| t.replace(secret, "<redacted>"))
-                    })
-                };
+                let secrets: Vec<&str> = [self.source.secret(), arc_key.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect();
                 Attempt::Status {
                     status,
                     retry_after,
-                    content_type: scrub(content_type),
-                    body: secrets
-                        .iter()
-                        .flatten()
-                        .fold(ErrorBody::parse(&body), |body, secret| body.without(secret)),
+                    content_type: shown_header(content_type, &secrets),
+                    body: ErrorBody::parse(&body, &secrets),
                 }
             }
         }
@@ -296,7 +291,7 @@ impl ManagedIdentityCredential {
                 .await
                 .map_err(|e| innermost_cause(&e))?;
             let status = response.status().as_u16();
-            let content_type = content_type(&response);
+            let content_type = shown_header(content_type(&response), &[]);
             let body = read_body(response).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((status, content_type, body))
         };
@@ -330,7 +325,7 @@ impl ManagedIdentityCredential {
                 endpoint: endpoint.to_string(),
                 status,
                 content_type,
-                excerpt: ErrorBody::parse(&body).excerpt,
+                excerpt: ErrorBody::parse(&body, &[]).excerpt,
             }
             .to_string());
         }

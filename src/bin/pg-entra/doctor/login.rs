@@ -94,6 +94,13 @@ fn diagnose(
         _ => causes(error).join(": "),
     };
     match (error, code.as_deref()) {
+        // The library withheld a refusal that quoted the token: nothing of it is shown.
+        (pg_entra::Error::PostgresMessageWithheld { .. }, _) => (
+            Step::failed(title, error.to_string())
+                .cause("the server repeated the password it was sent: Azure Database for PostgreSQL never does, so this is probably not the intended server (or something in between answers for it)")
+                .next(error.hint().unwrap_or("check the host")),
+            Failure::LoginRefused,
+        ),
         (_, Some("28P01")) => (
             password_refused(&server_message, user, token_name, claims, server),
             Failure::LoginRefused,
