@@ -10,6 +10,7 @@ use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 
 use super::http::{BodyError, Destination, innermost_cause, read_body};
+use super::local_file::read_capped;
 use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::token_response::{ErrorBody, parse_token_response};
@@ -23,6 +24,8 @@ use crate::environment::Environment;
 use crate::error::Error;
 
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The most a federated token file may hold: Kubernetes' projected tokens are 1-2 KiB.
+const FEDERATED_TOKEN_MAX_BYTES: u64 = 64 * 1024;
 /// Default limit on reaching Entra's token endpoint (DNS, TCP, TLS).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default limit on one token request to Entra, connection included.
@@ -101,19 +104,24 @@ impl ClientCredentials {
                         })?,
                 ),
             ),
-            ClientAuth::AssertionFile(path) => (
-                None,
-                Some(tokio::fs::read_to_string(path).await.map_err(|e| {
+            ClientAuth::AssertionFile(path) => {
+                let unreadable = |problem: String| {
                     CredentialUnavailable::new(
                         self.credential,
                         format!(
-                            "cannot read {FEDERATED_TOKEN_FILE_VAR} {}: {e}",
+                            "cannot read {FEDERATED_TOKEN_FILE_VAR} {}: {problem}",
                             path.display()
                         ),
                     )
                     .into_azure()
-                })?),
-            ),
+                };
+                let bytes = read_capped(path, FEDERATED_TOKEN_MAX_BYTES)
+                    .await
+                    .map_err(unreadable)?;
+                let assertion = String::from_utf8(bytes)
+                    .map_err(|_| unreadable("it is not text".to_owned()))?;
+                (None, Some(assertion))
+            }
         };
         let body = {
             let mut form = form_urlencoded::Serializer::new(String::new());

@@ -16,6 +16,7 @@ mod cli;
 mod client_certificate;
 mod entra;
 mod http;
+mod local_file;
 mod managed_identity;
 mod options;
 mod scope;

@@ -251,6 +251,47 @@ async fn a_server_that_accepts_and_stays_silent_is_a_timeout() {
     drop(silent);
 }
 
+/// A server that answers the TLS request and then sends one byte every 300 ms, for ever: the
+/// doctor's verdict says it was slow, not silent, and the process ends with it (before, a
+/// blocking thread kept reading and the process ran as long as the server kept sending).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_dribbling_its_handshake_ends_the_process_at_the_bound() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let bed = TestBed::start().await.unwrap();
+    let dribbler = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = dribbler.local_addr().unwrap().port().to_string();
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = dribbler.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                stream.read_exact(&mut request).await?;
+                stream.write_all(b"S").await?;
+                // A handshake record announced as 16 KiB, sent a byte at a time.
+                let record = [0x16, 0x03, 0x03, 0x40, 0x00]
+                    .into_iter()
+                    .chain(std::iter::repeat(0));
+                for byte in record {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    stream.write_all(&[byte]).await?;
+                }
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    // `pg_entra` waits two minutes for the process; it must end long before.
+    let run = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        doctor(&with(&bed.vars(), "PGPORT", &port), &["--timeout", "1"]),
+    )
+    .await
+    .expect("the doctor ends at its bound while the server keeps sending");
+    assert_stopped_at(&run, 6, TIMEOUT);
+    run.assert_says("bytes of the TLS handshake but did not finish it within 2s");
+    assert!(!run.stdout.contains("went silent"), "{}", run.stdout);
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_database() {
     let bed = TestBed::start().await.unwrap();

@@ -304,6 +304,48 @@ async fn workload_identity_rereads_the_rotating_token_file() {
     );
 }
 
+/// A token file that is a FIFO with no writer, `/dev/zero`, a directory or too large: each a
+/// prompt "unavailable" naming why, never a hang or an exhausted memory.
+#[tokio::test]
+async fn workload_identity_reads_only_a_small_regular_token_file() {
+    let (endpoint, _, uami) = entra().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let large = dir.path().join("large");
+    std::fs::write(&large, vec![b'a'; 65 * 1024]).unwrap();
+    for (file, says) in [
+        (fifo, "it is a FIFO, not a regular file"),
+        (PathBuf::from("/dev/zero"), "it is a character device"),
+        (dir.path().to_owned(), "it is a directory"),
+        (large, "it is larger than 65536 bytes"),
+    ] {
+        let env = Environment::from_vars([
+            ("AZURE_TENANT_ID", "contoso.onmicrosoft.com".to_owned()),
+            ("AZURE_CLIENT_ID", uami.client_id().to_owned()),
+            ("AZURE_FEDERATED_TOKEN_FILE", file.display().to_string()),
+            ("AZURE_AUTHORITY_HOST", endpoint.authority_host()),
+        ]);
+        let credential = WorkloadIdentityCredential::builder()
+            .options(env)
+            .build()
+            .unwrap();
+        let error = tokio::time::timeout(Duration::from_secs(30), token_from(&credential))
+            .await
+            .expect("no wait on the file")
+            .unwrap_err();
+        assert!(is_unavailable(&error), "{error}");
+        assert!(error.to_string().contains(says), "{error}");
+    }
+    assert!(endpoint.recorded().is_empty(), "nothing was sent");
+}
+
 /// An address where nothing listens: IMDS as on a laptop.
 fn closed_port() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

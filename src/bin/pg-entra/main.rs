@@ -65,6 +65,9 @@ fn main() -> std::process::ExitCode {
             Command::Testbed => testbed::run().await,
         }
     });
+    // Whatever a blocking task still waits on, the process ends now: every command has
+    // already bounded its own waits and given its verdict.
+    runtime.shutdown_background();
     match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(failure) => failure.into(),

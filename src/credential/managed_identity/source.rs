@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::io::AsyncReadExt as _;
+use crate::credential::local_file::read_capped;
 
 use super::id::ManagedIdentityId;
 use crate::credential::vars::{
@@ -217,22 +217,11 @@ impl Source {
             .map(|path| PathBuf::from(path.trim().trim_matches('"')))
             .ok_or("the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header")?;
         check_arc_key_path(&path, key_directory)?;
-        // One read, capped: checking the size first and reading after would let the file grow
-        // in between.
-        let unreadable =
-            |e: std::io::Error| format!("cannot read the Arc key file {}: {e}", path.display());
-        let file = tokio::fs::File::open(&path).await.map_err(unreadable)?;
-        let mut key = Vec::new();
-        file.take(ARC_KEY_MAX_BYTES + 1)
-            .read_to_end(&mut key)
+        let key = read_capped(&path, ARC_KEY_MAX_BYTES)
             .await
-            .map_err(unreadable)?;
-        if key.len() as u64 > ARC_KEY_MAX_BYTES {
-            return Err(format!(
-                "the Arc key file {} is larger than {ARC_KEY_MAX_BYTES} bytes",
-                path.display()
-            ));
-        }
+            .map_err(|problem| {
+                format!("cannot read the Arc key file {}: {problem}", path.display())
+            })?;
         String::from_utf8(key)
             .map_err(|_| format!("the Arc key file {} is not text", path.display()))
     }

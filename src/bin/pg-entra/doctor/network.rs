@@ -1,8 +1,9 @@
 //! Step 6: each host's DNS answer, TCP connect time, and TLS handshake (the PostgreSQL TLS
 //! request, then the server's certificate: subject, issuer, expiry, the root it chains to).
 
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -144,14 +145,33 @@ async fn check_host(
         stream.set_nonblocking(false)?;
         Ok(stream)
     });
+    // The blocking side stops at the same deadline by itself (no thread outlives the step).
+    let bound = timeout.saturating_mul(2);
+    let progress = Arc::new(Progress::default());
+    let seen = Arc::clone(&progress);
     let blocking = tokio::task::spawn_blocking(move || {
-        handshake(stream?, &server_name, root_file.as_deref(), timeout)
+        let stream = DeadlineStream::new(stream?, timeout, bound, seen);
+        handshake(stream, &server_name, root_file.as_deref())
     });
-    let handshake = match tokio::time::timeout(timeout.saturating_mul(2), blocking).await {
+    // A safety net only: the blocking side gives its own verdict at the deadline.
+    let net = bound.saturating_add(Duration::from_millis(500));
+    let handshake = match tokio::time::timeout(net, blocking).await {
         Ok(Ok(handshake)) => handshake,
         Ok(Err(join)) => Err(TlsProblem::Other(join.to_string())),
-        Err(_) => Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into())),
+        Err(_) => {
+            progress.deadline_passed.store(true, Ordering::Relaxed);
+            Err(TlsProblem::Io(std::io::ErrorKind::TimedOut.into()))
+        }
     };
+    // A timeout is "silent" only when the server sent nothing in a whole read timeout.
+    let handshake = handshake.map_err(|problem| match problem {
+        TlsProblem::Io(error) if progress.deadline_passed() => TlsProblem::TooSlow {
+            received: progress.received(),
+            bound,
+            cause: error,
+        },
+        other => other,
+    });
     match handshake {
         Ok(tls) => {
             facts.push(("TLS".into(), format!("{}, {}", tls.protocol, tls.cipher)));
@@ -252,6 +272,12 @@ enum TlsProblem {
         presented: Option<Box<CertificateFacts>>,
     },
     Io(std::io::Error),
+    /// The server kept sending, too slowly to finish the handshake within `bound`.
+    TooSlow {
+        received: usize,
+        bound: Duration,
+        cause: std::io::Error,
+    },
     Other(String),
 }
 
@@ -310,6 +336,21 @@ impl TlsProblem {
                     Failure::Timeout,
                 )
             }
+            TlsProblem::TooSlow {
+                received,
+                bound,
+                cause,
+            } => (
+                Step::failed(
+                    title,
+                    format!(
+                        "the server sent {received} bytes of the TLS handshake but did not finish it within {bound:?} (twice --timeout): {cause}"
+                    ),
+                )
+                .cause("the server or the network in between is very slow, or something answers the port a byte at a time")
+                .next("try again with a longer --timeout; if it stays this slow, check the network path"),
+                Failure::Timeout,
+            ),
             TlsProblem::Io(error) => (
                 Step::failed(title, format!("the connection failed during TLS: {error}")),
                 Failure::Tls,
@@ -334,16 +375,90 @@ impl From<openssl::error::ErrorStack> for TlsProblem {
     }
 }
 
+/// What the server sent during the handshake, shared with the async side.
+#[derive(Default)]
+struct Progress {
+    received: AtomicUsize,
+    deadline_passed: AtomicBool,
+}
+
+impl Progress {
+    fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline_passed.load(Ordering::Relaxed)
+    }
+}
+
+/// A blocking TCP stream on which every read and write waits at most `per_call` and none
+/// goes past an overall deadline: a server that answers one byte per read timeout still ends
+/// the handshake at the deadline, and the thread with it.
+struct DeadlineStream {
+    inner: TcpStream,
+    per_call: Duration,
+    deadline: Instant,
+    progress: Arc<Progress>,
+}
+
+impl DeadlineStream {
+    fn new(inner: TcpStream, per_call: Duration, bound: Duration, progress: Arc<Progress>) -> Self {
+        Self {
+            inner,
+            per_call,
+            deadline: Instant::now() + bound,
+            progress,
+        }
+    }
+
+    /// The wait allowed for the next call, or a timeout error once the deadline has passed.
+    fn next_wait(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.progress.deadline_passed.store(true, Ordering::Relaxed);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the handshake's time ran out",
+            ));
+        }
+        Ok(left.min(self.per_call))
+    }
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.set_read_timeout(Some(self.next_wait()?))?;
+        let read = self.inner.read(buf);
+        if let Ok(n) = read {
+            self.progress.received.fetch_add(n, Ordering::Relaxed);
+        }
+        // A read cut short by the deadline (not by the per-call wait) is the deadline's.
+        if read.is_err() && Instant::now() >= self.deadline {
+            self.progress.deadline_passed.store(true, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl Write for DeadlineStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.set_write_timeout(Some(self.next_wait()?))?;
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The PostgreSQL TLS request, then a verifying handshake for `host`: the system roots plus
 /// `root_file`, the host name checked, as the connector does.
 fn handshake(
-    mut stream: TcpStream,
+    mut stream: DeadlineStream,
     host: &str,
     root_file: Option<&str>,
-    timeout: Duration,
 ) -> Result<TlsFacts, TlsProblem> {
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
     stream.write_all(&SSL_REQUEST)?;
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer)?;
