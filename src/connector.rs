@@ -70,6 +70,8 @@ struct ConnectorInner {
     tokens: TokenCache,
     tls: MakeTlsConnector,
     ssl_mode: SslMode,
+    /// The extra root certificate file (`sslrootcert`), as given.
+    ssl_root_cert: Option<String>,
     /// The configurations with the current token's password and user, built once per token
     /// rather than once per connect.
     token_configs: ArcSwapOption<TokenConfigs>,
@@ -281,6 +283,13 @@ impl Connector {
     #[cfg(feature = "diesel-async")]
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.inner.connect_timeout
+    }
+
+    /// The root certificate file given as `sslrootcert` (or `PGSSLROOTCERT`), as given: a
+    /// path, or libpq's keyword `system`. Its certificates are trusted besides the system's
+    /// roots. `None` when none was given.
+    pub fn ssl_root_cert(&self) -> Option<&str> {
+        self.inner.ssl_root_cert.as_deref()
     }
 
     /// The TLS mode asked for (all of them verify; see [`SslMode`]).
@@ -600,6 +609,7 @@ impl ConnectorBuilder {
                 tokens,
                 tls,
                 ssl_mode,
+                ssl_root_cert: settings.ssl_root_cert.clone(),
                 token_configs: ArcSwapOption::empty(),
                 // Last: the fields above read it.
                 #[cfg(feature = "sqlx")]

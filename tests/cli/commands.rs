@@ -98,7 +98,7 @@ async fn psql_gets_the_token_in_its_environment_only() {
     std::fs::write(
         &fake,
         "#!/bin/sh\nfor a in \"$@\"; do echo \"arg=$a\"; done\n\
-         echo \"PGUSER=$PGUSER\"\necho \"PGSSLMODE=$PGSSLMODE\"\necho \"PGDATABASE=$PGDATABASE\"\n\
+         echo \"PGUSER=$PGUSER\"\necho \"PGSSLMODE=$PGSSLMODE\"\necho \"PGHOST=$PGHOST\"\n\
          echo \"password_length=${#PGPASSWORD}\"\n",
     )
     .unwrap();
@@ -115,13 +115,35 @@ async fn psql_gets_the_token_in_its_environment_only() {
     let run = pg_entra(&["psql", "--", "-c", "select 1"], &vars).await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     run.assert_no_token();
+    // `require` does not verify the host name in libpq: run as verify-full, and said so.
+    assert!(
+        run.stderr.contains("sslmode=require is run as verify-full"),
+        "{}",
+        run.stderr
+    );
     let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines[..2], ["arg=-c", "arg=select 1"]);
-    assert!(lines.contains(&format!("PGUSER={}", bed.principal().name()).as_str()));
-    // `require` does not verify in libpq: raised to verify-full.
-    assert!(lines.contains(&"PGSSLMODE=verify-full"));
-    // libpq would default to the user's name; Entra roles live in `postgres`.
-    assert!(lines.contains(&"PGDATABASE=postgres"));
+    // One connection string says everything; libpq's variables are gone.
+    let conninfo = lines[0]
+        .strip_prefix("arg=--dbname=")
+        .expect("--dbname first");
+    let port = bed.postgres().port();
+    let root = bed.postgres().ca_certificate_path();
+    for pair in [
+        "host='localhost'".to_owned(),
+        format!("port='{port}'"),
+        // libpq would default to the user's name; Entra roles live in `postgres`.
+        "dbname='postgres'".to_owned(),
+        format!("user='{}'", bed.principal().name()),
+        "sslmode='verify-full'".to_owned(),
+        format!("sslrootcert='{}'", root.display()),
+        "gssencmode='disable'".to_owned(),
+    ] {
+        assert!(conninfo.contains(&pair), "{pair} not in {conninfo}");
+    }
+    assert_eq!(lines[1..3], ["arg=-c", "arg=select 1"]);
+    for var in ["PGUSER=", "PGSSLMODE=", "PGHOST="] {
+        assert!(lines.contains(&var), "{var} set: {lines:?}");
+    }
     let length: usize = lines
         .iter()
         .find_map(|l| l.strip_prefix("password_length="))
@@ -130,8 +152,8 @@ async fn psql_gets_the_token_in_its_environment_only() {
         .unwrap();
     assert!(length > 500, "a JWT-sized password: {length}");
 
-    // Plaintext is refused, from the environment or from psql's own arguments, before any
-    // token is requested.
+    // Plaintext, a service file, a Unix socket and arguments psql would read otherwise are
+    // refused before any token is requested, however they are spelt.
     let before = bed.identity().requests();
     for (vars, args) in [
         (with(&vars, "PGSSLMODE", "disable"), vec!["psql"]),
@@ -139,13 +161,176 @@ async fn psql_gets_the_token_in_its_environment_only() {
             vars.clone(),
             vec!["psql", "--", "host=localhost sslmode=prefer"],
         ),
+        (
+            vars.clone(),
+            vec![
+                "psql",
+                "--",
+                "postgresql://localhost/postgres?sslmode=%64isable",
+            ],
+        ),
+        (
+            vars.clone(),
+            vec![
+                "psql",
+                "--",
+                "postgresql://localhost/postgres?%73slmode=prefer",
+            ],
+        ),
+        (
+            vars.clone(),
+            vec!["psql", "--", r"host=localhost sslmode=dis\able"],
+        ),
+        (vars.clone(), vec!["psql", "--", "-d", "service=azure"]),
+        (with(&vars, "PGSERVICE", "azure"), vec!["psql"]),
+        (
+            vars.clone(),
+            vec!["psql", "--", "-h", "/var/run/postgresql"],
+        ),
+        (vars.clone(), vec!["psql", "--", "--hostaddr=127.0.0.1"]),
+        (vars.clone(), vec!["psql", "--", "db", "user", "third"]),
     ] {
         let run = pg_entra(&args, &vars).await;
-        assert_eq!(run.code, Some(3));
-        assert!(run.stderr.contains("refused"), "{}", run.stderr);
-        assert_eq!(run.stdout, "");
+        assert_eq!(run.code, Some(3), "{args:?}: {}", run.stderr);
+        assert_eq!(run.stdout, "", "{args:?}");
     }
     assert_eq!(bed.identity().requests(), before);
+}
+
+/// Servers that must never see the token: one that offers no TLS, and one whose certificate
+/// chains to a trusted root but names another host. Whatever libpq settings and psql
+/// arguments ask for, through the real psql, neither receives a password message.
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_sends_the_token_only_to_a_verified_host_name() {
+    use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestCa, TlsOffer};
+
+    let bed = TestBed::start().await.unwrap();
+    let refuse = LoginAnswer::Refuse {
+        code: "28P01".into(),
+        message: "password authentication failed".into(),
+    };
+    let plaintext = ScriptedPostgres::start(TlsOffer::None, refuse.clone())
+        .await
+        .unwrap();
+    let ca = TestCa::generate("another trusted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let other_name = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_certificate_for("db.other.example").unwrap()),
+        refuse,
+    )
+    .await
+    .unwrap();
+    let psql = psql();
+    let ca_path = ca_file.to_str().unwrap();
+
+    // The control: psql on its own, with sslmode=require (Azure's own snippet), sends the
+    // other-name server a password.
+    let direct = tokio::process::Command::new(&psql)
+        .arg(format!(
+            "host=localhost port={} user=x dbname=postgres sslmode=require",
+            other_name.port()
+        ))
+        .args(["-w", "-c", "select 1"])
+        .env_clear()
+        .env("PGPASSWORD", "not-a-token")
+        .output()
+        .await
+        .unwrap();
+    assert!(!direct.status.success());
+    assert_eq!(other_name.passwords_received(), 1, "the control sent one");
+
+    let base = with(&bed.vars(), "PG_ENTRA_PSQL", psql.to_str().unwrap());
+    let plain_port = plaintext.port().to_string();
+    let other_port = other_name.port().to_string();
+    let to = |port: &str| with(&base, "PGPORT", port);
+    let trusting = |port: &str| with(&to(port), "PGSSLROOTCERT", ca_path);
+    let cases: Vec<(Vec<(String, String)>, Vec<String>)> = vec![
+        // The server that offers no TLS.
+        (with(&to(&plain_port), "PGSSLMODE", "verify-ca"), vec![]),
+        (with(&to(&plain_port), "PGSSLMODE", "require"), vec![]),
+        (
+            base.clone(),
+            vec![format!("host=localhost port={plain_port} sslmode=require")],
+        ),
+        (
+            base.clone(),
+            vec![format!(
+                "postgresql://localhost:{plain_port}/postgres?sslmode=%64isable"
+            )],
+        ),
+        (
+            base.clone(),
+            vec![format!(
+                "postgresql://localhost:{plain_port}/postgres?%73slmode=prefer"
+            )],
+        ),
+        (
+            base.clone(),
+            vec![format!(
+                r"host=localhost port={plain_port} sslmode=dis\able"
+            )],
+        ),
+        (
+            base.clone(),
+            vec![
+                "-p".into(),
+                plain_port.clone(),
+                "-h".into(),
+                "localhost".into(),
+            ],
+        ),
+        (
+            with(&to(&plain_port), "PGSSLMODE", "allow"),
+            vec!["--port".into(), plain_port.clone()],
+        ),
+        // The server whose certificate is trusted but for another name.
+        (
+            with(&trusting(&other_port), "PGSSLMODE", "verify-ca"),
+            vec![],
+        ),
+        (with(&trusting(&other_port), "PGSSLMODE", "require"), vec![]),
+        (
+            base.clone(),
+            vec![format!(
+                "host=localhost port={other_port} sslmode=require sslrootcert={ca_path}"
+            )],
+        ),
+        (
+            base.clone(),
+            vec![format!(
+                "postgresql://localhost:{other_port}/postgres?sslmode=verify-ca&sslrootcert={ca_path}"
+            )],
+        ),
+        (
+            trusting(&plain_port),
+            vec!["-d".into(), format!("sslmode=verify-ca port={other_port}")],
+        ),
+        (
+            with(&trusting(&other_port), "PGSSLMODE", "require"),
+            vec!["--host=localhost".into(), "-Upg-entra-test-vm".into()],
+        ),
+    ];
+    for (vars, psql_args) in cases {
+        let mut args = vec!["psql", "--", "-c", "select 1"];
+        args.extend(psql_args.iter().map(String::as_str));
+        let run = pg_entra(&args, &vars).await;
+        assert_ne!(run.code, Some(0), "{psql_args:?}");
+        run.assert_no_token();
+        assert_eq!(
+            plaintext.passwords_received(),
+            0,
+            "{psql_args:?} sent a password in clear"
+        );
+        assert_eq!(
+            other_name.passwords_received(),
+            1,
+            "{psql_args:?} sent a password to another name"
+        );
+    }
+    // psql did reach the other-name server: it refused the certificate, it was not kept away.
+    assert!(other_name.connections() > 2, "{}", other_name.connections());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,6 +12,7 @@ mod doctor;
 mod exit;
 mod output;
 mod psql;
+mod psql_args;
 mod server;
 mod testbed;
 mod token;

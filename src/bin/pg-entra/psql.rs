@@ -3,11 +3,11 @@
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
-use pg_entra::Environment;
+use pg_entra::{Connector, Environment, SslMode};
 
 use crate::exit::Failure;
+use crate::psql_args::{self, Unreadable};
 use crate::server::{ServerArgs, causes};
 
 /// Where distributions keep the system's CA bundle, for libpq versions without
@@ -29,23 +29,78 @@ pub(crate) struct PsqlArgs {
     psql_args: Vec<OsString>,
 }
 
+/// libpq's variables that choose where and how to connect. psql gets none of them: the
+/// connection string it is given says all of that (values there beat variables, but a
+/// variable for a keyword left out, `PGSERVICE` or `PGHOSTADDR` say, would still count).
+const LIBPQ_CONNECTION_VARS: [&str; 33] = [
+    "PGHOST",
+    "PGHOSTADDR",
+    "PGPORT",
+    "PGDATABASE",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICE",
+    "PGSERVICEFILE",
+    "PGOPTIONS",
+    "PGAPPNAME",
+    "PGSSLMODE",
+    "PGREQUIRESSL",
+    "PGSSLCOMPRESSION",
+    "PGSSLCERT",
+    "PGSSLKEY",
+    "PGSSLROOTCERT",
+    "PGSSLCRL",
+    "PGSSLCRLDIR",
+    "PGSSLSNI",
+    "PGREQUIREPEER",
+    "PGSSLMINPROTOCOLVERSION",
+    "PGSSLMAXPROTOCOLVERSION",
+    "PGGSSENCMODE",
+    "PGKRBSRVNAME",
+    "PGGSSLIB",
+    "PGCONNECT_TIMEOUT",
+    "PGCLIENTENCODING",
+    "PGTARGETSESSIONATTRS",
+    "PGLOADBALANCEHOSTS",
+    "PGCHANNELBINDING",
+    "PGSSLNEGOTIATION",
+    "PGSSLCERTMODE",
+];
+
 /// Runs psql (`PG_ENTRA_PSQL`, else `psql` on the `PATH`) in place of this process.
+///
+/// Where psql connects is decided here, not by psql: its connection arguments (`-d`, `-h`,
+/// `-p`, `-U`, the positional database and user, a connection string or URL among them) are
+/// read as psql reads them and checked by the crate's connector with libpq's own rules, and
+/// psql is handed one connection string with `sslmode=verify-full` and the root file. A
+/// token is then sent only to a server whose certificate names the host.
 pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
-    if let Some(plain) = args.psql_args.iter().find_map(|arg| plaintext_mode(arg)) {
+    let psql = psql_args::PsqlArgs::parse(&args.psql_args).map_err(|Unreadable(why)| {
         eprintln!(
-            "pg-entra: sslmode={plain} in psql's arguments is refused: the password is a bearer token and travels only inside verified TLS"
+            "pg-entra: psql's arguments cannot be read exactly ({why}); give the server with --host, --port, --dbname and --user, or as a connection string"
         );
-        return Err(Failure::Configuration);
-    }
+        Failure::Configuration
+    })?;
     let server = args.server;
-    // The settings are checked before a token is asked for (plaintext modes, no host).
-    let connector = server
-        .chain()
-        .and_then(|chain| server.connector(Arc::new(chain), None))
-        .map_err(|error| {
-            eprintln!("pg-entra: {error}");
-            Failure::Configuration
-        })?;
+    // The settings are checked before a token is asked for (plaintext modes, a Unix socket,
+    // `service`, no host).
+    let connector = connector_for(&server, &psql.connection).map_err(|error| {
+        eprintln!("pg-entra: {error}");
+        Failure::Configuration
+    })?;
+    let root_file = root_file(&connector).ok_or_else(|| {
+        eprintln!(
+            "pg-entra: no system CA bundle found for psql; set PGSSLROOTCERT to a PEM file with the server's root (Azure: DigiCert Global Root G2 and Microsoft RSA Root Certificate Authority 2017)"
+        );
+        Failure::Configuration
+    })?;
+    if connector.ssl_mode() != SslMode::VerifyFull {
+        eprintln!(
+            "pg-entra: sslmode={} is run as verify-full: the token goes only to a server whose certificate names the host",
+            connector.ssl_mode().as_str()
+        );
+    }
     let token = connector.token_cache().token().await.map_err(|error| {
         eprintln!("pg-entra: no access token for {}:", server.scope());
         for line in causes(&error) {
@@ -61,41 +116,19 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
         Failure::Token
     })?;
 
-    let env = Environment::process();
-    let program = env.var("PG_ENTRA_PSQL").unwrap_or_else(|| "psql".into());
+    let program = Environment::process()
+        .var("PG_ENTRA_PSQL")
+        .unwrap_or_else(|| "psql".into());
     let mut command = Command::new(&program);
-    command.args(&args.psql_args);
-    command
-        .env("PGPASSWORD", token.secret())
-        .env("PGUSER", &user);
-    if let Some(host) = &server.host {
-        command.env("PGHOST", host);
+    let mut dbname = OsString::from("--dbname=");
+    dbname.push(conninfo(&connector, &user, &root_file));
+    command.arg(dbname).args(&psql.own);
+    for var in LIBPQ_CONNECTION_VARS {
+        command.env_remove(var);
     }
-    if let Some(port) = server.port {
-        command.env("PGPORT", port.to_string());
-    }
-    match (&server.dbname, env.var("PGDATABASE")) {
-        (Some(dbname), _) => {
-            command.env("PGDATABASE", dbname);
-        }
-        // libpq's default is the user's name; Entra roles live in `postgres`.
-        (None, None) => {
-            command.env("PGDATABASE", "postgres");
-        }
-        (None, Some(_)) => {}
-    }
-    let mode = env.var("PGSSLMODE");
-    if !matches!(mode.as_deref(), Some("verify-ca" | "verify-full")) {
-        command.env("PGSSLMODE", "verify-full");
-    }
-    match env.var("PGSSLROOTCERT").as_deref() {
-        None | Some("system") => {
-            if let Some(bundle) = system_bundle(&env) {
-                command.env("PGSSLROOTCERT", bundle);
-            }
-        }
-        Some(_) => {}
-    }
+    // Without it GNU getopt stops permuting, and psql would read its arguments otherwise.
+    command.env_remove("POSIXLY_CORRECT");
+    command.env("PGPASSWORD", token.secret());
     let error = exec(command);
     if error.kind() == std::io::ErrorKind::NotFound {
         eprintln!(
@@ -108,16 +141,151 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
     }
 }
 
-/// `sslmode=disable|allow|prefer` in a psql argument (a connection string or URL).
-fn plaintext_mode(arg: &OsString) -> Option<&'static str> {
-    // libpq allows spaces around `=` and quotes around values.
-    let text = arg.to_string_lossy().to_ascii_lowercase().replace('\'', "");
-    let compact = text.split('=').map(str::trim).collect::<Vec<_>>().join("=");
-    ["disable", "allow", "prefer"].into_iter().find(|mode| {
-        compact
-            .split(|c: char| c.is_whitespace() || c == '&' || c == '?')
-            .any(|part| part == format!("sslmode={mode}"))
-    })
+/// The connector for what psql was asked to connect to. Layers, highest first: this
+/// command's flags; a connection string or URL given as psql's database; psql's `-h`, `-p`,
+/// `-U` and plain database name; libpq's variables (as in psql, where a connection string
+/// given as the database beats the other options, which beat the variables).
+fn connector_for(
+    server: &ServerArgs,
+    psql: &psql_args::ConnectionArgs,
+) -> Result<Connector, pg_entra::Error> {
+    let (conninfo, plain_dbname) = match psql.dbname.as_deref() {
+        Some(dbname) if is_connection_string(dbname) => (Some(dbname), None),
+        other => (None, other),
+    };
+    let mut vars: Vec<(String, String)> = std::env::vars().collect();
+    for (var, value) in [
+        ("PGHOST", psql.host.as_deref()),
+        ("PGPORT", psql.port.as_deref()),
+        ("PGUSER", psql.username.as_deref()),
+        ("PGDATABASE", plain_dbname),
+    ] {
+        if let Some(value) = value {
+            vars.retain(|(name, _)| name != var);
+            vars.push((var.to_owned(), value.to_owned()));
+        }
+    }
+    let mut builder = Connector::builder()
+        .environment(Environment::from_vars(vars))
+        .single_server(server.single_server);
+    if let Some(conninfo) = conninfo {
+        builder = builder.connection_string(conninfo);
+    }
+    // Without --scope, the connector takes the scope (and the credential chain its cloud)
+    // from the host it ends up with, wherever that was given.
+    if let Some(scope) = &server.scope {
+        builder = builder.scope(scope);
+    }
+    if let Some(host) = &server.host {
+        builder = builder.host(host);
+    }
+    if let Some(port) = server.port {
+        builder = builder.port(port);
+    }
+    if let Some(dbname) = &server.dbname {
+        builder = builder.dbname(dbname);
+    }
+    if let Some(user) = &server.user {
+        builder = builder.user(user);
+    }
+    builder.build()
+}
+
+/// libpq's test for a database name that is a whole connection string (`recognized_connection_string`).
+fn is_connection_string(dbname: &str) -> bool {
+    dbname.starts_with("postgresql://") || dbname.starts_with("postgres://") || dbname.contains('=')
+}
+
+/// The root file psql verifies with: the one given, else the system's bundle (psql 15's
+/// libpq has no `sslrootcert=system`).
+fn root_file(connector: &Connector) -> Option<String> {
+    match connector.ssl_root_cert() {
+        Some(file) if file != "system" => Some(file.to_owned()),
+        _ => system_bundle(&Environment::process()),
+    }
+}
+
+/// The one connection string psql gets: everything the connector decided, with TLS that
+/// verifies the host name and no GSS encryption (which would stand in for TLS).
+fn conninfo(connector: &Connector, user: &str, root_file: &str) -> String {
+    use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
+
+    let config = connector.base_config();
+    let list = |items: Vec<String>| items.join(",");
+    let mut pairs: Vec<(&str, String)> = vec![
+        (
+            "host",
+            list(
+                config
+                    .get_hosts()
+                    .iter()
+                    .filter_map(|host| match host {
+                        Host::Tcp(name) => Some(name.clone()),
+                        // Refused by the connector; never reaches here.
+                        #[cfg(unix)]
+                        Host::Unix(_) => None,
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "port",
+            list(config.get_ports().iter().map(u16::to_string).collect()),
+        ),
+        (
+            "dbname",
+            config.get_dbname().unwrap_or("postgres").to_owned(),
+        ),
+        ("user", user.to_owned()),
+        ("sslmode", "verify-full".to_owned()),
+        ("sslrootcert", root_file.to_owned()),
+        ("gssencmode", "disable".to_owned()),
+    ];
+    if !config.get_hostaddrs().is_empty() {
+        pairs.push((
+            "hostaddr",
+            list(
+                config
+                    .get_hostaddrs()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+            ),
+        ));
+    }
+    if let Some(name) = config.get_application_name() {
+        pairs.push(("application_name", name.to_owned()));
+    }
+    if let Some(options) = config.get_options() {
+        pairs.push(("options", options.to_owned()));
+    }
+    if let Some(timeout) = config.get_connect_timeout() {
+        pairs.push(("connect_timeout", timeout.as_secs().max(1).to_string()));
+    }
+    if !config.get_keepalives() {
+        pairs.push(("keepalives", "0".to_owned()));
+    }
+    if config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
+        pairs.push(("target_session_attrs", "read-write".to_owned()));
+    }
+    match config.get_channel_binding() {
+        ChannelBinding::Disable => pairs.push(("channel_binding", "disable".to_owned())),
+        ChannelBinding::Require => pairs.push(("channel_binding", "require".to_owned())),
+        _ => {}
+    }
+    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
+        pairs.push(("load_balance_hosts", "random".to_owned()));
+    }
+    pairs
+        .into_iter()
+        .map(|(key, value)| format!("{key}={}", quote(&value)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A libpq `key=value` value: single-quoted, `\` and `'` escaped.
+fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
 /// The system CA bundle for libpq: `SSL_CERT_FILE`, else the first that exists.
@@ -149,14 +317,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plaintext_modes_in_arguments() {
-        let mode = |arg: &str| plaintext_mode(&OsString::from(arg));
-        assert_eq!(mode("host=h sslmode=disable"), Some("disable"));
-        assert_eq!(mode("postgresql://h/db?sslmode=prefer"), Some("prefer"));
-        assert_eq!(mode("postgresql://h/db?a=b&sslmode=allow"), Some("allow"));
-        assert_eq!(mode("sslmode=verify-full"), None);
-        assert_eq!(mode("-c"), None);
-        assert_eq!(mode("host=h sslmode = 'disable'"), Some("disable"));
-        assert_eq!(mode("select 'sslmode=disabled'"), None);
+    fn quoted_values_survive_libpq_quoting() {
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote(r"it's \ here"), r"'it\'s \\ here'");
+    }
+
+    #[test]
+    fn connection_strings_as_libpq_recognizes_them() {
+        assert!(is_connection_string("host=h"));
+        assert!(is_connection_string("postgresql://h/db"));
+        assert!(is_connection_string("postgres://h"));
+        assert!(!is_connection_string("orders"));
     }
 }
