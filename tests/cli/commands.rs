@@ -197,6 +197,9 @@ async fn psql_gets_the_token_in_its_environment_only() {
     assert_eq!(bed.identity().requests(), before);
 }
 
+/// The environment a command runs with.
+type Vars = Vec<(String, String)>;
+
 /// Servers that must never see the token: one that offers no TLS, and one whose certificate
 /// chains to a trusted root but names another host. Whatever libpq settings and psql
 /// arguments ask for, through the real psql, neither receives a password message.
@@ -246,7 +249,7 @@ async fn psql_sends_the_token_only_to_a_verified_host_name() {
     let other_port = other_name.port().to_string();
     let to = |port: &str| with(&base, "PGPORT", port);
     let trusting = |port: &str| with(&to(port), "PGSSLROOTCERT", ca_path);
-    let cases: Vec<(Vec<(String, String)>, Vec<String>)> = vec![
+    let cases: Vec<(Vars, Vec<String>)> = vec![
         // The server that offers no TLS.
         (with(&to(&plain_port), "PGSSLMODE", "verify-ca"), vec![]),
         (with(&to(&plain_port), "PGSSLMODE", "require"), vec![]),
