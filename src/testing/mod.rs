@@ -8,12 +8,17 @@
 //! - `LocalPostgres`: a real PostgreSQL started from the system's server binaries,
 //!   configured like Flexible Server: TLS only (a throwaway CA, a certificate for
 //!   `localhost`/`127.0.0.1`), cleartext password authentication inside TLS, no plaintext
-//!   host line. Run as root, it runs the server as the `postgres` account.
+//!   host line. Run as root, it runs the server as the `postgres` account. Its directory is
+//!   `0700` and no `pg_hba.conf` line trusts: only the bed itself logs in as superuser.
 //! - `IdentityEndpoint`: a real HTTP server on 127.0.0.1 speaking the IMDS token protocol.
 //!   It mints JWT-shaped tokens and, before returning each, sets it as the password of the
 //!   principal's role `VALID UNTIL` its expiry, so PostgreSQL refuses expired tokens as
 //!   Azure does. Faults are scripted (`Reply`), requests counted and recorded.
 //! - `TestBed`: both, wired together, with one system-assigned identity.
+//! - `ScriptedPostgres`: a PostgreSQL-protocol server that follows a script (`TlsOffer`,
+//!   `LoginAnswer`) for what a real server cannot be made to do on purpose: offer no TLS,
+//!   present a certificate for another name (`TestCa::issue_certificate_for`), refuse with a
+//!   chosen SQLSTATE and message. It counts the passwords it receives.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
