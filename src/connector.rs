@@ -151,22 +151,31 @@ impl Connector {
     /// [`TokenCache::refresh_rejected`]) and the connect is retried once with the new token.
     /// No other error is retried.
     pub async fn connect(&self) -> Result<Client, Error> {
-        let (client, connection) = self.connect_with_connection().await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "PostgreSQL connection ended with an error");
-            }
-        });
+        let (client, connection, token) = self.connect_logged_in().await?;
+        tokio::spawn(drive(connection, token));
         Ok(client)
     }
 
     /// Connects and returns the connection for the caller to drive. Retries a refused login
     /// once, as [`connect`](Self::connect) does.
+    ///
+    /// Driving it with `.await` lets tokio-postgres log the server's notices through the `log`
+    /// crate as they come; [`connect`](Self::connect) instead logs them with `tracing`, and
+    /// withholds any that quotes the token.
     pub async fn connect_with_connection(&self) -> Result<(Client, Connection), Error> {
+        let (client, connection, _) = self.connect_logged_in().await?;
+        Ok((client, connection))
+    }
+
+    /// A logged-in session and the token it logged in with.
+    async fn connect_logged_in(&self) -> Result<(Client, Connection, Token), Error> {
         let token = self.inner.tokens.token().await?;
         let error = match self.connect_once(&token).await {
+            Ok((client, connection)) => return Ok((client, connection, token)),
+            // A server that repeats the password is not sent another token.
+            Err(error @ Error::PostgresMessageWithheld { .. }) => return Err(error),
             Err(error) if error.is_auth_failure() => error,
-            done => return done,
+            Err(error) => return Err(error),
         };
         match self.inner.tokens.refresh_rejected(&token).await {
             Ok(Some(next)) => {
@@ -174,7 +183,8 @@ impl Connector {
                     %error,
                     "the server refused the token; retrying once with a new token"
                 );
-                self.connect_once(&next).await
+                let (client, connection) = self.connect_once(&next).await?;
+                Ok((client, connection, next))
             }
             Ok(None) => Err(error),
             Err(refresh_error) => {
@@ -479,6 +489,16 @@ impl ConnectorBuilder {
             ));
         }
         for host in &hosts {
+            // libpq reads a comma as a list, and an empty item as the default Unix socket.
+            if host.contains(',') {
+                return Err(Error::invalid(
+                    "host",
+                    format!(
+                        "{host:?} holds a comma: the builder takes one host name; give several \
+                         in a connection string (host=a,b)"
+                    ),
+                ));
+            }
             if host.starts_with('/') || host.starts_with('@') {
                 return Err(Error::unsupported(
                     "host",
@@ -616,6 +636,44 @@ impl ConnectorBuilder {
                 settings,
             }),
         })
+    }
+}
+
+/// Drives a session's connection until it ends. The server's notices are logged with
+/// `tracing` (tokio-postgres would log them through `log`, unexamined), and a notice or an
+/// error that quotes the token the session logged in with is withheld.
+async fn drive(mut connection: Connection, token: Token) {
+    use futures_util::StreamExt as _;
+    use tokio_postgres::AsyncMessage;
+
+    let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(AsyncMessage::Notice(notice)) => {
+                let severity = notice.severity().to_owned();
+                let code = notice.code().code().to_owned();
+                if crate::redact::echoes(&format!("{notice:?}"), token.secret()) {
+                    tracing::warn!(
+                        %severity,
+                        %code,
+                        "the server sent a notice that quoted the access token; withheld"
+                    );
+                } else {
+                    tracing::info!(%severity, %code, message = notice.message(), "PostgreSQL notice");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                if crate::redact::echoes(&format!("{error}\n{error:?}"), token.secret()) {
+                    tracing::warn!(
+                        "PostgreSQL connection ended with an error that quoted the access token; withheld"
+                    );
+                } else {
+                    tracing::warn!(%error, "PostgreSQL connection ended with an error");
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -758,6 +816,14 @@ mod tests {
         assert!(none.to_string().contains("PGHOST"), "{none}");
         let socket = build(&[("PGHOST", "/var/run/postgresql")], |b| b).unwrap_err();
         assert!(socket.to_string().contains("cannot carry TLS"), "{socket}");
+        // A list smuggled through the one-host setter (libpq would read `srv,` as `srv` and
+        // the default Unix socket).
+        for host in ["srv,", "srv,/tmp", "srv,@x", "a,b"] {
+            let error = build(&[], |b| b.host(host)).unwrap_err();
+            assert!(error.to_string().contains("holds a comma"), "{error}");
+        }
+        let empty = build(&[("PGHOST", "srv,")], |b| b).unwrap_err();
+        assert!(empty.to_string().contains("no server host"), "{empty}");
     }
 
     #[test]

@@ -208,16 +208,9 @@ impl Error {
     /// quotes the password (any piece of it, in any encoding; see `redact`), only its
     /// SQLSTATE is kept ([`Error::PostgresMessageWithheld`]).
     pub(crate) fn from_login(error: tokio_postgres::Error, password: &str) -> Self {
-        let mut said = error.to_string();
-        if let Some(db) = error.as_db_error() {
-            for part in [Some(db.message()), db.detail(), db.hint(), db.where_()]
-                .into_iter()
-                .flatten()
-            {
-                said.push('\n');
-                said.push_str(part);
-            }
-        }
+        // `Debug` shows every field of the server's error (routine, schema, position, …);
+        // whatever shows it must not show the token.
+        let said = format!("{error}\n{error:?}");
         if crate::redact::echoes(&said, password) {
             return Error::PostgresMessageWithheld {
                 code: error.code().map(|code| code.code().to_owned()),

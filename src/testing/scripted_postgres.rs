@@ -61,6 +61,9 @@ pub enum LoginAnswer {
     /// A `28P01` refusal whose message repeats the password it was sent, as no honest server
     /// does: the client must not show it.
     RefuseRepeatingPassword,
+    /// As [`Accept`](Self::Accept), with a `NOTICE` after the login that repeats the
+    /// password: the client must not log it.
+    AcceptNoticingPassword,
 }
 
 /// A running scripted server on 127.0.0.1. Stops when dropped.
@@ -190,10 +193,14 @@ impl Session {
         self.passwords.fetch_add(1, Ordering::SeqCst);
         let password = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body));
         match &self.answer {
-            LoginAnswer::Accept => {
+            LoginAnswer::Accept | LoginAnswer::AcceptNoticingPassword => {
                 stream
                     .write_all(&message(b'R', &0u32.to_be_bytes()))
                     .await?;
+                if self.answer == LoginAnswer::AcceptNoticingPassword {
+                    let text = format!("welcome, your password was {password}");
+                    stream.write_all(&notice_response("00000", &text)).await?;
+                }
                 for (name, value) in [
                     ("server_version", "15.0 (scripted)"),
                     ("client_encoding", "UTF8"),
@@ -293,6 +300,15 @@ fn put_cstr(out: &mut Vec<u8>, text: &str) {
 }
 
 fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
+    message(b'E', &fields(severity, code, text))
+}
+
+fn notice_response(code: &str, text: &str) -> Vec<u8> {
+    message(b'N', &fields("NOTICE", code, text))
+}
+
+/// The fields of an `ErrorResponse` or `NoticeResponse`.
+fn fields(severity: &str, code: &str, text: &str) -> Vec<u8> {
     let mut body = Vec::new();
     for (field, value) in [
         (b'S', severity),
@@ -304,5 +320,5 @@ fn error_response(severity: &str, code: &str, text: &str) -> Vec<u8> {
         put_cstr(&mut body, value);
     }
     body.push(0);
-    message(b'E', &body)
+    body
 }

@@ -141,8 +141,13 @@ async fn psql_gets_the_token_in_its_environment_only() {
         assert!(conninfo.contains(&pair), "{pair} not in {conninfo}");
     }
     assert_eq!(lines[1..3], ["arg=-c", "arg=select 1"]);
-    for var in ["PGUSER=", "PGSSLMODE=", "PGHOST="] {
-        assert!(lines.contains(&var), "{var} set: {lines:?}");
+    // The same settings as variables, for later connections of the session (`\connect`).
+    for var in [
+        format!("PGUSER={}", bed.principal().name()),
+        "PGSSLMODE=verify-full".to_owned(),
+        "PGHOST=localhost".to_owned(),
+    ] {
+        assert!(lines.contains(&var.as_str()), "{var} not set: {lines:?}");
     }
     let length: usize = lines
         .iter()
@@ -227,6 +232,11 @@ async fn psql_sends_the_token_only_to_a_verified_host_name() {
     .unwrap();
     let psql = psql();
     let ca_path = ca_file.to_str().unwrap();
+    // Both CAs, for a session that starts at the bed and then goes elsewhere.
+    let bundle = dir.path().join("bundle.crt");
+    let mut both = std::fs::read(bed.postgres().ca_certificate_path()).unwrap();
+    both.extend(ca.certificate_pem().unwrap());
+    std::fs::write(&bundle, both).unwrap();
 
     // The control: psql on its own, with sslmode=require (Azure's own snippet), sends the
     // other-name server a password.
@@ -314,12 +324,33 @@ async fn psql_sends_the_token_only_to_a_verified_host_name() {
             with(&trusting(&other_port), "PGSSLMODE", "require"),
             vec!["--host=localhost".into(), "-Upg-entra-test-vm".into()],
         ),
+        // A later connection of the session: to the bed first, then elsewhere.
+        (
+            base.clone(),
+            vec![
+                "-c".into(),
+                format!("\\connect 'host=localhost port={plain_port}'"),
+            ],
+        ),
+        (
+            with(&base, "PGSSLROOTCERT", bundle.to_str().unwrap()),
+            vec![
+                "-c".into(),
+                format!("\\connect 'host=localhost port={other_port}'"),
+            ],
+        ),
     ];
     for (vars, psql_args) in cases {
         let mut args = vec!["psql", "--", "-c", "select 1"];
         args.extend(psql_args.iter().map(String::as_str));
         let run = pg_entra(&args, &vars).await;
         assert_ne!(run.code, Some(0), "{psql_args:?}");
+        if psql_args.iter().any(|arg| arg.starts_with("\\connect")) {
+            assert!(
+                run.stdout.contains("(1 row)"),
+                "the session began at the bed"
+            );
+        }
         run.assert_no_token();
         assert_eq!(
             plaintext.passwords_received(),

@@ -89,6 +89,62 @@ fn describe(error: &pg_entra::Error) -> String {
     text
 }
 
+/// A server that logs the client in and then sends a notice repeating the password: the
+/// connector logs that a notice was withheld, and nothing of the token.
+#[tokio::test]
+async fn a_notice_repeating_the_password_is_not_logged() {
+    use std::sync::Arc;
+
+    use pg_entra::testing::{
+        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
+    };
+    use pg_entra::{Connector, Environment};
+
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    // This test's runtime runs on this thread, the connection's task included.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        LoginAnswer::AcceptNoticingPassword,
+    )
+    .await
+    .unwrap();
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "localhost".to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ]))
+        .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
+            "orders-api",
+        ))))
+        .build()
+        .unwrap();
+    let client = connector.connect().await.unwrap();
+    // The scripted server answers a query with an error: by then the notice was read.
+    let _ = client.simple_query("select 1").await;
+    let logs = captured.text();
+    assert!(logs.contains("quoted the access token; withheld"), "{logs}");
+    let secret = connector
+        .token_cache()
+        .cached()
+        .unwrap()
+        .secret()
+        .to_owned();
+    for start in (0..secret.len() - 8).step_by(7) {
+        assert!(!logs.contains(&secret[start..start + 8]), "{logs}");
+    }
+}
+
 /// A server that repeats the password in its refusal: the error keeps the SQLSTATE and
 /// withholds the message, so no piece of the token reaches `Display`, `Debug` or a cause.
 #[tokio::test]

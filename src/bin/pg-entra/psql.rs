@@ -120,11 +120,19 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
         .var("PG_ENTRA_PSQL")
         .unwrap_or_else(|| "psql".into());
     let mut command = Command::new(&program);
+    let pairs = conninfo_pairs(&connector, &user, &root_file);
     let mut dbname = OsString::from("--dbname=");
-    dbname.push(conninfo(&connector, &user, &root_file));
+    dbname.push(conninfo(&pairs));
     command.arg(dbname).args(&psql.own);
     for var in LIBPQ_CONNECTION_VARS {
         command.env_remove(var);
+    }
+    // The same settings as variables, for every later connection of the session (`\connect`,
+    // in a psqlrc too): libpq's defaults would be `sslmode=prefer`, unverified.
+    for (key, value) in &pairs {
+        if let Some(var) = variable_for(key) {
+            command.env(var, value);
+        }
     }
     // Without it GNU getopt stops permuting, and psql would read its arguments otherwise.
     command.env_remove("POSIXLY_CORRECT");
@@ -153,7 +161,10 @@ fn connector_for(
         Some(dbname) if is_connection_string(dbname) => (Some(dbname), None),
         other => (None, other),
     };
-    let mut vars: Vec<(String, String)> = std::env::vars().collect();
+    // As `Environment` does, a variable that is not UTF-8 counts as unset.
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+        .collect();
     for (var, value) in [
         ("PGHOST", psql.host.as_deref()),
         ("PGPORT", psql.port.as_deref()),
@@ -205,14 +216,48 @@ fn root_file(connector: &Connector) -> Option<String> {
     }
 }
 
-/// The one connection string psql gets: everything the connector decided, with TLS that
-/// verifies the host name and no GSS encryption (which would stand in for TLS).
-fn conninfo(connector: &Connector, user: &str, root_file: &str) -> String {
+/// libpq's variable for a keyword of [`conninfo_pairs`].
+fn variable_for(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "host" => "PGHOST",
+        "hostaddr" => "PGHOSTADDR",
+        "port" => "PGPORT",
+        "dbname" => "PGDATABASE",
+        "user" => "PGUSER",
+        "sslmode" => "PGSSLMODE",
+        "sslrootcert" => "PGSSLROOTCERT",
+        "gssencmode" => "PGGSSENCMODE",
+        "application_name" => "PGAPPNAME",
+        "options" => "PGOPTIONS",
+        "connect_timeout" => "PGCONNECT_TIMEOUT",
+        "target_session_attrs" => "PGTARGETSESSIONATTRS",
+        "channel_binding" => "PGCHANNELBINDING",
+        "load_balance_hosts" => "PGLOADBALANCEHOSTS",
+        _ => return None,
+    })
+}
+
+/// The one connection string psql gets.
+fn conninfo(pairs: &[(&str, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(key, value)| format!("{key}={}", quote(value)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Everything the connector decided, with TLS that verifies the host name and no GSS
+/// encryption (which would stand in for TLS).
+fn conninfo_pairs(
+    connector: &Connector,
+    user: &str,
+    root_file: &str,
+) -> Vec<(&'static str, String)> {
     use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
 
     let config = connector.base_config();
     let list = |items: Vec<String>| items.join(",");
-    let mut pairs: Vec<(&str, String)> = vec![
+    let mut pairs: Vec<(&'static str, String)> = vec![
         (
             "host",
             list(
@@ -277,10 +322,6 @@ fn conninfo(connector: &Connector, user: &str, root_file: &str) -> String {
         pairs.push(("load_balance_hosts", "random".to_owned()));
     }
     pairs
-        .into_iter()
-        .map(|(key, value)| format!("{key}={}", quote(&value)))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// A libpq `key=value` value: single-quoted, `\` and `'` escaped.

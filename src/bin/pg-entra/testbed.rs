@@ -19,7 +19,7 @@ pub(crate) async fn run() -> Result<(), Failure> {
     let started = tokio::select! {
         started = &mut start => started,
         signal = stop.received() => {
-            eprintln!("# {signal} during start-up: removing what was started");
+            say(&format!("# {signal} during start-up: removing what was started"));
             // Dropped as soon as it is whole, so that its Drop stops the server and deletes
             // the directory (a start-up cut in the middle would leave both behind).
             drop(start.await);
@@ -55,9 +55,17 @@ pub(crate) async fn run() -> Result<(), Failure> {
     );
     eprintln!("# Ctrl-C stops it");
     let signal = stop.received().await;
-    eprintln!("# {signal}: stopping the test bed");
+    say(&format!("# {signal}: stopping the test bed"));
     drop(bed);
     Ok(())
+}
+
+/// A line on stderr, if stderr still takes one: after SIGHUP the terminal is gone, and a
+/// failed write must not stop the clean-up.
+#[cfg(feature = "testing")]
+fn say(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// The signals that stop the bed: Ctrl-C (SIGINT), SIGTERM (`kill`, service managers) and
