@@ -826,6 +826,27 @@ mod tests {
         assert!(empty.to_string().contains("no server host"), "{empty}");
     }
 
+    /// A root certificate file that is a FIFO (with no writer) or a device: refused at once,
+    /// not waited on or read for ever.
+    #[cfg(unix)]
+    #[test]
+    fn a_root_file_that_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("roots.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for (file, says) in [
+            (fifo.to_str().unwrap(), "it is a FIFO"),
+            ("/dev/zero", "it is a character device"),
+        ] {
+            let error = build(&[("PGHOST", "h"), ("PGSSLROOTCERT", file)], |b| b).unwrap_err();
+            assert!(error.to_string().contains(says), "{error}");
+        }
+    }
+
     #[test]
     fn plaintext_is_refused_from_every_source() {
         assert!(matches!(

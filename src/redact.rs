@@ -73,11 +73,15 @@ fn char_bounds(text: &str) -> Vec<usize> {
 /// `text` as written and as each decoder (and each pair of them, for an echo encoded twice)
 /// reads it.
 fn decodings(text: &str) -> Vec<String> {
-    const DECODERS: [fn(&str) -> Option<String>; 4] = [
+    const DECODERS: [fn(&str) -> Option<String>; 8] = [
         percent_decoded,
         form_decoded,
         json_unescaped,
         html_unescaped,
+        hex_unescaped,
+        without_markup,
+        compacted,
+        base64_decoded,
     ];
     let mut forms = vec![text.to_owned()];
     for _ in 0..2 {
@@ -155,6 +159,104 @@ fn json_unescaped(text: &str) -> Option<String> {
     Some(out)
 }
 
+/// `\xNN` and `%uXXXX` escapes (C, Python, JavaScript's `escape`) decoded; `None` when there
+/// are none.
+fn hex_unescaped(text: &str) -> Option<String> {
+    if !text.contains("\\x") && !text.contains("%u") {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let digits = if rest.starts_with("\\x") {
+            2
+        } else if rest.starts_with("%u") {
+            4
+        } else {
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        };
+        let decoded = rest
+            .get(2..2 + digits)
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok())
+            .and_then(char::from_u32);
+        match decoded {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[2 + digits..];
+            }
+            None => {
+                out.push_str(&rest[..2]);
+                rest = &rest[2..];
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The text with markup (`<…>`) taken out and nothing put in its place: `<wbr>` or a tag
+/// between two halves of a secret must not hide it.
+fn without_markup(text: &str) -> Option<String> {
+    if !text.contains('<') {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut in_tag = false;
+    for c in text.chars() {
+        match c {
+            '<' => in_tag = true,
+            '>' if in_tag => in_tag = false,
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+/// Whitespace, and the formatting characters a reader does not see (soft hyphen, zero-width
+/// space and joiners, direction marks, word joiner, byte-order mark).
+fn is_invisible(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            '\u{ad}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}'
+        )
+}
+
+/// The text without what a reader does not see between the pieces of a secret.
+fn compacted(text: &str) -> Option<String> {
+    text.chars()
+        .any(is_invisible)
+        .then(|| text.chars().filter(|c| !is_invisible(*c)).collect())
+}
+
+/// Each run of base64 or base64url characters long enough to hold a piece of a secret,
+/// decoded (a `Basic` header echoed back, say); `None` when there is none.
+fn base64_decoded(text: &str) -> Option<String> {
+    use base64::Engine as _;
+    const SHORTEST_RUN: usize = 12;
+    let is_base64 = |c: char| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_');
+    let mut decoded = Vec::new();
+    for run in text.split(|c: char| !is_base64(c)) {
+        if run.len() < SHORTEST_RUN {
+            continue;
+        }
+        let url_safe = run.replace('+', "-").replace('/', "_");
+        // A length of 4n+1 cannot all be base64: the last character is not part of it.
+        let usable = match url_safe.len() % 4 {
+            1 => &url_safe[..url_safe.len() - 1],
+            _ => &url_safe[..],
+        };
+        if let Ok(bytes) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(usable) {
+            decoded.extend_from_slice(&bytes);
+            decoded.push(b' ');
+        }
+    }
+    (!decoded.is_empty()).then(|| String::from_utf8_lossy(&decoded).into_owned())
+}
+
 /// HTML character references (`&#126;`, `&#x7E;`, `&amp;`, …) decoded; `None` when there
 /// are none.
 fn html_unescaped(text: &str) -> Option<String> {
@@ -222,6 +324,21 @@ mod tests {
             json_all,
             html_all,
             SECRET.to_ascii_uppercase(),
+            SECRET.bytes().map(|b| format!("\\x{b:02x}")).collect(),
+            SECRET
+                .chars()
+                .map(|c| format!("%u{:04X}", c as u32))
+                .collect(),
+            // Invisible characters or markup between its pieces.
+            SECRET.chars().flat_map(|c| [c, '\u{200b}']).collect(),
+            SECRET.chars().flat_map(|c| [c, '\u{ad}', ' ']).collect(),
+            format!("{}<wbr>{}", &SECRET[..6], &SECRET[6..]),
+            {
+                use base64::Engine as _;
+                let basic =
+                    base64::engine::general_purpose::STANDARD.encode(format!("app:{SECRET}"));
+                format!("Authorization: Basic {basic}")
+            },
             // Percent-encoded, then JSON-escaped inside an answer.
             serde_json::to_string(&percent_all.replace('%', "%25")).unwrap(),
         ] {

@@ -217,9 +217,22 @@ impl SqlxPool {
     /// refresh could not cure (or that came within the refresh's rate limit) is returned as
     /// it is.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let before = self.shared.follower.token_in_pool();
+        // A refusal that quotes a token is withheld, whichever token the login carried.
+        self.acquire_recovering(&before).await.map_err(|error| {
+            let after = self.shared.follower.token_in_pool();
+            withheld(error, &[before.secret(), after.secret()])
+        })
+    }
+
+    async fn acquire_recovering(
+        &self,
+        before: &Token,
+    ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         let follower = &self.shared.follower;
-        let before = follower.token_in_pool();
         let mut error = match self.pool.acquire().await {
+            // A server that repeats the password is not sent another token.
+            Err(error) if quotes_a_token(&error, &[before.secret()]) => return Err(error),
             Err(error) if login_refused(&error) => error,
             done => return done,
         };
@@ -227,7 +240,7 @@ impl SqlxPool {
         // the connection was being opened, it may have been the older one: try the newer
         // token, which no login has been refused with yet, before forcing a refresh.
         let mut refused = follower.token_in_pool();
-        if !refused.is_same(&before) {
+        if !refused.is_same(before) {
             match self.pool.acquire().await {
                 Err(again) if login_refused(&again) => {
                     error = again;
@@ -339,6 +352,34 @@ async fn follow(
         }
     }
     tracing::debug!("the sqlx pool no longer follows the token");
+}
+
+/// Whether anything of a database error (any field: `Debug` shows them all) quotes one of
+/// `tokens`.
+fn quotes_a_token(error: &sqlx::Error, tokens: &[&str]) -> bool {
+    match error {
+        sqlx::Error::Database(database) => {
+            crate::redact::echoes_any(&format!("{database}\n{database:?}"), tokens)
+        }
+        _ => false,
+    }
+}
+
+/// `error`, unless it quotes one of `tokens`: then a protocol error that keeps only the
+/// SQLSTATE (sqlx's error type has no variant without the server's text).
+fn withheld(error: sqlx::Error, tokens: &[&str]) -> sqlx::Error {
+    if !quotes_a_token(&error, tokens) {
+        return error;
+    }
+    let code = match &error {
+        sqlx::Error::Database(database) => database.code().map(|code| code.into_owned()),
+        _ => None,
+    };
+    sqlx::Error::Protocol(format!(
+        "PostgreSQL refused the login (SQLSTATE {}) with a message that quoted the access \
+         token; the message is withheld",
+        code.as_deref().unwrap_or("none")
+    ))
 }
 
 /// True for a login the server refused: the token, or the role, was not accepted.

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use native_tls::{Certificate, Protocol, TlsConnector};
 use postgres_native_tls::MakeTlsConnector;
 
+use crate::credential::read_capped_blocking;
 use crate::error::Error;
 
 /// `PGSSLROOTCERT=system` means "the system roots only", as in libpq 16.
@@ -138,9 +139,12 @@ fn der_to_pem(der: &[u8]) -> String {
     text
 }
 
+/// The most a root certificate file may hold: a system's whole CA bundle is about 200 KiB.
+const MAX_ROOT_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
 fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
     let shown = path.display();
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = read_capped_blocking(path, MAX_ROOT_FILE_BYTES).map_err(|e| {
         Error::invalid(
             "sslrootcert",
             format!(

@@ -13,6 +13,11 @@ use openssl::sign::Signer;
 use openssl::x509::X509;
 use time::OffsetDateTime;
 
+use super::local_file::read_capped_blocking;
+
+/// The most a client certificate file (PEM or PKCS#12) may hold.
+const MAX_CERTIFICATE_FILE_BYTES: u64 = 1024 * 1024;
+
 /// How long a client assertion is valid; Entra only needs it for the one request.
 const ASSERTION_LIFETIME: time::Duration = time::Duration::minutes(10);
 
@@ -26,7 +31,7 @@ pub(crate) struct ClientCertificate {
 impl ClientCertificate {
     /// Reads a PEM file (certificate and private key) or a PKCS#12 (`.pfx`) file.
     pub(crate) fn load(path: &Path, password: Option<&str>) -> Result<Self, String> {
-        let bytes = std::fs::read(path)
+        let bytes = read_capped_blocking(path, MAX_CERTIFICATE_FILE_BYTES)
             .map_err(|e| format!("cannot read the client certificate {}: {e}", path.display()))?;
         let (certificate, key) =
             if bytes.starts_with(b"-----BEGIN") || bytes.windows(10).any(|w| w == b"-----BEGIN") {

@@ -1,44 +1,71 @@
-//! Reading the small local files a credential is pointed at (the federated token of a
-//! workload identity, the Arc agent's key): they are outside input like any answer, so the
-//! read is capped in size and time, and only a regular file is read at all. A FIFO would
-//! block the read for ever and `/dev/zero` would never end; both are refused before reading.
+//! Reading the small local files the crate is pointed at (a workload identity's federated
+//! token, the Arc agent's key, a client certificate, a root certificate file): they are
+//! outside input like any answer, so only a regular file is read at all, and the read is
+//! capped in size (and, from async code, in time). A FIFO would block the read for ever,
+//! `/dev/zero` would never end, and opening some devices has effects of its own; all are
+//! refused before they are opened.
 
-use std::path::Path;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt as _;
-
-/// How long opening and reading one such file may take (a slow network file system, say).
+/// How long opening and reading one such file may take from async code (a slow network file
+/// system, say). The blocking read itself cannot be cut short; the caller stops waiting.
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The file's bytes, at most `max_bytes`; else why not, in words that follow the file's name.
+/// Waits at most [`READ_TIMEOUT`].
 pub(crate) async fn read_capped(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
-    let read = async {
-        let mut options = tokio::fs::OpenOptions::new();
-        options.read(true);
-        // Opening a FIFO for reading waits for a writer; without blocking it returns at once,
-        // and the type check below refuses it. A regular file reads as usual.
-        #[cfg(unix)]
-        options.custom_flags(libc::O_NONBLOCK);
-        let file = options.open(path).await.map_err(|e| e.to_string())?;
-        // The type of what was opened, not of what the path named a moment earlier.
-        let metadata = file.metadata().await.map_err(|e| e.to_string())?;
-        if !metadata.is_file() {
-            return Err(format!("it is {}, not a regular file", describe(&metadata)));
-        }
-        let mut bytes = Vec::new();
-        file.take(max_bytes.saturating_add(1))
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| e.to_string())?;
-        if bytes.len() as u64 > max_bytes {
-            return Err(format!("it is larger than {max_bytes} bytes"));
-        }
-        Ok(bytes)
-    };
-    tokio::time::timeout(READ_TIMEOUT, read)
-        .await
-        .map_err(|_| format!("reading it took longer than {READ_TIMEOUT:?}"))?
+    let owned: PathBuf = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || read_capped_blocking(&owned, max_bytes));
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(join.to_string()),
+        Err(_) => Err(format!("reading it took longer than {READ_TIMEOUT:?}")),
+    }
+}
+
+/// As [`read_capped`], on the calling thread, for code that is not async (building a
+/// connector, loading a certificate).
+pub(crate) fn read_capped_blocking(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+    // What the path names now (links followed: Kubernetes projects its tokens through them).
+    let named = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !named.is_file() {
+        return Err(format!("it is {}, not a regular file", describe(&named)));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Should the path be swapped for a FIFO or a terminal after the check: do not wait for a
+    // writer, do not take a controlling terminal.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options.open(path).map_err(|e| e.to_string())?;
+    let opened = file.metadata().map_err(|e| e.to_string())?;
+    if !opened.is_file() || !same_file(&named, &opened) {
+        return Err("it changed while it was being opened".to_owned());
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(format!("it is larger than {max_bytes} bytes"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    true
 }
 
 /// What kind of file system object this is, for the error.
@@ -77,6 +104,10 @@ mod tests {
         let file = dir.path().join("token");
         std::fs::write(&file, "eyJ.a.b").unwrap();
         assert_eq!(read_capped(&file, 64).await.unwrap(), b"eyJ.a.b");
+        // Through a link, as Kubernetes projects its tokens.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(read_capped_blocking(&link, 64).unwrap(), b"eyJ.a.b");
         assert_eq!(
             read_capped(&file, 3).await.unwrap_err(),
             "it is larger than 3 bytes"
@@ -86,7 +117,7 @@ mod tests {
             "it is a character device, not a regular file"
         );
         assert_eq!(
-            read_capped(dir.path(), 64).await.unwrap_err(),
+            read_capped_blocking(dir.path(), 64).unwrap_err(),
             "it is a directory, not a regular file"
         );
         // A FIFO with no writer: refused at once instead of waiting for one.
@@ -97,7 +128,7 @@ mod tests {
             .unwrap();
         assert!(made.success());
         assert_eq!(
-            read_capped(&fifo, 64).await.unwrap_err(),
+            read_capped_blocking(&fifo, 64).unwrap_err(),
             "it is a FIFO, not a regular file"
         );
     }

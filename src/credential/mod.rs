@@ -17,6 +17,7 @@ mod client_certificate;
 mod entra;
 mod http;
 mod local_file;
+pub(crate) use local_file::read_capped_blocking;
 mod managed_identity;
 mod options;
 mod scope;

@@ -2,10 +2,12 @@
 //! TLS only, cleartext password authentication inside TLS, roles whose passwords are tokens
 //! `VALID UNTIL` their expiry.
 //!
-//! The bed runs on developers' machines, so it hands out nothing: its directory is `0700` and
-//! owned by the account that runs the server, the superuser logs in over the Unix socket only
-//! and with a random password that lives in this process's memory, and no line of
-//! `pg_hba.conf` says `trust`. When the bed runs as root the server runs as `postgres`, and
+//! The bed runs on developers' machines, so it hands out no more than Azure does: its
+//! directory is `0700` and owned by the account that runs the server, the superuser logs in
+//! over the Unix socket only and with a random password that lives in this process's memory,
+//! and no line of `pg_hba.conf` says `trust`. (Like IMDS on a VM, the identity endpoint mints
+//! tokens for any local process: those log in as the identity's role, which has no
+//! privileges.) When the bed runs as root the server runs as `postgres`, and
 //! every file written after the directory is handed over is written as `postgres`: a symlink
 //! planted there can only lead to what `postgres` could write anyway.
 

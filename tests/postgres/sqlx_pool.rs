@@ -310,3 +310,57 @@ async fn wait_for(done: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A server that repeats the password in its refusal: `acquire` returns an error with the
+/// SQLSTATE and nothing of the token, and sends no second token.
+#[tokio::test]
+async fn a_refusal_repeating_the_token_is_withheld() {
+    use pg_entra::testing::{
+        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
+    };
+    use pg_entra::{Connector, Environment};
+
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        LoginAnswer::RefuseRepeatingPassword,
+    )
+    .await
+    .unwrap();
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "localhost".to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ]))
+        .credential(std::sync::Arc::new(FakeCredential::new(
+            Principal::user_assigned("orders-api"),
+        )))
+        .build()
+        .unwrap();
+    let pool = connector
+        .sqlx_pool(
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let error = pool.acquire().await.unwrap_err();
+    let shown = format!("{error} {error:?}");
+    assert!(shown.contains("SQLSTATE 28P01"), "{shown}");
+    assert!(shown.contains("withheld"), "{shown}");
+    let secret = connector
+        .token_cache()
+        .cached()
+        .unwrap()
+        .secret()
+        .to_owned();
+    for start in (0..secret.len() - 8).step_by(7) {
+        assert!(!shown.contains(&secret[start..start + 8]), "{shown}");
+    }
+    assert_eq!(server.passwords_received(), 1, "no second token was sent");
+}

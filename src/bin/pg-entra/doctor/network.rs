@@ -16,6 +16,8 @@ use tokio_postgres::config::Host;
 use super::{Report, Step};
 use crate::exit::Failure;
 
+/// The most of a root certificate file that is read (the connector's own cap).
+const MAX_ROOT_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// PostgreSQL's SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 /// The issuer of the test bed's certificates (`pg_entra::testing`).
@@ -544,8 +546,17 @@ fn facts(ssl: &SslRef) -> TlsFacts {
 
 /// A root certificate file: a PEM bundle, or one DER certificate (as libpq accepts).
 fn read_roots(file: &str) -> Result<Vec<X509>, TlsProblem> {
-    let bytes = std::fs::read(file)
-        .map_err(|error| TlsProblem::Other(format!("cannot read PGSSLROOTCERT {file}: {error}")))?;
+    let unreadable =
+        |why: String| TlsProblem::Other(format!("cannot read PGSSLROOTCERT {file}: {why}"));
+    // As the connector reads it (which has already checked it): a regular file, capped; a
+    // FIFO or a device swapped in since is not waited on.
+    if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+        return Err(unreadable("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_ROOT_FILE_BYTES).read_to_end(&mut bytes))
+        .map_err(|error| unreadable(error.to_string()))?;
     let text_begins = bytes.windows(11).any(|w| w == b"-----BEGIN ");
     let roots = if text_begins {
         X509::stack_from_pem(&bytes)?
