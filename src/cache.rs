@@ -34,6 +34,7 @@ pub use crate::clock::{Clock, SystemClock};
 
 use crate::backoff;
 use crate::cloud::{PUBLIC_SCOPE, resource_for_scope};
+use crate::credential::Scope;
 use crate::error::Error;
 use crate::jitter::unit_random;
 use crate::token::Token;
@@ -596,13 +597,15 @@ impl Inner {
                 ),
             )));
         }
+        // Exactly: a trailing `/` is enough for the server to refuse the token.
         if let Some(audience) = token.audience() {
-            let expected = resource_for_scope(&self.scope).trim_end_matches('/');
-            if audience.trim_end_matches('/') != expected {
+            let expected = resource_for_scope(&self.scope);
+            if audience != expected {
                 tracing::warn!(
                     audience,
                     expected,
-                    "the token's audience is not the requested resource; the server may reject it"
+                    "the token's audience is not exactly the requested resource; the server will \
+                     likely refuse it"
                 );
             }
         }
@@ -733,6 +736,12 @@ impl TokenCacheBuilder {
     }
 
     /// The scope to request (default: the public cloud's, `https://ossrdbms-aad.database.windows.net/.default`).
+    ///
+    /// A resource (`https://ossrdbms-aad.database.windows.net`), the same with a trailing slash,
+    /// or a `/.default` scope all mean the same: [`build`](Self::build) turns them into
+    /// `<resource>/.default`, which every credential sends in its own form (the resource, with
+    /// no trailing slash, to managed identity endpoints). Anything else is refused with a
+    /// [`ConfigError`](crate::error::ConfigError) that shows the expected form.
     pub fn scope(mut self, scope: impl Into<String>) -> Self {
         self.scope = scope.into();
         self
@@ -798,9 +807,9 @@ impl TokenCacheBuilder {
     /// Checks the settings and builds the cache.
     pub fn build(self) -> Result<TokenCache, Error> {
         let policy = self.policy;
-        if self.scope.trim().is_empty() {
-            return Err(Error::invalid("scope", "the token scope is empty"));
-        }
+        let scope = Scope::parse(&self.scope)
+            .map_err(|problem| Error::invalid("scope", problem))?
+            .scope();
         if policy.margin <= policy.expiry_margin {
             return Err(Error::conflict(
                 "refresh_margin",
@@ -856,7 +865,7 @@ impl TokenCacheBuilder {
         let (stop, stopped) = watch::channel(());
         let inner = Arc::new(Inner {
             credential: self.credential,
-            scope: self.scope,
+            scope,
             policy,
             clock: self.clock,
             generation: AtomicU64::new(0),

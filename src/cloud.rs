@@ -7,6 +7,12 @@ pub(crate) const US_GOVERNMENT_SCOPE: &str =
     "https://ossrdbms-aad.database.usgovcloudapi.net/.default";
 /// Token scope in Azure China (21Vianet).
 pub(crate) const CHINA_SCOPE: &str = "https://ossrdbms-aad.database.chinacloudapi.cn/.default";
+/// Token scope of Azure Cosmos DB for PostgreSQL, which validates tokens for its own resource
+/// (Microsoft's Cosmos DB for PostgreSQL authentication page, corrected in
+/// MicrosoftDocs/azure-docs PR #123333 after issue #123030).
+pub(crate) const COSMOS_SCOPE: &str = "https://token.postgres.cosmos.azure.com/.default";
+/// Host name suffix of Azure Cosmos DB for PostgreSQL clusters and their nodes.
+const COSMOS_SUFFIX: &str = ".postgres.cosmos.azure.com";
 
 const SCOPE_SUFFIX: &str = "/.default";
 
@@ -43,6 +49,51 @@ impl Cloud {
         }
     }
 
+    /// The scope a server with this host name takes tokens for, from its suffix: Cosmos DB for
+    /// PostgreSQL's own for `*.postgres.cosmos.azure.com`, else the PostgreSQL scope of the
+    /// host's cloud. `None` for names that are not Azure's (a custom DNS name, an address).
+    ///
+    /// | host name ends with | scope |
+    /// |---|---|
+    /// | `.postgres.database.azure.com` | `https://ossrdbms-aad.database.windows.net/.default` |
+    /// | `.postgres.database.usgovcloudapi.net` | `https://ossrdbms-aad.database.usgovcloudapi.net/.default` |
+    /// | `.postgres.database.chinacloudapi.cn` | `https://ossrdbms-aad.database.chinacloudapi.cn/.default` |
+    /// | `.postgres.cosmos.azure.com` | `https://token.postgres.cosmos.azure.com/.default` |
+    ///
+    /// ```
+    /// use pg_entra::Cloud;
+    ///
+    /// assert_eq!(
+    ///     Cloud::server_scope("c-x.y.postgres.cosmos.azure.com"),
+    ///     Some("https://token.postgres.cosmos.azure.com/.default")
+    /// );
+    /// assert_eq!(Cloud::server_scope("10.0.0.4"), None);
+    /// ```
+    pub fn server_scope(host: &str) -> Option<&'static str> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host.ends_with(COSMOS_SUFFIX) {
+            return Some(COSMOS_SCOPE);
+        }
+        Cloud::from_host(&host).map(Cloud::scope)
+    }
+
+    /// Whether `resource` is the audience of an Azure Database for PostgreSQL server kind:
+    /// `ossrdbms-aad` in any cloud, or Cosmos DB for PostgreSQL's (exactly: no trailing `/`).
+    /// Only for these does the connector follow a server that names the resource it wants.
+    ///
+    /// ```
+    /// use pg_entra::Cloud;
+    ///
+    /// assert!(Cloud::is_postgres_resource("https://ossrdbms-aad.database.windows.net"));
+    /// assert!(!Cloud::is_postgres_resource("https://ossrdbms-aad.database.windows.net/"));
+    /// assert!(!Cloud::is_postgres_resource("https://graph.microsoft.com"));
+    /// ```
+    pub fn is_postgres_resource(resource: &str) -> bool {
+        [PUBLIC_SCOPE, US_GOVERNMENT_SCOPE, CHINA_SCOPE, COSMOS_SCOPE]
+            .iter()
+            .any(|scope| resource_for_scope(scope) == resource)
+    }
+
     /// The cloud a server host name belongs to, from its suffix; `None` for hosts that are not
     /// Azure Database for PostgreSQL names (a custom DNS name, an IP address, localhost).
     ///
@@ -56,7 +107,7 @@ impl Cloud {
     pub fn from_host(host: &str) -> Option<Cloud> {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let ends = |suffix: &str| host.ends_with(suffix);
-        if ends(".postgres.database.azure.com") || ends(".postgres.cosmos.azure.com") {
+        if ends(".postgres.database.azure.com") || ends(COSMOS_SUFFIX) {
             Some(Cloud::Public)
         } else if ends(".postgres.database.usgovcloudapi.net") {
             Some(Cloud::UsGovernment)
@@ -97,5 +148,38 @@ mod tests {
             Some(Cloud::China)
         );
         assert_eq!(Cloud::from_host("postgres.example.com"), None);
+    }
+
+    #[test]
+    fn each_server_kind_has_its_scope() {
+        for (host, scope) in [
+            ("srv.postgres.database.azure.com", Some(PUBLIC_SCOPE)),
+            (
+                "srv.privatelink.postgres.database.azure.com",
+                Some(PUBLIC_SCOPE),
+            ),
+            (
+                "srv.postgres.database.usgovcloudapi.net",
+                Some(US_GOVERNMENT_SCOPE),
+            ),
+            ("SRV.POSTGRES.DATABASE.CHINACLOUDAPI.CN.", Some(CHINA_SCOPE)),
+            ("c-grp.abc123.postgres.cosmos.azure.com", Some(COSMOS_SCOPE)),
+            (
+                "w1-grp.abc123.postgres.cosmos.azure.com",
+                Some(COSMOS_SCOPE),
+            ),
+            ("db.example.com", None),
+            ("127.0.0.1", None),
+        ] {
+            assert_eq!(Cloud::server_scope(host), scope, "{host}");
+        }
+        assert!(Cloud::is_postgres_resource(
+            "https://token.postgres.cosmos.azure.com"
+        ));
+        assert!(Cloud::is_postgres_resource(
+            "https://ossrdbms-aad.database.usgovcloudapi.net"
+        ));
+        assert!(!Cloud::is_postgres_resource("https://graph.microsoft.com"));
+        assert!(!Cloud::is_postgres_resource("https://management.azure.com"));
     }
 }

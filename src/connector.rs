@@ -614,7 +614,15 @@ impl ConnectorBuilder {
                             .build()?,
                     ),
                 };
-                let scope = self.scope.unwrap_or_else(|| cloud.scope().to_owned());
+                // The server kind's own scope (Cosmos DB for PostgreSQL has one), unless a
+                // scope or a cloud was chosen.
+                let scope = self.scope.unwrap_or_else(|| {
+                    let by_host = hosts.iter().find_map(|h| Cloud::server_scope(h));
+                    match (self.cloud, by_host) {
+                        (None, Some(scope)) => scope.to_owned(),
+                        _ => cloud.scope().to_owned(),
+                    }
+                });
                 TokenCache::builder(credential).scope(scope).build()?
             }
         };
@@ -684,12 +692,23 @@ struct HostConfig {
     config: tokio_postgres::Config,
 }
 
-/// `name@server` for Single Server, unless the name already names its server.
+/// `name@server` for Single Server, unless the name already ends with `@server` (any case).
+/// Its gateway strips only the last `@server`, so an Entra user's UPN keeps its own `@`:
+/// `alice@contoso.com` logs in as `alice@contoso.com@mysrv`.
 fn single_server_user<'a>(name: &'a str, server: Option<&str>) -> std::borrow::Cow<'a, str> {
     match server {
-        Some(server) if !name.contains('@') => format!("{name}@{server}").into(),
+        Some(server) if !ends_with_server(name, server) => format!("{name}@{server}").into(),
         _ => name.into(),
     }
+}
+
+/// Whether `name` already ends with `@server`, ASCII case ignored (host names are).
+pub(crate) fn ends_with_server(name: &str, server: &str) -> bool {
+    let suffix_len = server.len() + 1;
+    name.len() > suffix_len
+        && name.is_char_boundary(name.len() - suffix_len)
+        && name[name.len() - suffix_len..].starts_with('@')
+        && name[name.len() - server.len()..].eq_ignore_ascii_case(server)
 }
 
 #[cfg(test)]
@@ -759,21 +778,50 @@ mod tests {
         assert_eq!(user("reporting-app", false), "reporting-app");
         // Names from tokens get the same treatment.
         assert_eq!(single_server_user("my-vm", Some("mysrv")), "my-vm@mysrv");
-        assert_eq!(
-            single_server_user("alice@contoso.com", Some("mysrv")),
-            "alice@contoso.com"
-        );
+        // The gateway strips only the last `@mysrv`: a UPN keeps its own `@`.
+        for (name, login) in [
+            ("alice@contoso.com", "alice@contoso.com@mysrv"),
+            ("alice@contoso.com@mysrv", "alice@contoso.com@mysrv"),
+            ("alice@contoso.com@MYSRV", "alice@contoso.com@MYSRV"),
+            (
+                "alice_contoso.com#EXT#@fabrikam.onmicrosoft.com",
+                "alice_contoso.com#EXT#@fabrikam.onmicrosoft.com@mysrv",
+            ),
+            ("@mysrv", "@mysrv@mysrv"),
+            ("x@mysrv2", "x@mysrv2@mysrv"),
+        ] {
+            assert_eq!(single_server_user(name, Some("mysrv")), login, "{name}");
+        }
         assert_eq!(single_server_user("my-vm", None), "my-vm");
     }
 
     #[test]
-    fn cosmos_db_hosts_use_the_public_scope() {
+    fn cosmos_db_hosts_use_their_own_scope() {
         let connector = build(
             &[("PGHOST", "c-cluster.abc123.postgres.cosmos.azure.com")],
             |b| b,
         )
         .unwrap();
-        assert_eq!(connector.token_cache().scope(), PUBLIC_SCOPE);
+        assert_eq!(
+            connector.token_cache().scope(),
+            "https://token.postgres.cosmos.azure.com/.default"
+        );
+        // A scope given in any form is the same scope; a wrong one is refused at build.
+        for given in [
+            "https://ossrdbms-aad.database.windows.net",
+            "https://ossrdbms-aad.database.windows.net/",
+            "https://ossrdbms-aad.database.windows.net/.default",
+        ] {
+            let connector = build(&[("PGHOST", "h")], |b| b.scope(given)).unwrap();
+            assert_eq!(connector.token_cache().scope(), PUBLIC_SCOPE, "{given}");
+        }
+        let wrong = build(&[("PGHOST", "h")], |b| b.scope("ossrdbms-aad")).unwrap_err();
+        assert!(
+            wrong
+                .to_string()
+                .contains("https://ossrdbms-aad.database.windows.net/.default"),
+            "{wrong}"
+        );
     }
 
     #[test]

@@ -13,9 +13,9 @@ use super::cli::{AzureCliCredential, AzureDeveloperCliCredential};
 use super::entra::{DEFAULT_REQUEST_TIMEOUT, EnvironmentCredential, WorkloadIdentityCredential};
 use super::managed_identity::{ManagedIdentityCredential, ManagedIdentityError, RetryOptions};
 use super::options::CredentialOptions;
+use super::scope::only_scope;
 use super::unavailable::CredentialUnavailable;
 use super::vars::TOKEN_CREDENTIALS_VAR;
-use crate::cloud::resource_for_scope;
 use crate::error::Error;
 use crate::lock::lock;
 
@@ -302,12 +302,10 @@ impl TokenCredential for ChainManagedIdentity {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        if let [scope] = scopes
-            && self.credential.is_imds()
-            && !self.imds_answered.load(Ordering::Acquire)
-        {
+        if self.credential.is_imds() && !self.imds_answered.load(Ordering::Acquire) {
+            let scope = only_scope("ManagedIdentityCredential", scopes)?;
             self.credential
-                .probe_imds(resource_for_scope(scope), self.probe_timeout)
+                .probe_imds(scope.resource(), self.probe_timeout)
                 .await
                 .map_err(Self::unavailable)?;
             self.imds_answered.store(true, Ordering::Release);

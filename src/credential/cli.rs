@@ -143,11 +143,11 @@ impl CliCredential {
     }
 
     async fn run(&self, scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        let scope = only_scope(self.tool.credential_name(), scopes)?;
+        let scope = only_scope(self.tool.credential_name(), scopes)?.scope();
         let program = self.tool.program();
         let mut command = tokio::process::Command::new(program);
         command
-            .args(self.tool.arguments(scope, self.tenant.as_deref()))
+            .args(self.tool.arguments(&scope, self.tenant.as_deref()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

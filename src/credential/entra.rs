@@ -82,7 +82,7 @@ impl ClientCredentials {
     }
 
     async fn token(&self, scopes: &[&str]) -> azure_core::Result<AccessToken> {
-        let scope = only_scope(self.credential, scopes)?;
+        let scope = only_scope(self.credential, scopes)?.scope();
         // Read before the form is built: the serializer is not `Send`.
         let (secret, assertion) = match &self.auth {
             ClientAuth::Secret(secret) => (Some(secret.as_str()), None),
@@ -127,7 +127,7 @@ impl ClientCredentials {
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("client_id", &self.client_id)
                 .append_pair("grant_type", "client_credentials")
-                .append_pair("scope", scope);
+                .append_pair("scope", &scope);
             if let Some(secret) = secret {
                 form.append_pair("client_secret", secret);
             }

@@ -21,6 +21,7 @@ pub(crate) use local_file::read_capped_blocking;
 mod managed_identity;
 mod options;
 mod scope;
+pub(crate) use scope::Scope;
 #[cfg(feature = "test-util")]
 pub(crate) use scope::only_scope;
 mod token_response;
@@ -28,6 +29,28 @@ mod unavailable;
 pub(crate) mod vars;
 
 pub use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+
+/// A scope in the form every credential of this crate sends: `<resource>/.default`. A
+/// resource (`https://ossrdbms-aad.database.windows.net`), the same with a trailing slash, or
+/// a `/.default` scope all give the same; managed identity endpoints get the resource alone,
+/// without a trailing slash.
+///
+/// # Errors
+/// [`Error::Config`](crate::Error::Config) for anything that is not one resource or its
+/// scope, showing the expected form.
+///
+/// ```
+/// use pg_entra::credential::normalize_scope;
+///
+/// let scope = "https://ossrdbms-aad.database.windows.net/.default";
+/// assert_eq!(normalize_scope("https://ossrdbms-aad.database.windows.net/").unwrap(), scope);
+/// assert!(normalize_scope("ossrdbms-aad").is_err());
+/// ```
+pub fn normalize_scope(scope: &str) -> Result<String, crate::Error> {
+    Scope::parse(scope)
+        .map(|scope| scope.scope())
+        .map_err(|problem| crate::Error::invalid("scope", problem))
+}
 pub use chain::{DefaultAzureCredential, DefaultAzureCredentialBuilder};
 pub use cli::{
     AzureCliCredential, AzureCliCredentialBuilder, AzureDeveloperCliCredential,

@@ -12,7 +12,6 @@ use azure_core::time::OffsetDateTime;
 use super::identity::Principal;
 use super::jwt::mint;
 use crate::cache::{Clock, SystemClock};
-use crate::cloud::resource_for_scope;
 use crate::lock::lock;
 
 /// Mints a JWT-shaped token for a test [`Principal`] on every call, with the claims Entra
@@ -97,7 +96,7 @@ impl TokenCredential for FakeCredential {
     ) -> azure_core::Result<AccessToken> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let scope = crate::credential::only_scope("FakeCredential", scopes)?;
-        lock(&self.scopes).push(scope.to_owned());
+        lock(&self.scopes).push(scope.scope());
         let status = self.failure.load(Ordering::SeqCst);
         if status != 0 {
             return Err(azure_core::Error::with_message(
@@ -111,7 +110,7 @@ impl TokenCredential for FakeCredential {
         }
         let issued = OffsetDateTime::from(self.clock.now());
         let expires = issued + self.lifetime;
-        let token = mint(&self.principal, resource_for_scope(scope), issued, expires);
+        let token = mint(&self.principal, scope.resource(), issued, expires);
         Ok(AccessToken::new(token, expires))
     }
 }

@@ -117,11 +117,22 @@ impl ServerArgs {
             .unwrap_or_default()
     }
 
-    /// The scope tokens are requested for.
+    /// The scope tokens are requested for, as given: `--scope`, else the scope of the server
+    /// kind the host names (Cosmos DB for PostgreSQL has its own), else the cloud's.
     pub(crate) fn scope(&self) -> String {
-        self.scope
-            .clone()
-            .unwrap_or_else(|| self.cloud().scope().to_owned())
+        self.scope.clone().unwrap_or_else(|| {
+            self.hosts()
+                .iter()
+                .find_map(|host| Cloud::server_scope(host))
+                .unwrap_or_else(|| self.cloud().scope())
+                .to_owned()
+        })
+    }
+
+    /// [`scope`](Self::scope) in the form every credential sends, or the configuration error
+    /// that shows the expected form.
+    pub(crate) fn normal_scope(&self) -> Result<String, pg_entra::Error> {
+        pg_entra::credential::normalize_scope(&self.scope())
     }
 
     /// The credential chain the process environment describes, for the server's cloud.

@@ -23,7 +23,10 @@ pub(crate) async fn run(args: TokenArgs, json: bool) -> Result<(), Failure> {
         eprintln!("pg-entra: {error}");
         Failure::Configuration
     })?;
-    let scope = server.scope();
+    let scope = server.normal_scope().map_err(|error| {
+        eprintln!("pg-entra: {error}");
+        Failure::Configuration
+    })?;
     let access = chain.get_token(&[&scope], None).await.map_err(|error| {
         eprintln!("pg-entra: no access token for {scope}:");
         for line in causes(&error) {

@@ -27,7 +27,6 @@ use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::token_response::{ErrorBody, looks_like_imds, parse_token_response, shown_header};
 use super::vars::{CLIENT_ID_VAR, POD_IDENTITY_AUTHORITY_HOST_VAR};
-use crate::cloud::resource_for_scope;
 use crate::error::Error;
 use crate::jitter::unit_random;
 
@@ -350,7 +349,7 @@ impl TokenCredential for ManagedIdentityCredential {
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         let scope = only_scope("ManagedIdentityCredential", scopes)?;
-        self.fetch(resource_for_scope(scope))
+        self.fetch(scope.resource())
             .await
             .map_err(ManagedIdentityError::into_azure)
     }

@@ -22,13 +22,14 @@ pub(super) fn step(user: &str, claims: &Claims, server: &ServerArgs) -> Step {
             ));
     }
     if server.single_server {
-        // The login name carries `@<server>`; the role does not.
-        let role = user.rsplit_once('@').map_or(user, |(name, _)| name);
-        let role = if kind == PrincipalKind::User {
-            user
-        } else {
-            role
-        };
+        // The login name carries `@<server>`; the role does not. The gateway strips only that
+        // last part: a UPN keeps its own `@`.
+        let server_name = server
+            .hosts()
+            .first()
+            .and_then(|host| host.split('.').next().map(str::to_owned))
+            .unwrap_or_default();
+        let role = without_server(user, &server_name);
         return Step::passed(
             "role",
             "if it is missing, an Entra administrator creates it on Single Server (in `postgres`) with:",
@@ -67,6 +68,21 @@ pub(super) fn step(user: &str, claims: &Claims, server: &ServerArgs) -> Step {
     .sql(sql)
 }
 
+/// `name` without a final `@<server>` (ASCII case ignored), if it has one.
+fn without_server<'a>(name: &'a str, server: &str) -> &'a str {
+    match name.len().checked_sub(server.len() + 1) {
+        Some(at)
+            if !server.is_empty()
+                && name.is_char_boundary(at)
+                && name[at..].starts_with('@')
+                && name[at + 1..].eq_ignore_ascii_case(server) =>
+        {
+            &name[..at]
+        }
+        _ => name,
+    }
+}
+
 /// Single Server's form: a role in `azure_ad_user` whose password is the application id.
 fn single_server_sql(role: &str, kind: PrincipalKind, app_id: Option<&str>) -> String {
     let role = identifier(role);
@@ -99,6 +115,19 @@ mod tests {
     fn quoting() {
         assert_eq!(literal("o'brien"), "'o''brien'");
         assert_eq!(identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn only_the_final_server_part_is_removed() {
+        for (login, role) in [
+            ("alice@contoso.com@mysrv", "alice@contoso.com"),
+            ("alice@contoso.com@MYSRV", "alice@contoso.com"),
+            ("orders-api@mysrv", "orders-api"),
+            ("alice@contoso.com", "alice@contoso.com"),
+            ("x@other", "x@other"),
+        ] {
+            assert_eq!(without_server(login, "mysrv"), role, "{login}");
+        }
     }
 
     #[test]

@@ -22,11 +22,12 @@ pub(super) async fn examine(
     report: &mut Report,
 ) -> Result<String, Failure> {
     let (chain, connector) = configuration(server, timeout, report)?;
-    let scope = server.scope();
+    // The connector has checked it (a scope it cannot read stops step 1).
+    let scope = connector.token_cache().scope().to_owned();
     let access = credential(&chain, &scope, report).await?;
     let token = Token::from(access.clone());
     let claims = Claims::of(token.secret());
-    token_step(&token, &claims, server, report)?;
+    token_step(&token, &claims, &scope, server, report)?;
     let user = user_name(&connector, &token, &claims, server, report)?;
     report.record(role_sql::step(&user, &claims, server), Failure::Internal)?;
     network::check(&connector, timeout, report).await?;
@@ -81,12 +82,18 @@ fn configuration(
         let value = setting.value.as_deref().unwrap_or("(derived)");
         step = step.setting(setting.name, value, setting.source);
     }
-    let scope_source = if server.scope.is_some() {
-        "--scope"
-    } else {
-        "the server's cloud"
+    let scope_source = match (
+        &server.scope,
+        server
+            .hosts()
+            .iter()
+            .any(|h| pg_entra::Cloud::server_scope(h).is_some()),
+    ) {
+        (Some(_), _) => "--scope",
+        (None, true) => "the server's host name",
+        (None, false) => "the default cloud",
     };
-    step = step.setting("scope", server.scope(), scope_source);
+    step = step.setting("scope", connector.token_cache().scope(), scope_source);
     report.record(step, Failure::Configuration)?;
     Ok((chain, connector))
 }
@@ -155,6 +162,7 @@ async fn credential(
 fn token_step(
     token: &Token,
     claims: &Claims,
+    scope: &str,
     server: &ServerArgs,
     report: &mut Report,
 ) -> Result<(), Failure> {
@@ -173,23 +181,52 @@ fn token_step(
         }
     );
     let kind = claims.kind();
-    let expected_audience = server.scope().trim_end_matches("/.default").to_owned();
+    // The resource the token was asked for: its audience must be exactly this.
+    let expected_audience = scope.strip_suffix("/.default").unwrap_or(scope).to_owned();
     let audience = claims.text("aud");
+    // The resource the server's kind takes, when its host name tells.
+    let server_resource = server.hosts().iter().find_map(|host| {
+        pg_entra::Cloud::server_scope(host)
+            .map(|scope| (host.clone(), scope.trim_end_matches("/.default").to_owned()))
+    });
     let mut step = if !left.is_positive() {
         Step::failed("token", "the token has already expired")
             .cause("this machine's clock is ahead of the identity endpoint's (check NTP)")
             .cause("the identity endpoint or a cache in front of it handed out an old token")
             .next("compare `date -u` with the expiry above, then ask for a new token (with the Azure CLI: `az account get-access-token`)")
+    } else if let Some(audience) = audience.as_deref().filter(|aud| *aud != expected_audience) {
+        Step::failed(
+            "token",
+            format!(
+                "the token's audience is {audience:?}, not the resource it was asked for, {expected_audience:?}: the server refuses it"
+            ),
+        )
+        .cause("the identity endpoint minted the audience from a differently written resource (a trailing `/`, say)")
+        .cause("--scope names another resource than this server's (Cosmos DB for PostgreSQL takes https://token.postgres.cosmos.azure.com, Flexible and Single Server https://ossrdbms-aad.database.windows.net in the public cloud)")
+        .next(format!(
+            "request the scope {expected_audience}/.default (drop --scope to take the server's own)"
+        ))
     } else if let Some(audience) = audience
         .as_deref()
-        .filter(|aud| aud.starts_with("https://") && !aud.starts_with("https://ossrdbms-aad."))
+        .filter(|aud| !pg_entra::Cloud::is_postgres_resource(aud))
     {
         Step::failed(
             "token",
             format!("the token is for {audience}, not for Azure Database for PostgreSQL"),
         )
+        .next("drop --scope: the server's own scope is taken from its host name")
+    } else if let Some((host, wanted)) =
+        server_resource.filter(|(_, wanted)| audience.as_deref().is_some_and(|aud| aud != wanted))
+    {
+        Step::failed(
+            "token",
+            format!(
+                "the token is for {:?}, but {host} takes tokens for {wanted:?}",
+                audience.as_deref().unwrap_or_default()
+            ),
+        )
         .next(format!(
-            "request the scope {expected_audience}/.default (drop --scope, or fix it)"
+            "request the scope {wanted}/.default (drop --scope)"
         ))
     } else {
         Step::passed("token", format!("for a {}", kind.describe()))
