@@ -264,6 +264,19 @@ impl TokenCache {
         &self.inner.scope
     }
 
+    /// A cache for another scope over the same credential, with the same refresh policy and
+    /// clock (lazy refresh).
+    pub(crate) fn for_scope(&self, scope: &str) -> Result<TokenCache, Error> {
+        TokenCacheBuilder {
+            credential: Arc::clone(&self.inner.credential),
+            scope: scope.to_owned(),
+            policy: self.inner.policy.clone(),
+            clock: Arc::clone(&self.inner.clock),
+            background: false,
+        }
+        .build()
+    }
+
     /// A listener for the tokens this cache stores from now on, for code that must push each new
     /// token somewhere (a pool's connect options, say) instead of asking for it per connect.
     ///

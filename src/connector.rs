@@ -17,6 +17,7 @@ use crate::credential::{CredentialOptions, DefaultAzureCredential};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::jitter::unit_random;
+use crate::refusal::Retry;
 use crate::tls::{SslMode, make_tls_connector};
 use crate::token::Token;
 
@@ -72,6 +73,9 @@ struct ConnectorInner {
     ssl_mode: SslMode,
     /// The extra root certificate file (`sslrootcert`), as given.
     ssl_root_cert: Option<String>,
+    /// A cache for the PostgreSQL resource the server named when it refused the configured
+    /// scope's token, used from then on.
+    named_resource: ArcSwapOption<TokenCache>,
     /// The configurations with the current token's password and user, built once per token
     /// rather than once per connect.
     token_configs: ArcSwapOption<TokenConfigs>,
@@ -167,31 +171,82 @@ impl Connector {
         Ok((client, connection))
     }
 
-    /// A logged-in session and the token it logged in with.
+    /// A logged-in session and the token it logged in with. A refused login is retried once
+    /// where a new token can cure it ([`LoginRefusal`](crate::LoginRefusal)): with a forced
+    /// refresh, or with a token for the PostgreSQL resource the server names.
     async fn connect_logged_in(&self) -> Result<(Client, Connection, Token), Error> {
-        let token = self.inner.tokens.token().await?;
+        // A server that named its resource before is asked with a token for it at once.
+        let tokens = self
+            .inner
+            .named_resource
+            .load_full()
+            .map_or_else(|| self.inner.tokens.clone(), |cache| (*cache).clone());
+        let token = tokens.token().await?;
         let error = match self.connect_once(&token).await {
             Ok((client, connection)) => return Ok((client, connection, token)),
-            // A server that repeats the password is not sent another token.
-            Err(error @ Error::PostgresMessageWithheld { .. }) => return Err(error),
-            Err(error) if error.is_auth_failure() => error,
-            Err(error) => return Err(error),
+            Err(error) => error,
         };
-        match self.inner.tokens.refresh_rejected(&token).await {
-            Ok(Some(next)) => {
-                tracing::info!(
-                    %error,
-                    "the server refused the token; retrying once with a new token"
-                );
-                let (client, connection) = self.connect_once(&next).await?;
-                Ok((client, connection, next))
-            }
-            Ok(None) => Err(error),
-            Err(refresh_error) => {
-                tracing::warn!(%refresh_error, "cannot refresh the token the server refused");
-                Err(error)
-            }
+        let retry = match &error {
+            // A server that repeats the password is not sent another token.
+            Error::PostgresMessageWithheld { .. } => Retry::No,
+            _ => error
+                .login_refusal()
+                .map_or(Retry::No, |refusal| refusal.retry()),
+        };
+        match retry {
+            Retry::No => Err(error),
+            Retry::WithRefreshedToken => match tokens.refresh_rejected(&token).await {
+                Ok(Some(next)) => {
+                    tracing::info!(
+                        %error,
+                        "the server refused the token; retrying once with a new token"
+                    );
+                    let (client, connection) = self.connect_once(&next).await?;
+                    Ok((client, connection, next))
+                }
+                Ok(None) => Err(error),
+                Err(refresh_error) => {
+                    tracing::warn!(%refresh_error, "cannot refresh the token the server refused");
+                    Err(error)
+                }
+            },
+            Retry::WithTokenFor(resource) => self.connect_for_resource(&resource, error).await,
         }
+    }
+
+    /// The server refused the token's audience and named `resource`: one token for it and
+    /// one more try, if it is a PostgreSQL audience; never a token for anything else.
+    async fn connect_for_resource(
+        &self,
+        resource: &str,
+        refused: Error,
+    ) -> Result<(Client, Connection, Token), Error> {
+        if !Cloud::is_postgres_resource(resource) {
+            return Err(match refused {
+                Error::Postgres { source } => Error::UnexpectedResource {
+                    resource: resource.to_owned(),
+                    source,
+                },
+                other => other,
+            });
+        }
+        let scope = format!("{resource}/.default");
+        let cache = match self.inner.named_resource.load_full() {
+            Some(cache) if cache.scope() == scope => (*cache).clone(),
+            _ => self.inner.tokens.for_scope(&scope)?,
+        };
+        let token = cache.token().await?;
+        let connected = self.connect_once(&token).await?;
+        if self.inner.named_resource.load().is_none() {
+            tracing::warn!(
+                configured = self.inner.tokens.scope(),
+                asked_for = %scope,
+                "the server takes tokens for another resource than the configured scope; \
+                 logging in with a token for it from now on: set the scope to it"
+            );
+        }
+        self.inner.named_resource.store(Some(Arc::new(cache)));
+        Ok((connected.0, connected.1, token))
     }
 
     fn with_credentials(
@@ -638,6 +693,7 @@ impl ConnectorBuilder {
                 tls,
                 ssl_mode,
                 ssl_root_cert: settings.ssl_root_cert.clone(),
+                named_resource: ArcSwapOption::empty(),
                 token_configs: ArcSwapOption::empty(),
                 // Last: the fields above read it.
                 #[cfg(feature = "sqlx")]

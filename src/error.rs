@@ -117,6 +117,22 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// The server refused the token's audience and named a resource that is not an Azure
+    /// Database for PostgreSQL audience: no token is requested for it (a server must not be
+    /// able to have a token minted for Microsoft Graph or Azure Resource Manager and sent to
+    /// it).
+    #[error(
+        "the server asks for a token for {resource:?}, which is not an Azure Database for \
+         PostgreSQL resource; none is requested for it"
+    )]
+    UnexpectedResource {
+        /// The resource the server named.
+        resource: String,
+        /// The server's refusal.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// The server refused the login with a message that quoted the password, that is the
     /// access token: the message is withheld, only its SQLSTATE is kept. Azure never answers
     /// so; the server is probably not the one intended.
@@ -219,6 +235,27 @@ impl Error {
         Error::from_postgres(error)
     }
 
+    /// Why the server refused the login, read from its SQLSTATE and message (see
+    /// [`LoginRefusal`](crate::LoginRefusal)); `None` for errors that are not a refused login.
+    pub fn login_refusal(&self) -> Option<crate::LoginRefusal> {
+        match self {
+            Error::Postgres { source } => {
+                let db = source.as_db_error()?;
+                crate::LoginRefusal::classify(db.code().code(), db.message())
+            }
+            Error::UnexpectedResource { resource, .. } => {
+                Some(crate::LoginRefusal::WrongAudience {
+                    resource: Some(resource.clone()),
+                })
+            }
+            // The text is withheld: the SQLSTATE alone says little.
+            Error::PostgresMessageWithheld { code } => code
+                .as_deref()
+                .and_then(|code| crate::LoginRefusal::classify(code, "")),
+            _ => None,
+        }
+    }
+
     /// True when PostgreSQL refused the login (SQLSTATE `28P01` or `28000`): the token was not
     /// accepted, or the role does not exist or is not an Entra principal.
     pub fn is_auth_failure(&self) -> bool {
@@ -229,6 +266,7 @@ impl Error {
             Error::PostgresMessageWithheld { code } => code
                 .as_deref()
                 .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code)),
+            Error::UnexpectedResource { .. } => true,
             _ => false,
         }
     }
@@ -254,11 +292,9 @@ impl Error {
                 "set PGUSER (or the connector's user) to the Entra principal's name; a service \
                  principal's token never carries it",
             ),
-            Error::Postgres { .. } if self.is_auth_failure() => Some(
-                "an Entra admin must create the role in the postgres database with \
-                 `select * from pgaadauth_create_principal('<name>', false, false);` and the user \
-                 name must be that principal's name (for a managed identity: its name in Azure)",
-            ),
+            Error::Postgres { .. } | Error::UnexpectedResource { .. } => {
+                self.login_refusal().map(|refusal| refusal.hint())
+            }
             Error::PostgresMessageWithheld { .. } => Some(
                 "a server that repeats the password it was sent is not Azure Database for \
                  PostgreSQL: check that the host (and hostaddr) name the intended server",

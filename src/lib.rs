@@ -47,6 +47,7 @@ mod lock;
 #[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
 mod redact;
+mod refusal;
 #[cfg(feature = "sqlx")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
 pub mod sqlx;
@@ -64,6 +65,7 @@ pub use connector::{Connection, Connector, ConnectorBuilder};
 pub use credential::{DefaultAzureCredential, TokenCredential};
 pub use environment::Environment;
 pub use error::{Error, Result};
+pub use refusal::LoginRefusal;
 pub use tls::SslMode;
 pub use token::Token;
 

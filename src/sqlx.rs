@@ -70,6 +70,7 @@ use tokio::sync::oneshot;
 use crate::cache::TokenUpdates;
 use crate::connector::Connector;
 use crate::error::{AUTH_FAILURE_SQLSTATES, Error};
+use crate::refusal::Retry;
 use crate::tls::{first_root_certificate_pem, root_certificate_file};
 use crate::token::Token;
 
@@ -383,11 +384,14 @@ fn withheld(error: sqlx::Error, tokens: &[&str]) -> sqlx::Error {
 }
 
 /// True for a login the server refused: the token, or the role, was not accepted.
+/// Only refusals a refreshed token can cure count ([`LoginRefusal`](crate::LoginRefusal)).
 fn login_refused(error: &sqlx::Error) -> bool {
     match error {
-        sqlx::Error::Database(error) => error
-            .code()
-            .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code.as_ref())),
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            AUTH_FAILURE_SQLSTATES.contains(&code.as_ref())
+                && crate::LoginRefusal::classify(&code, error.message())
+                    .is_some_and(|refusal| refusal.retry() == Retry::WithRefreshedToken)
+        }),
         _ => false,
     }
 }

@@ -64,12 +64,18 @@ pub enum LoginAnswer {
     /// As [`Accept`](Self::Accept), with a `NOTICE` after the login that repeats the
     /// password: the client must not log it.
     AcceptNoticingPassword,
+    /// As Azure checks a token's audience: accepts a JWT whose `aud` is exactly this
+    /// resource, and refuses any other with Azure's text naming it (`28000`, `The access
+    /// token does not have a valid audience claim. Please acquire a new token for the
+    /// resource "…"`).
+    RequireAudience(String),
 }
 
 /// A running scripted server on 127.0.0.1. Stops when dropped.
 #[derive(Debug)]
 pub struct ScriptedPostgres {
     port: u16,
+    users: Arc<std::sync::Mutex<Vec<String>>>,
     passwords: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -95,7 +101,12 @@ impl ScriptedPostgres {
         let port = listener.local_addr()?.port();
         let passwords = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let counters = (Arc::clone(&passwords), Arc::clone(&connections));
+        let users = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let counters = (
+            Arc::clone(&passwords),
+            Arc::clone(&connections),
+            Arc::clone(&users),
+        );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counters.1.fetch_add(1, Ordering::SeqCst);
@@ -103,6 +114,7 @@ impl ScriptedPostgres {
                     acceptor: acceptor.clone(),
                     answer: answer.clone(),
                     passwords: Arc::clone(&counters.0),
+                    users: Arc::clone(&counters.2),
                 };
                 tokio::spawn(async move {
                     // A client that stalls or breaks the protocol is simply dropped.
@@ -112,6 +124,7 @@ impl ScriptedPostgres {
         });
         Ok(Self {
             port,
+            users,
             passwords,
             connections,
             task,
@@ -126,6 +139,11 @@ impl ScriptedPostgres {
     /// How many password messages clients have sent so far.
     pub fn passwords_received(&self) -> usize {
         self.passwords.load(Ordering::SeqCst)
+    }
+
+    /// The `user` of every startup message received so far, in order.
+    pub fn users(&self) -> Vec<String> {
+        crate::lock::lock(&self.users).clone()
     }
 
     /// How many TCP connections clients have opened so far.
@@ -145,6 +163,7 @@ struct Session {
     acceptor: Option<tokio_native_tls::TlsAcceptor>,
     answer: LoginAnswer,
     passwords: Arc<AtomicUsize>,
+    users: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Session {
@@ -182,6 +201,7 @@ impl Session {
         startup: Vec<u8>,
     ) -> std::io::Result<()> {
         let user = startup_parameter(&startup, "user").unwrap_or_default();
+        crate::lock::lock(&self.users).push(user.clone());
         // AuthenticationCleartextPassword, as Azure asks.
         stream
             .write_all(&message(b'R', &3u32.to_be_bytes()))
@@ -192,12 +212,27 @@ impl Session {
         }
         self.passwords.fetch_add(1, Ordering::SeqCst);
         let password = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body));
-        match &self.answer {
+        let answer = match &self.answer {
+            LoginAnswer::RequireAudience(resource) => {
+                if audience(&password).as_deref() == Some(resource.as_str()) {
+                    LoginAnswer::Accept
+                } else {
+                    LoginAnswer::Refuse {
+                        code: "28000".into(),
+                        message: format!(
+                            "The access token does not have a valid audience claim. Please acquire a new token for the resource \"{resource}\"."
+                        ),
+                    }
+                }
+            }
+            other => other.clone(),
+        };
+        match &answer {
             LoginAnswer::Accept | LoginAnswer::AcceptNoticingPassword => {
                 stream
                     .write_all(&message(b'R', &0u32.to_be_bytes()))
                     .await?;
-                if self.answer == LoginAnswer::AcceptNoticingPassword {
+                if answer == LoginAnswer::AcceptNoticingPassword {
                     let text = format!("welcome, your password was {password}");
                     stream.write_all(&notice_response("00000", &text)).await?;
                 }
@@ -233,6 +268,7 @@ impl Session {
                     .write_all(&error_response("FATAL", code, message))
                     .await
             }
+            LoginAnswer::RequireAudience(_) => Ok(()),
             LoginAnswer::RefuseRepeatingPassword => {
                 let text =
                     format!("password authentication failed for user \"{user}\": got {password}");
@@ -269,6 +305,17 @@ async fn read_message<S: AsyncRead + Unpin>(
     let mut body = vec![0; (length - 4) as usize];
     stream.read_exact(&mut body).await?;
     Ok((kind, body))
+}
+
+/// The `aud` claim of a JWT, read without checking its signature.
+fn audience(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("aud")?.as_str().map(str::to_owned)
 }
 
 /// A startup message's parameter (`user`, `database`, …).

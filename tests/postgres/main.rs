@@ -8,6 +8,7 @@ mod expiry;
 mod no_secrets;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
+mod refusals;
 #[cfg(any(
     all(feature = "deadpool", feature = "bb8"),
     feature = "sqlx",

@@ -1,0 +1,251 @@
+//! What a refused login means.
+//!
+//! Azure's authentication layer refuses a token with distinct messages, and only one of them
+//! is cured by a new token for the same scope. The SQLSTATE it attaches is not documented
+//! (`28P01` and `28000` are both seen), so the class (`28`) and the message decide. Public
+//! reports behind each text: an expired token (pools holding one token), a wrong audience
+//! (Cosmos DB for PostgreSQL, MicrosoftDocs/azure-docs#123030; a trailing `/`,
+//! azure-sdk-for-java#42632), a token PostgreSQL could not validate (another tenant, or a
+//! plain password for an Entra role), a role made for another principal type, and PgBouncer
+//! refusing a password as long as a token (`08P01`).
+
+/// Why the server refused a login, read from its SQLSTATE and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoginRefusal {
+    /// `The access token has expired`: one forced refresh and one retry.
+    TokenExpired,
+    /// `… does not have a valid audience claim. Please acquire a new token for the resource
+    /// "X"`: the token is for another resource. When `resource` is an Azure Database for
+    /// PostgreSQL audience, one token for it and one retry; never for any other resource.
+    WrongAudience {
+        /// The resource the server names, if it names one.
+        resource: Option<String>,
+    },
+    /// `An error occurred while validating the access token. Please acquire a new token and
+    /// retry`: the password is not an Entra token for this server's tenant and resource. At
+    /// most one retry.
+    TokenInvalid,
+    /// `Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[…]`
+    /// (and the same for other principal types): the role was created for another kind of
+    /// principal. No refresh helps.
+    PrincipalTypeMismatch {
+        /// The role named between the brackets.
+        role: Option<String>,
+    },
+    /// `password authentication failed for user "…"` with no Entra text: the role is missing
+    /// or named otherwise; or, on a plain PostgreSQL such as the test bed, the token was
+    /// revoked or its password expired. One forced refresh and one retry.
+    PasswordFailed,
+    /// Any other refusal of class `28` (`no pg_hba.conf entry`, a role without `LOGIN`, …).
+    /// No refresh helps.
+    OtherAuthorization,
+    /// SQLSTATE `08P01` from a connection pooler (`client sent partial pkt in startup
+    /// phase`, `password too long`): not a token refusal. Older PgBouncer versions (Azure's
+    /// built-in one listens on port 6432) refuse passwords as long as an Entra token.
+    PoolerRefusedLongPassword,
+}
+
+/// What the connector does about a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Force one refresh of the cached token and try once more.
+    WithRefreshedToken,
+    /// Get one token for this PostgreSQL resource and try once more.
+    WithTokenFor(String),
+    /// Nothing a new token would change.
+    No,
+}
+
+impl LoginRefusal {
+    /// Reads a refusal from its SQLSTATE and message; `None` for what is not a refused login
+    /// (any other SQLSTATE class: a new token never helps those).
+    pub fn classify(code: &str, message: &str) -> Option<Self> {
+        let lower = message.to_ascii_lowercase();
+        if code == "08P01" {
+            return (lower.contains("partial pkt") || lower.contains("password too long"))
+                .then_some(LoginRefusal::PoolerRefusedLongPassword);
+        }
+        if !code.starts_with("28") {
+            return None;
+        }
+        Some(if lower.contains("access token has expired") {
+            LoginRefusal::TokenExpired
+        } else if lower.contains("valid audience claim") {
+            LoginRefusal::WrongAudience {
+                resource: between(message, "for the resource \"", "\""),
+            }
+        } else if lower.contains("error occurred while validating the access token") {
+            LoginRefusal::TokenInvalid
+        } else if lower.contains("cannot generate aad_auth_tokentype") {
+            LoginRefusal::PrincipalTypeMismatch {
+                role: between(message, "role[", "]"),
+            }
+        } else if lower.contains("password authentication failed") {
+            LoginRefusal::PasswordFailed
+        } else {
+            LoginRefusal::OtherAuthorization
+        })
+    }
+
+    /// What the connector does about it.
+    pub(crate) fn retry(&self) -> Retry {
+        match self {
+            LoginRefusal::TokenExpired
+            | LoginRefusal::TokenInvalid
+            | LoginRefusal::PasswordFailed => Retry::WithRefreshedToken,
+            LoginRefusal::WrongAudience {
+                resource: Some(resource),
+            } => Retry::WithTokenFor(resource.clone()),
+            _ => Retry::No,
+        }
+    }
+
+    /// What to do next.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            LoginRefusal::TokenExpired => {
+                "the token expired before the login; a refreshed one was tried once. If it \
+                 persists, this machine's clock is ahead (check NTP) or something hands out old \
+                 tokens"
+            }
+            LoginRefusal::WrongAudience { .. } => {
+                "the token is for another resource than the server takes: Cosmos DB for \
+                 PostgreSQL takes https://token.postgres.cosmos.azure.com/.default, Flexible and \
+                 Single Server https://ossrdbms-aad.database.windows.net/.default (public cloud); \
+                 set the scope to the resource the server names, with no trailing `/`"
+            }
+            LoginRefusal::TokenInvalid => {
+                "the password is not an Entra token for this server's tenant and resource: a \
+                 token from another tenant (a guest: set AZURE_TENANT_ID to the server's tenant, \
+                 or `az login --tenant`), or a plain password sent to an Entra role"
+            }
+            LoginRefusal::PrincipalTypeMismatch { .. } => {
+                "the role was created for another kind of principal (a user's role for a service \
+                 principal, say): an Entra administrator drops it and creates it again for this \
+                 identity with pgaadauth_create_principal_with_oid (`pg-entra doctor` prints the \
+                 SQL)"
+            }
+            LoginRefusal::PasswordFailed => {
+                "an Entra admin must create the role in the postgres database with \
+                 `select * from pgaadauth_create_principal('<name>', false, false);` and the user \
+                 name must be that principal's name (for a managed identity: its name in Azure)"
+            }
+            LoginRefusal::OtherAuthorization => {
+                "the server refused the role itself, not the token: check the role's LOGIN \
+                 right, that Microsoft Entra authentication is enabled, and the server's \
+                 firewall rules"
+            }
+            LoginRefusal::PoolerRefusedLongPassword => {
+                "a connection pooler refused the password for its length, not the token: an \
+                 older PgBouncer (Azure's built-in one is on port 6432) cannot take a password \
+                 as long as an Entra token; connect to port 5432, or use a PgBouncer that takes \
+                 long passwords"
+            }
+        }
+    }
+}
+
+/// The text between `start` and the next `end` after it.
+fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(text[from..from + len].to_owned()).filter(|inner| !inner.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_text_and_sqlstate() {
+        let cases: [(&str, &str, Option<LoginRefusal>); 12] = [
+            (
+                "28P01",
+                "The access token has expired",
+                Some(LoginRefusal::TokenExpired),
+            ),
+            (
+                "28000",
+                "The access token has expired",
+                Some(LoginRefusal::TokenExpired),
+            ),
+            (
+                "28000",
+                "The access token does not have a valid audience claim. Please acquire a new token for the resource \"https://token.postgres.cosmos.azure.com\".",
+                Some(LoginRefusal::WrongAudience {
+                    resource: Some("https://token.postgres.cosmos.azure.com".into()),
+                }),
+            ),
+            (
+                "28P01",
+                "The access token does not have a valid audience claim.",
+                Some(LoginRefusal::WrongAudience { resource: None }),
+            ),
+            (
+                "28P01",
+                "An error occurred while validating the access token. Please acquire a new token and retry.",
+                Some(LoginRefusal::TokenInvalid),
+            ),
+            (
+                "28000",
+                "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[orders-api]",
+                Some(LoginRefusal::PrincipalTypeMismatch {
+                    role: Some("orders-api".into()),
+                }),
+            ),
+            (
+                "28P01",
+                "password authentication failed for user \"orders-api\"",
+                Some(LoginRefusal::PasswordFailed),
+            ),
+            (
+                "28000",
+                "no pg_hba.conf entry for host \"10.0.0.4\", user \"x\", database \"postgres\", SSL encryption",
+                Some(LoginRefusal::OtherAuthorization),
+            ),
+            (
+                "08P01",
+                "client sent partial pkt in startup phase",
+                Some(LoginRefusal::PoolerRefusedLongPassword),
+            ),
+            (
+                "08P01",
+                "password too long",
+                Some(LoginRefusal::PoolerRefusedLongPassword),
+            ),
+            ("08P01", "invalid startup packet layout", None),
+            ("XX000", "The access token has expired", None),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(
+                LoginRefusal::classify(code, message),
+                expected,
+                "{code} {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_some_refusals_are_retried() {
+        assert_eq!(
+            LoginRefusal::TokenExpired.retry(),
+            Retry::WithRefreshedToken
+        );
+        assert_eq!(
+            LoginRefusal::WrongAudience {
+                resource: Some("https://x".into())
+            }
+            .retry(),
+            Retry::WithTokenFor("https://x".into())
+        );
+        for no in [
+            LoginRefusal::WrongAudience { resource: None },
+            LoginRefusal::PrincipalTypeMismatch { role: None },
+            LoginRefusal::OtherAuthorization,
+            LoginRefusal::PoolerRefusedLongPassword,
+        ] {
+            assert_eq!(no.retry(), Retry::No, "{no:?}");
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! What each refused login means, against a PostgreSQL-protocol server that refuses as Azure
+//! does: refusal text × SQLSTATE → refreshes, retries, error kind and hint.
+
+use std::sync::Arc;
+
+use pg_entra::testing::{
+    FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
+};
+use pg_entra::{Connector, Environment, Error, LoginRefusal};
+
+/// A scripted server with a certificate for `localhost`, and a connector with a fake
+/// credential aimed at it (the host names no Azure server kind: the public cloud's scope).
+struct Rig {
+    server: ScriptedPostgres,
+    credential: Arc<FakeCredential>,
+    connector: Connector,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(answer: LoginAnswer) -> Rig {
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        answer,
+    )
+    .await
+    .unwrap();
+    let credential = Arc::new(FakeCredential::new(Principal::user_assigned("orders-api")));
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", "localhost".to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ]))
+        .credential(credential.clone())
+        .build()
+        .unwrap();
+    Rig {
+        server,
+        credential,
+        connector,
+        _dir: dir,
+    }
+}
+
+/// SQLSTATE, message, logins tried, tokens asked for, the refusal, words of the hint.
+type Row = (
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    Option<LoginRefusal>,
+    &'static str,
+);
+
+#[tokio::test]
+async fn each_refusal_gets_its_own_retry_rule_and_hint() {
+    let table: Vec<Row> = vec![
+        (
+            "28P01",
+            "The access token has expired",
+            2,
+            2,
+            Some(LoginRefusal::TokenExpired),
+            "clock",
+        ),
+        (
+            "28000",
+            "The access token has expired",
+            2,
+            2,
+            Some(LoginRefusal::TokenExpired),
+            "clock",
+        ),
+        (
+            "28P01",
+            "An error occurred while validating the access token. Please acquire a new token and retry.",
+            2,
+            2,
+            Some(LoginRefusal::TokenInvalid),
+            "another tenant",
+        ),
+        (
+            "28000",
+            "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[orders-api]",
+            1,
+            1,
+            Some(LoginRefusal::PrincipalTypeMismatch {
+                role: Some("orders-api".into()),
+            }),
+            "another kind of principal",
+        ),
+        (
+            "28P01",
+            "password authentication failed for user \"orders-api\"",
+            2,
+            2,
+            Some(LoginRefusal::PasswordFailed),
+            "pgaadauth_create_principal",
+        ),
+        (
+            "28000",
+            "no pg_hba.conf entry for host \"10.1.2.3\", user \"orders-api\", database \"postgres\", SSL encryption",
+            1,
+            1,
+            Some(LoginRefusal::OtherAuthorization),
+            "firewall",
+        ),
+        (
+            "08P01",
+            "client sent partial pkt in startup phase",
+            1,
+            1,
+            Some(LoginRefusal::PoolerRefusedLongPassword),
+            "port 5432",
+        ),
+        (
+            "08P01",
+            "password too long",
+            1,
+            1,
+            Some(LoginRefusal::PoolerRefusedLongPassword),
+            "6432",
+        ),
+        (
+            "28P01",
+            "The access token does not have a valid audience claim.",
+            1,
+            1,
+            Some(LoginRefusal::WrongAudience { resource: None }),
+            "token.postgres.cosmos.azure.com",
+        ),
+        (
+            "XX000",
+            "internal error while checking the token",
+            1,
+            1,
+            None,
+            "",
+        ),
+    ];
+    for (code, message, logins, tokens, refusal, hint) in table {
+        let rig = rig(LoginAnswer::Refuse {
+            code: code.into(),
+            message: message.into(),
+        })
+        .await;
+        let error = rig.connector.connect().await.unwrap_err();
+        let row = format!("{code} {message}");
+        assert_eq!(rig.server.passwords_received(), logins, "logins: {row}");
+        assert_eq!(rig.credential.calls(), tokens, "tokens: {row}");
+        assert_eq!(error.login_refusal(), refusal, "kind: {row}");
+        // The server's words stay in the error chain.
+        let chain = describe(&error);
+        assert!(chain.contains(message), "{row}: {chain}");
+        match error.hint() {
+            Some(text) => assert!(text.contains(hint), "{row}: {text}"),
+            None => assert!(hint.is_empty(), "{row}: no hint"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_server_naming_its_postgres_resource_gets_one_token_for_it() {
+    let cosmos = "https://token.postgres.cosmos.azure.com";
+    let rig = rig(LoginAnswer::RequireAudience(cosmos.into())).await;
+    // Configured (by default) for ossrdbms: refused, then one token for the named resource.
+    let client = rig.connector.connect().await.unwrap();
+    drop(client);
+    assert_eq!(rig.server.passwords_received(), 2);
+    assert_eq!(
+        rig.credential.scopes(),
+        [
+            "https://ossrdbms-aad.database.windows.net/.default".to_owned(),
+            format!("{cosmos}/.default")
+        ]
+    );
+    // From then on, straight to the named resource's token (cached: no new request).
+    rig.connector.connect().await.unwrap();
+    assert_eq!(rig.server.passwords_received(), 3);
+    assert_eq!(rig.credential.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_server_naming_another_resource_gets_no_token_for_it() {
+    for resource in [
+        "https://graph.microsoft.com",
+        "https://management.azure.com/",
+    ] {
+        let rig = rig(LoginAnswer::RequireAudience(resource.into())).await;
+        let error = rig.connector.connect().await.unwrap_err();
+        assert!(
+            matches!(&error, Error::UnexpectedResource { resource: named, .. } if named == resource),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains(resource), "{error}");
+        assert_eq!(rig.credential.calls(), 1, "no token for {resource}");
+        assert_eq!(rig.server.passwords_received(), 1);
+    }
+}
+
+fn describe(error: &Error) -> String {
+    let mut text = format!("{error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(" | {cause}"));
+        source = cause.source();
+    }
+    text
+}
