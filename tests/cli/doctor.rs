@@ -399,3 +399,130 @@ async fn a_server_repeating_the_token_is_not_quoted() {
         json.stdout
     );
 }
+
+/// The variables of a scripted server (a certificate for `localhost` from its own CA) and an
+/// identity endpoint for `principal`.
+async fn scripted(
+    answer: pg_entra::testing::LoginAnswer,
+    principal: &Principal,
+) -> (
+    pg_entra::testing::ScriptedPostgres,
+    IdentityEndpoint,
+    tempfile::TempDir,
+    Vec<(String, String)>,
+) {
+    use pg_entra::testing::{ScriptedPostgres, TestCa, TlsOffer};
+
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
+        answer,
+    )
+    .await
+    .unwrap();
+    let identity = IdentityEndpoint::builder()
+        .principal(principal.clone())
+        .start()
+        .await
+        .unwrap();
+    let mut vars: Vec<(String, String)> = vec![
+        ("PGHOST".into(), "localhost".into()),
+        ("PGPORT".into(), server.port().to_string()),
+        ("PGSSLROOTCERT".into(), ca_file.display().to_string()),
+        (
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
+            identity.authority_host(),
+        ),
+    ];
+    if !principal.is_system_assigned() {
+        vars.push(("AZURE_CLIENT_ID".into(), principal.client_id().into()));
+    }
+    (server, identity, dir, vars)
+}
+
+/// Each of Azure's refusal texts gets its own cause in the login step, not the same advice.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_refusal_is_diagnosed_by_what_the_server_said() {
+    use pg_entra::testing::LoginAnswer;
+
+    let principal = Principal::user_assigned("orders-api");
+    let refuse = |code: &str, message: &str| LoginAnswer::Refuse {
+        code: code.into(),
+        message: message.into(),
+    };
+    let table = [
+        (
+            refuse("28P01", "The access token has expired"),
+            "clock is ahead of Entra's",
+        ),
+        (
+            LoginAnswer::RequireAudience("https://token.postgres.cosmos.azure.com".into()),
+            "request the scope https://token.postgres.cosmos.azure.com/.default",
+        ),
+        (
+            LoginAnswer::RequireAudience("https://graph.microsoft.com".into()),
+            "is not an Azure Database for PostgreSQL resource",
+        ),
+        (
+            refuse(
+                "28P01",
+                "An error occurred while validating the access token. Please acquire a new token and retry.",
+            ),
+            "the token is from tenant",
+        ),
+        (
+            refuse(
+                "28000",
+                "Service Principals cannot generate AAD_AUTH_TOKENTYPE_APP_USER tokens for role[orders-api]",
+            ),
+            "DROP ROLE \"orders-api\";",
+        ),
+        (
+            refuse("08P01", "client sent partial pkt in startup phase"),
+            "bytes, and older PgBouncer versions take far shorter passwords",
+        ),
+        (
+            refuse(
+                "28P01",
+                "password authentication failed for user \"orders-api\"",
+            ),
+            "no role orders-api exists",
+        ),
+    ];
+    for (answer, says) in table {
+        let (_server, _identity, _dir, vars) = scripted(answer.clone(), &principal).await;
+        let run = doctor(&vars, &[]).await;
+        assert_stopped_at(&run, 7, LOGIN_REFUSED);
+        run.assert_says(says);
+    }
+}
+
+/// A Cosmos DB for PostgreSQL host: its own scope in step 1, and a token for ossrdbms (asked
+/// for with --scope) fails step 3 naming both resources.
+#[tokio::test(flavor = "multi_thread")]
+async fn cosmos_hosts_take_their_own_audience() {
+    let bed = TestBed::start().await.unwrap();
+    let cosmos = "c-orders.abc123.postgres.cosmos.azure.com";
+    let vars = with(
+        &with(&bed.vars(), "PGHOST", cosmos),
+        "PGHOSTADDR",
+        "127.0.0.1",
+    );
+    let run = doctor(&vars, &[]).await;
+    run.assert_says(
+        "scope        https://token.postgres.cosmos.azure.com/.default  from the server's host name",
+    );
+    assert!(marks(&run)[2].starts_with("✓ 3."), "{:#?}", marks(&run));
+    let run = doctor(
+        &vars,
+        &["--scope", "https://ossrdbms-aad.database.windows.net"],
+    )
+    .await;
+    assert_stopped_at(&run, 3, TOKEN);
+    run.assert_says(format!(
+        "the token is for \"https://ossrdbms-aad.database.windows.net\", but {cosmos} takes tokens for \"https://token.postgres.cosmos.azure.com\""
+    ));
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pg_entra::Connector;
+use pg_entra::{Connector, LoginRefusal, Token};
 
 use super::{Report, Step};
 use crate::claims::{Claims, PrincipalKind};
@@ -15,7 +15,7 @@ pub(super) async fn check(
     connector: &Connector,
     timeout: Duration,
     user: &str,
-    token_name: Option<&str>,
+    token: &Token,
     claims: &Claims,
     server: &ServerArgs,
     report: &mut Report,
@@ -24,7 +24,7 @@ pub(super) async fn check(
     let client = match connector.connect().await {
         Ok(client) => client,
         Err(error) => {
-            let (step, failure) = diagnose(&error, user, token_name, claims, server);
+            let (step, failure) = diagnose(&error, user, token, claims, server);
             return Err(report.fail(step, failure));
         }
     };
@@ -72,27 +72,36 @@ pub(super) async fn check(
 fn diagnose(
     error: &pg_entra::Error,
     user: &str,
-    token_name: Option<&str>,
+    token: &Token,
     claims: &Claims,
     server: &ServerArgs,
 ) -> (Step, Failure) {
     let title = "login";
+    let token_name = token.username();
     let database = server
         .dbname
         .clone()
         .or_else(|| pg_entra::Environment::process().var("PGDATABASE"))
         .unwrap_or_else(|| "postgres".into());
     let code = match error {
-        pg_entra::Error::Postgres { source } => source.code().map(|c| c.code().to_owned()),
+        pg_entra::Error::Postgres { source }
+        | pg_entra::Error::UnexpectedResource { source, .. } => {
+            source.code().map(|c| c.code().to_owned())
+        }
         _ => None,
     };
     let server_message = match error {
-        pg_entra::Error::Postgres { source } => source
+        pg_entra::Error::Postgres { source }
+        | pg_entra::Error::UnexpectedResource { source, .. } => source
             .as_db_error()
             .map(|db| db.message().to_owned())
             .unwrap_or_else(|| error.to_string()),
         _ => causes(error).join(": "),
     };
+    if let Some(step) = entra_refusal(error, &server_message, code.as_deref(), user, token, claims)
+    {
+        return (step, Failure::LoginRefused);
+    }
     match (error, code.as_deref()) {
         // The library withheld a refusal that quoted the token: nothing of it is shown.
         (pg_entra::Error::PostgresMessageWithheld { .. }, _) => (
@@ -147,6 +156,77 @@ fn diagnose(
             (step, Failure::Internal)
         }
     }
+}
+
+/// The refusals Azure's authentication layer words itself, each with its own cause; `None`
+/// for the others (a missing role, an access rule), which the SQLSTATE sorts.
+fn entra_refusal(
+    error: &pg_entra::Error,
+    message: &str,
+    code: Option<&str>,
+    user: &str,
+    token: &Token,
+    claims: &Claims,
+) -> Option<Step> {
+    let refusal = error.login_refusal()?;
+    let failed = || Step::failed("login", format!("{message} ({})", code.unwrap_or("-")));
+    let step = match &refusal {
+        LoginRefusal::TokenExpired => failed()
+            .cause("the token expired between step 3 and the login, or this machine's clock is ahead of Entra's (compare `date -u` with the expiry in step 3)")
+            .cause("something in front of the identity endpoint hands out old tokens"),
+        LoginRefusal::WrongAudience { resource } => {
+            let step = failed().cause(format!(
+                "the token's audience ({}) is not the resource the server takes{}",
+                claims.text("aud").unwrap_or_else(|| "none".into()),
+                resource
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ));
+            match resource {
+                Some(resource) if pg_entra::Cloud::is_postgres_resource(resource) => {
+                    step.next(format!("request the scope {resource}/.default (--scope, or the connector's scope)"))
+                }
+                Some(resource) => step.cause(format!(
+                    "{resource} is not an Azure Database for PostgreSQL resource: this is probably not the intended server, and no token is requested for it"
+                )),
+                None => step.next(refusal.hint()),
+            }
+        }
+        LoginRefusal::TokenInvalid => failed()
+            .cause(format!(
+                "the token is from tenant {}, and the server belongs to another (a guest signs in to the server's tenant: set AZURE_TENANT_ID or --tenant, or `az login --tenant <server's tenant>`)",
+                claims.text("tid").unwrap_or_else(|| "?".into())
+            ))
+            .cause("a plain password was sent to an Entra role (this command always sends a token)"),
+        LoginRefusal::PrincipalTypeMismatch { role } => {
+            let role = role.as_deref().unwrap_or(user);
+            let kind = claims.kind();
+            let object_type = if kind == PrincipalKind::User { "user" } else { "service" };
+            let mut step = failed().cause(format!(
+                "the role {role} was created for another kind of principal than this {}",
+                kind.describe()
+            ));
+            if let Some(oid) = claims.object_id() {
+                step = step.sql(format!(
+                    "-- as an Entra administrator, in the postgres database:\nDROP ROLE \"{}\";\nselect * from pgaadauth_create_principal_with_oid('{}', '{}', '{object_type}', false, false);",
+                    role.replace('"', "\"\""),
+                    role.replace('\'', "''"),
+                    oid.replace('\'', "''"),
+                ));
+            }
+            step
+        }
+        LoginRefusal::PoolerRefusedLongPassword => failed()
+            .cause(format!(
+                "a connection pooler (PgBouncer: Azure's built-in one listens on 6432) refused the password for its length: the token is {} bytes, and older PgBouncer versions take far shorter passwords",
+                token.secret().len()
+            ))
+            .cause("this is not a token refusal: a new token would be refused the same way")
+            .next("connect to port 5432 (PostgreSQL itself), or put a PgBouncer in front that takes long passwords"),
+        _ => return None,
+    };
+    Some(step)
 }
 
 /// 28P01: the server did not accept the token for `user`. The causes in the order they are

@@ -43,7 +43,7 @@ pub(super) async fn examine(
         &login_connector,
         timeout,
         &user,
-        token.username(),
+        &token,
         &claims,
         server,
         report,
