@@ -15,7 +15,7 @@ use super::managed_identity::{ManagedIdentityCredential, ManagedIdentityError, R
 use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::unavailable::CredentialUnavailable;
-use super::vars::TOKEN_CREDENTIALS_VAR;
+use super::vars::{TENANT_ID_VAR, TOKEN_CREDENTIALS_VAR};
 use crate::error::Error;
 use crate::lock::lock;
 
@@ -331,6 +331,7 @@ pub struct DefaultAzureCredentialBuilder {
     managed_identity_retry: RetryOptions,
     cli_timeout: Option<Duration>,
     entra_timeout: Duration,
+    tenant: Option<String>,
 }
 
 impl Default for DefaultAzureCredentialBuilder {
@@ -341,6 +342,7 @@ impl Default for DefaultAzureCredentialBuilder {
             managed_identity_retry: RetryOptions::default(),
             cli_timeout: None,
             entra_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tenant: None,
         }
     }
 }
@@ -374,6 +376,16 @@ impl DefaultAzureCredentialBuilder {
         self
     }
 
+    /// The tenant the developer tools (Azure CLI, Azure Developer CLI) get tokens in
+    /// (default: `AZURE_TENANT_ID`, else each tool's own default tenant), as the .NET SDK's
+    /// `DefaultAzureCredentialOptions.TenantId` does. A guest (B2B) user needs a token from
+    /// the server's tenant, not their home one. The service principal and the workload
+    /// identity always use `AZURE_TENANT_ID`.
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+
     /// How long each CLI may take (default 10 s).
     pub fn cli_timeout(mut self, timeout: Duration) -> Self {
         self.cli_timeout = Some(timeout);
@@ -388,6 +400,10 @@ impl DefaultAzureCredentialBuilder {
     pub fn build(self) -> Result<DefaultAzureCredential, Error> {
         let environment = &self.options.environment;
         let selected = Member::selected(environment.var(TOKEN_CREDENTIALS_VAR).as_deref())?;
+        let tenant = self
+            .tenant
+            .clone()
+            .or_else(|| environment.var(TENANT_ID_VAR));
         let explicit = selected.len() == 1;
         let mut members: Vec<(Member, Arc<dyn TokenCredential>)> = Vec::new();
         for member in selected {
@@ -426,6 +442,9 @@ impl DefaultAzureCredentialBuilder {
                     if let Some(timeout) = self.cli_timeout {
                         cli = cli.timeout(timeout);
                     }
+                    if let Some(tenant) = &tenant {
+                        cli = cli.tenant(tenant);
+                    }
                     Arc::new(cli.build()?)
                 }
                 Member::AzureDeveloperCli => {
@@ -433,6 +452,9 @@ impl DefaultAzureCredentialBuilder {
                         AzureDeveloperCliCredential::builder().options(self.options.clone());
                     if let Some(timeout) = self.cli_timeout {
                         cli = cli.timeout(timeout);
+                    }
+                    if let Some(tenant) = &tenant {
+                        cli = cli.tenant(tenant);
                     }
                     Arc::new(cli.build()?)
                 }

@@ -297,7 +297,9 @@ macro_rules! cli_credential {
         }
 
         impl $builder {
-            /// Ask for a token in this tenant instead of the tool's default one.
+            /// Ask for a token in this tenant instead of the tool's default one (`az
+            /// --tenant`, `azd --tenant-id`): a guest signs in to the server's tenant this way.
+            /// A tenant id (GUID) or domain; [`build`](Self::build) refuses anything else.
             pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
                 self.cli.tenant = Some(tenant.into());
                 self
@@ -316,13 +318,36 @@ macro_rules! cli_credential {
                 self
             }
 
-            /// Builds the credential. Nothing is checked until a token is asked for: a
-            /// missing or logged-out tool makes the credential unavailable, not invalid.
+            /// Builds the credential. Only the tenant is checked here: a missing or
+            /// logged-out tool makes the credential unavailable, not invalid.
             pub fn build(self) -> Result<$name, Error> {
+                if let Some(tenant) = &self.cli.tenant {
+                    check_tenant(tenant)?;
+                }
                 Ok($name { cli: self.cli })
             }
         }
     };
+}
+
+/// A tenant id or domain, and nothing a CLI could read as an option.
+pub(crate) fn check_tenant(tenant: &str) -> Result<(), Error> {
+    let valid = !tenant.is_empty()
+        && !tenant.starts_with(['-', '.'])
+        && tenant
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c));
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "tenant",
+            format!(
+                "{tenant:?} is not a tenant: expected its id (a GUID) or a domain such as \
+                 contoso.onmicrosoft.com"
+            ),
+        ))
+    }
 }
 
 cli_credential!(

@@ -995,3 +995,52 @@ async fn an_authority_that_echoes_the_secret_does_not_put_it_in_the_error() {
         }
     }
 }
+
+/// The chain's developer tools get a token in the tenant asked for: `AZURE_TENANT_ID`, or the
+/// builder's tenant (a guest signs in to the server's tenant); anything a tool could read as
+/// an option is refused at build.
+#[tokio::test]
+async fn the_chains_tools_get_tokens_in_the_tenant_asked_for() {
+    let tools = FakeTools::new();
+    tools.az_logged_in("alice@contoso.com");
+    tools.azd_logged_in("alice@contoso.com");
+    let fabrikam = "fabrikam.onmicrosoft.com";
+    for (tool, selector, flag) in [
+        ("az", "AzureCliCredential", "--tenant"),
+        ("azd", "AzureDeveloperCliCredential", "--tenant-id"),
+    ] {
+        let by_variable = DefaultAzureCredential::builder()
+            .options(Environment::from_vars([
+                ("PATH", tools.path()),
+                ("AZURE_TOKEN_CREDENTIALS", selector.to_owned()),
+                ("AZURE_TENANT_ID", fabrikam.to_owned()),
+            ]))
+            .build()
+            .unwrap();
+        token_from(&by_variable).await.unwrap();
+        let by_builder = DefaultAzureCredential::builder()
+            .options(Environment::from_vars([
+                ("PATH", tools.path()),
+                ("AZURE_TOKEN_CREDENTIALS", selector.to_owned()),
+            ]))
+            .tenant("72f988bf-0000-4000-8000-00000000c0de")
+            .build()
+            .unwrap();
+        token_from(&by_builder).await.unwrap();
+        let args = std::fs::read_to_string(tools.args_file(tool)).unwrap();
+        assert!(args.contains(&format!("{flag} {fabrikam}")), "{args}");
+        assert!(
+            args.contains(&format!("{flag} 72f988bf-0000-4000-8000-00000000c0de")),
+            "{args}"
+        );
+        let refused = DefaultAzureCredential::builder()
+            .options(Environment::from_vars([
+                ("PATH", tools.path()),
+                ("AZURE_TOKEN_CREDENTIALS", selector.to_owned()),
+            ]))
+            .tenant("--allow-no-subscriptions")
+            .build()
+            .unwrap_err();
+        assert!(refused.to_string().contains("is not a tenant"), "{refused}");
+    }
+}

@@ -5,3 +5,4 @@
 mod cli_entra_chain;
 mod imds;
 mod managed_identity;
+mod scopes;

@@ -166,6 +166,8 @@ fn connector_for(
         .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
         .collect();
     for (var, value) in [
+        // The connector's own chain reads the tenant from the environment.
+        ("AZURE_TENANT_ID", server.tenant.as_deref()),
         ("PGHOST", psql.host.as_deref()),
         ("PGPORT", psql.port.as_deref()),
         ("PGUSER", psql.username.as_deref()),

@@ -29,6 +29,10 @@ pub(crate) struct ServerArgs {
     /// Azure Database for PostgreSQL Single Server: user names get `@<server>`.
     #[arg(long)]
     pub(crate) single_server: bool,
+    /// The Entra tenant the Azure CLI and azd get the token in: the server's, for a guest
+    /// [default: $AZURE_TENANT_ID, else the tool's own].
+    #[arg(long, value_name = "TENANT")]
+    pub(crate) tenant: Option<String>,
 }
 
 /// One setting as shown to a person: its value and where the value came from.
@@ -137,9 +141,12 @@ impl ServerArgs {
 
     /// The credential chain the process environment describes, for the server's cloud.
     pub(crate) fn chain(&self) -> Result<DefaultAzureCredential, pg_entra::Error> {
-        DefaultAzureCredential::builder()
-            .options(CredentialOptions::default().cloud(self.cloud()))
-            .build()
+        let mut builder = DefaultAzureCredential::builder()
+            .options(CredentialOptions::default().cloud(self.cloud()));
+        if let Some(tenant) = &self.tenant {
+            builder = builder.tenant(tenant);
+        }
+        builder.build()
     }
 
     /// A connector for these settings with `credential`; `timeout` replaces the connect
