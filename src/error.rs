@@ -93,6 +93,21 @@ pub enum Error {
         claims_present: Vec<String>,
     },
 
+    /// The token belongs to a guest (B2B) or Microsoft account, and no user name was given:
+    /// its role is named after its guest user name in the server's tenant, which the token
+    /// does not carry, and never after its home address.
+    #[error(
+        "no PostgreSQL user name: the token belongs to a guest account ({home}), whose role is \
+         named after its user name in the server's tenant, such as {suggestion}; set PGUSER \
+         (or the connector's user) to it"
+    )]
+    GuestUser {
+        /// The guest's home address, from the token.
+        home: String,
+        /// The form of its user name in the server's tenant (`alice_contoso.com#EXT#@…`).
+        suggestion: String,
+    },
+
     /// A connection attempt to one host took longer than the connect timeout as a whole (DNS,
     /// TCP, TLS, startup and login): the server accepted and went silent, or the network is
     /// dropping packets.
@@ -287,6 +302,11 @@ impl Error {
             Error::TokenExpired { .. } => Some(
                 "the identity endpoint has been failing since before the token expired; the cause \
                  says why; the cache keeps retrying with backoff",
+            ),
+            Error::GuestUser { .. } => Some(
+                "set PGUSER to the guest's user principal name in the server's tenant (Entra \
+                 admin center → Users → the guest → User principal name), and get the token from \
+                 that tenant (AZURE_TENANT_ID, or `az login --tenant`)",
             ),
             Error::UnknownUser { .. } => Some(
                 "set PGUSER (or the connector's user) to the Entra principal's name; a service \

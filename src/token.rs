@@ -66,11 +66,27 @@ impl Token {
         self.inner.claims.username_claim
     }
 
-    /// The derived user name, or an error naming the claims that were present.
+    /// The derived user name, or an error: a guest's, saying so and showing the name to try;
+    /// else naming the claims that were present.
     pub(crate) fn require_username(&self) -> Result<&str, Error> {
+        if let Some(home) = &self.inner.claims.guest_home {
+            return Err(Error::GuestUser {
+                home: home.clone(),
+                suggestion: guest_user_name(home),
+            });
+        }
         self.username().ok_or_else(|| Error::UnknownUser {
             claims_present: self.inner.claims.present.clone(),
         })
+    }
+
+    /// Whether the token belongs to a guest (B2B) or Microsoft account in the token's
+    /// tenant: its `idp` names another identity provider than its issuer, and it has no
+    /// `upn`. Such a principal's role is named after its guest UPN in the server's tenant
+    /// (`alice_contoso.com#EXT#@fabrikam.onmicrosoft.com`), which the token does not carry, so
+    /// no user name is derived from it.
+    pub fn is_guest(&self) -> bool {
+        self.inner.claims.guest_home.is_some()
     }
 
     /// Whether `other` is this very token (a clone of it), not merely an equal one.
@@ -120,9 +136,17 @@ fn identity_name_from_resource_id(id: &str) -> Option<String> {
     }
 }
 
+/// The guest UPN Entra gives `home` in a host tenant, up to the tenant's domain, which the
+/// token does not carry: `alice@contoso.com` → `alice_contoso.com#EXT#@<tenant>.onmicrosoft.com`.
+fn guest_user_name(home: &str) -> String {
+    format!("{}#EXT#@<tenant>.onmicrosoft.com", home.replace('@', "_"))
+}
+
 /// What the token says about who it belongs to. Only non-secret claims are kept.
 #[derive(Debug, Default)]
 struct PrincipalClaims {
+    /// For a guest: the home address (`unique_name`, `email` or `preferred_username`).
+    guest_home: Option<String>,
     username: Option<String>,
     username_claim: Option<&'static str>,
     audience: Option<String>,
@@ -153,6 +177,28 @@ impl PrincipalClaims {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
         };
+        // A guest's `unique_name` / `email` is its home address, not its role: Entra names
+        // the guest `alice_contoso.com#EXT#@<tenant>` in the server's tenant.
+        let foreign_idp = match (text("idp"), text("iss")) {
+            (Some(idp), Some(iss)) => idp != iss,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        let is_guest = foreign_idp && text("upn").is_none() && text("xms_mirid").is_none();
+        if is_guest {
+            let home = ["unique_name", "email", "preferred_username"]
+                .iter()
+                .find_map(|name| text(name))
+                .map(|home| home.strip_prefix("live.com#").unwrap_or(home).to_owned());
+            let mut present: Vec<String> = claims.keys().cloned().collect();
+            present.sort();
+            return Self {
+                guest_home: Some(home.unwrap_or_else(|| "<home address>".to_owned())),
+                audience: text("aud").map(str::to_owned),
+                present,
+                ..Self::default()
+            };
+        }
         let (username_claim, username) = USERNAME_CLAIMS
             .iter()
             .find_map(|&name| {
@@ -168,6 +214,7 @@ impl PrincipalClaims {
         let mut present: Vec<String> = claims.keys().cloned().collect();
         present.sort();
         Self {
+            guest_home: None,
             username,
             username_claim,
             audience: text("aud").map(str::to_owned),

@@ -13,6 +13,8 @@ const TEST_RESOURCE_GROUP: &str = "pg-entra-test";
 pub struct Principal {
     name: String,
     kind: Kind,
+    /// A guest's home address and identity provider.
+    home: Option<(String, String)>,
     client_id: String,
     object_id: String,
     resource_id: String,
@@ -27,6 +29,9 @@ pub(crate) enum Kind {
     ServicePrincipal,
     /// A person: tokens carry `upn`.
     User,
+    /// A person from another tenant (B2B) or with a Microsoft account: tokens carry `idp`,
+    /// `unique_name` and `email` with the home address, and no `upn`.
+    Guest,
 }
 
 impl Principal {
@@ -69,10 +74,43 @@ impl Principal {
         Self::new(upn, Kind::User, String::new())
     }
 
+    /// A B2B guest from another tenant, signed in as `home` (`alice@contoso.com`), in the
+    /// tenant whose domain is `tenant_domain`: its role is named after its guest UPN there,
+    /// `alice_contoso.com#EXT#@<tenant_domain>`.
+    pub fn guest(home: &str, tenant_domain: &str) -> Self {
+        let mut principal = Self::new(
+            &format!("{}#EXT#@{tenant_domain}", home.replace('@', "_")),
+            Kind::Guest,
+            String::new(),
+        );
+        let home_tenant = uuid_from(home, "home-tenant");
+        principal.home = Some((
+            home.to_owned(),
+            format!("https://sts.windows.net/{home_tenant}/"),
+        ));
+        principal
+    }
+
+    /// A personal Microsoft account (`alice@outlook.com`) invited into the tenant whose
+    /// domain is `tenant_domain`: a guest whose identity provider is `live.com`.
+    pub fn microsoft_account(address: &str, tenant_domain: &str) -> Self {
+        let mut principal = Self::guest(address, tenant_domain);
+        principal.home = Some((address.to_owned(), "live.com".to_owned()));
+        principal
+    }
+
+    /// A guest's home address and identity provider.
+    pub(crate) fn home(&self) -> Option<(&str, &str)> {
+        self.home
+            .as_ref()
+            .map(|(home, idp)| (home.as_str(), idp.as_str()))
+    }
+
     fn new(name: &str, kind: Kind, provider_path: String) -> Self {
         Self {
             name: name.to_owned(),
             kind,
+            home: None,
             client_id: uuid_from(name, "client"),
             object_id: uuid_from(name, "object"),
             resource_id: format!(

@@ -53,6 +53,17 @@ pub(crate) fn mint(
             payload["upn"] = principal.name().into();
             payload["unique_name"] = principal.name().into();
         }
+        Kind::Guest => {
+            let (home, idp) = principal.home().unwrap_or_default();
+            payload["idtyp"] = "user".into();
+            payload["idp"] = idp.into();
+            payload["email"] = home.into();
+            payload["unique_name"] = if idp == "live.com" {
+                format!("live.com#{home}").into()
+            } else {
+                home.into()
+            };
+        }
     }
     // Entra signs with RSA-2048: 256 bytes of signature, like the real thing in size.
     let signature: Vec<u8> = (0..256).map(|_| (unit_random() * 256.0) as u8).collect();

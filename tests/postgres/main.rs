@@ -23,6 +23,7 @@ mod soak;
 mod sqlx_pool;
 mod timeouts;
 mod tls;
+mod user_names;
 
 // Say, in every test run, which tests were not built, rather than skipping them silently.
 #[cfg(not(all(feature = "deadpool", feature = "bb8")))]
