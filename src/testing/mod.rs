@@ -43,6 +43,8 @@ mod certs;
 #[cfg(feature = "testing")]
 mod endpoint;
 #[cfg(feature = "testing")]
+mod pgaadauth;
+#[cfg(feature = "testing")]
 mod postgres;
 #[cfg(feature = "testing")]
 mod scripted_postgres;

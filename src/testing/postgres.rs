@@ -60,12 +60,21 @@ impl fmt::Debug for LocalPostgres {
 }
 
 impl LocalPostgres {
-    /// Creates a cluster, a test CA and a server certificate, and starts the server. Takes a
-    /// second or two; the blocking work runs on Tokio's blocking pool.
+    /// Creates a cluster, a test CA and a server certificate, and starts the server, with an
+    /// emulation of Azure's Entra role functions in its `postgres` database
+    /// (`pgaadauth_create_principal`, `pgaadauth_create_principal_with_oid`,
+    /// `pgaadauth_list_principals`: their shapes only; nothing is looked up in Entra). Takes
+    /// a second or two; the blocking work runs on Tokio's blocking pool.
     pub async fn start() -> Result<Self, TestBedError> {
-        tokio::task::spawn_blocking(Self::start_blocking)
+        let postgres = tokio::task::spawn_blocking(Self::start_blocking)
             .await
-            .map_err(|e| TestBedError::new("the PostgreSQL start-up task failed", e))?
+            .map_err(|e| TestBedError::new("the PostgreSQL start-up task failed", e))??;
+        postgres
+            .admin()
+            .await?
+            .batch_execute(&super::pgaadauth::install_sql(super::jwt::TEST_TENANT_ID))
+            .await?;
+        Ok(postgres)
     }
 
     fn start_blocking() -> Result<Self, TestBedError> {

@@ -134,9 +134,21 @@ async fn a_missing_role_is_refused_and_the_sql_to_create_it_is_printed() {
         "with no user given, the missing role comes first:\n{causes}"
     );
 
-    // Creating the role as printed (the bed's PostgreSQL has no pgaadauth; a plain role whose
-    // password the endpoint sets stands in for it) makes the next check pass.
-    postgres.create_role("orders-api").await.unwrap();
+    // Running the very SQL printed (the bed emulates Azure's pgaadauth functions) makes the
+    // next check pass.
+    let printed = run
+        .stdout
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("select * from pgaadauth_create_principal("))
+        .unwrap();
+    postgres
+        .admin()
+        .await
+        .unwrap()
+        .batch_execute(printed)
+        .await
+        .unwrap();
     drop(identity);
     let identity = IdentityEndpoint::builder()
         .principal(principal.clone())
@@ -525,4 +537,19 @@ async fn cosmos_hosts_take_their_own_audience() {
     run.assert_says(format!(
         "the token is for \"https://ossrdbms-aad.database.windows.net\", but {cosmos} takes tokens for \"https://token.postgres.cosmos.azure.com\""
     ));
+}
+
+/// A guest: no name from its home address (step 4 says what to give), and with its `#EXT#`
+/// name given, every step passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_is_told_which_name_to_give() {
+    let guest = Principal::guest("alice@contoso.com", "fabrikam.onmicrosoft.com");
+    let bed = TestBed::start_with(guest.clone()).await.unwrap();
+    let run = doctor(&bed.vars(), &[]).await;
+    assert_stopped_at(&run, 4, TOKEN);
+    run.assert_says("guest account (alice@contoso.com)");
+    run.assert_says("alice_contoso.com#EXT#@<tenant>.onmicrosoft.com");
+    let run = doctor(&with(&bed.vars(), "PGUSER", guest.name()), &[]).await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+    run.assert_says(format!("logged in as {}", guest.name()));
 }

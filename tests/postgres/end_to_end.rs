@@ -223,3 +223,97 @@ async fn a_service_principal_needs_an_explicit_user_and_then_connects() {
         .unwrap();
     assert_eq!(current_user(&with_user).await.unwrap(), "reporting-app");
 }
+
+/// The role SQL Azure documents (and the doctor prints) runs on the bed: the role it makes
+/// logs in with the identity's tokens, and the listing shows what was created.
+#[tokio::test]
+async fn azures_role_functions_run_on_the_bed() {
+    let postgres = LocalPostgres::start().await.unwrap();
+    let app = Principal::user_assigned("orders-api");
+    let admin = postgres.admin().await.unwrap();
+    let created: String = admin
+        .query_one(
+            "select * from pgaadauth_create_principal('orders-api', false, false)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, "Created role for \"orders-api\"");
+    admin
+        .batch_execute(&format!(
+            "select * from pg_catalog.pgaadauth_create_principal_with_oid('ops-admins', '{}', 'group', true, true)",
+            app.object_id()
+        ))
+        .await
+        .unwrap();
+    let again = admin
+        .batch_execute("select * from pgaadauth_create_principal('orders-api', false, false)")
+        .await
+        .unwrap_err();
+    assert_eq!(again.code().map(|c| c.code()), Some("42710"), "{again}");
+    let wrong_type = admin
+        .batch_execute(&format!(
+            "select * from pgaadauth_create_principal_with_oid('x', '{}', 'robot', false, false)",
+            app.object_id()
+        ))
+        .await
+        .unwrap_err();
+    assert!(wrong_type.to_string().contains("db error"), "{wrong_type}");
+
+    let rows = admin
+        .query(
+            "select * from pg_catalog.pgaadauth_list_principals(false)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let listed: Vec<(String, Option<String>, Option<String>, i32, i32)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>("rolname"),
+                r.get("principaltype"),
+                r.get("objectid"),
+                r.get("ismfa"),
+                r.get("isadmin"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (
+                "ops-admins".to_owned(),
+                Some("group".into()),
+                Some(app.object_id().into()),
+                1,
+                1
+            ),
+            ("orders-api".into(), None, None, 0, 0),
+        ]
+    );
+    let admins = admin
+        .query(
+            "select rolname::text from pgaadauth_list_principals(true)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(admins.len(), 1);
+    assert_eq!(admins[0].get::<_, String>(0), "ops-admins");
+
+    // The role made by the function logs in with the identity's token.
+    let endpoint = IdentityEndpoint::builder()
+        .principal(app.clone())
+        .password_setter(postgres.password_setter())
+        .start()
+        .await
+        .unwrap();
+    let connector = postgres
+        .connector_builder()
+        .credential(Arc::new(endpoint.credential_for(&app)))
+        .build()
+        .unwrap();
+    assert_eq!(super::current_user(&connector).await.unwrap(), "orders-api");
+}
