@@ -224,6 +224,9 @@ async fn a_service_principal_needs_an_explicit_user_and_then_connects() {
     assert_eq!(current_user(&with_user).await.unwrap(), "reporting-app");
 }
 
+/// A row of `pgaadauth_list_principals`: role, type, object id, MFA, admin.
+type Listed = (String, Option<String>, Option<String>, i32, i32);
+
 /// The role SQL Azure documents (and the doctor prints) runs on the bed: the role it makes
 /// logs in with the identity's tokens, and the listing shows what was created.
 #[tokio::test]
@@ -268,7 +271,7 @@ async fn azures_role_functions_run_on_the_bed() {
         )
         .await
         .unwrap();
-    let listed: Vec<(String, Option<String>, Option<String>, i32, i32)> = rows
+    let listed: Vec<Listed> = rows
         .iter()
         .map(|r| {
             (
