@@ -553,3 +553,24 @@ async fn a_guest_is_told_which_name_to_give() {
     assert_eq!(run.code, Some(0), "{}", run.stdout);
     run.assert_says(format!("logged in as {}", guest.name()));
 }
+
+/// Single Server: a UPN logs in as `<upn>@<server>` (the gateway strips only that), and the
+/// role SQL names the UPN alone; a name that already ends with `@<server>` is left as it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn single_server_names_keep_a_upns_own_at() {
+    let alice = Principal::user("alice@contoso.com");
+    let bed = TestBed::start_with(alice).await.unwrap();
+    for vars in [
+        bed.vars(),
+        with(&bed.vars(), "PGUSER", "alice@contoso.com@localhost"),
+    ] {
+        let run = doctor(&vars, &["--single-server"]).await;
+        run.assert_says("alice@contoso.com@localhost");
+        run.assert_says("CREATE ROLE \"alice@contoso.com\" WITH LOGIN IN ROLE azure_ad_user;");
+        assert!(
+            !run.stdout.contains("CREATE ROLE \"alice@contoso.com@localhost\""),
+            "{}",
+            run.stdout
+        );
+    }
+}

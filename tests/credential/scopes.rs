@@ -246,3 +246,68 @@ async fn credentials_asked_directly_follow_the_same_rule() {
         "{refused}"
     );
 }
+
+/// A token whose audience differs from the requested resource, even by a trailing `/`: the
+/// cache warns, naming both strings exactly.
+#[tokio::test]
+async fn an_audience_that_differs_by_a_slash_is_named_in_a_warning() {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use base64::Engine as _;
+    use pg_entra::credential::{AccessToken, TokenRequestOptions};
+
+    #[derive(Debug)]
+    struct SlashAudience;
+
+    #[async_trait::async_trait]
+    impl TokenCredential for SlashAudience {
+        async fn get_token(
+            &self,
+            _scopes: &[&str],
+            _options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let part = |json: serde_json::Value| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+            };
+            let token = format!(
+                "{}.{}.c2ln",
+                part(serde_json::json!({"alg": "RS256"})),
+                part(serde_json::json!({"aud": "https://ossrdbms-aad.database.windows.net/"}))
+            );
+            Ok(AccessToken::new(
+                token,
+                time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+            ))
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let cache = pg_entra::TokenCache::builder(Arc::new(SlashAudience))
+        .build()
+        .unwrap();
+    cache.token().await.unwrap();
+    let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged.contains(r#"audience="https://ossrdbms-aad.database.windows.net/""#)
+            && logged.contains(r#"expected="https://ossrdbms-aad.database.windows.net""#),
+        "{logged}"
+    );
+}
