@@ -568,7 +568,8 @@ async fn single_server_names_keep_a_upns_own_at() {
         run.assert_says("alice@contoso.com@localhost");
         run.assert_says("CREATE ROLE \"alice@contoso.com\" WITH LOGIN IN ROLE azure_ad_user;");
         assert!(
-            !run.stdout.contains("CREATE ROLE \"alice@contoso.com@localhost\""),
+            !run.stdout
+                .contains("CREATE ROLE \"alice@contoso.com@localhost\""),
             "{}",
             run.stdout
         );
