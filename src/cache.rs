@@ -561,8 +561,29 @@ impl Inner {
             .policy
             .backoff(state.consecutive_failures, unit_random());
         // The builder caps the backoff at a day, so this cannot overflow; saturate regardless.
-        state.not_before = Some(now.checked_add(delay).unwrap_or(now));
-        delay
+        let mut until = now.checked_add(delay).unwrap_or(now);
+        // While the cached token is still usable, no wait runs past the point where it stops
+        // being usable: a managed identity endpoint serves its own cached token until its
+        // renewal point, and the attempt after that must come while callers are still served
+        // (the Azure SDKs keep a valid token and retry while it lasts). The last wait ends
+        // one minimum backoff before that point, and after it one more attempt is allowed at
+        // the point itself.
+        if let Some(entry) = self.current.load().as_deref()
+            && now < entry.usable_until
+        {
+            let last_chance = entry
+                .usable_until
+                .checked_sub(self.policy.min_backoff)
+                .unwrap_or(entry.usable_until);
+            let cap = if now < last_chance {
+                last_chance
+            } else {
+                entry.usable_until
+            };
+            until = until.min(cap);
+        }
+        state.not_before = Some(until);
+        until.duration_since(now).unwrap_or_default()
     }
 
     /// Stores a newer token; refuses one that is expired on arrival; reports a token that is no

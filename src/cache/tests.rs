@@ -753,3 +753,77 @@ async fn listeners_hear_each_stored_token_and_stop_with_the_cache() {
     assert!(updates.next().await.is_none());
     assert!(late.next().await.is_none());
 }
+
+/// An endpoint that serves its own cached token (expiring at t0 + 360 s) until its renewal
+/// point (t0 + 300 s as in the report, and as late as t0 + 329 s), then new ones: the cache's
+/// backoff after each no-progress refresh never runs past the point where the token stops
+/// being usable (t0 + 330 s), so no caller is ever refused, second by second over the whole
+/// stretch, on the manual clock with default settings.
+#[tokio::test]
+async fn a_token_the_endpoint_keeps_serving_is_replaced_before_it_becomes_unusable() {
+    for renewal in [300, 329] {
+        the_endpoint_renews_at(Duration::from_secs(renewal)).await;
+    }
+}
+
+async fn the_endpoint_renews_at(renewal: Duration) {
+    #[derive(Debug)]
+    struct RenewsLate {
+        clock: ManualClock,
+        renews_at: SystemTime,
+        start: SystemTime,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl TokenCredential for RenewsLate {
+        async fn get_token(
+            &self,
+            _scopes: &[&str],
+            _options: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            let now = self.clock.now();
+            let at = |t: SystemTime| azure_core::time::OffsetDateTime::from(t);
+            if now < self.renews_at {
+                Ok(AccessToken::new(
+                    "served-from-the-endpoints-cache",
+                    at(self.start + Duration::from_secs(360)),
+                ))
+            } else {
+                Ok(AccessToken::new(format!("renewed-{n}"), at(now + HOUR)))
+            }
+        }
+    }
+
+    let clock = ManualClock::starting_now();
+    let credential = Arc::new(RenewsLate {
+        clock: clock.clone(),
+        renews_at: clock.now() + renewal,
+        start: clock.now(),
+        calls: AtomicUsize::new(0),
+    });
+    let cache = TokenCache::builder(Arc::clone(&credential) as Arc<dyn TokenCredential>)
+        .clock(Arc::new(clock.clone()))
+        .build()
+        .unwrap();
+    let mut refused = Vec::new();
+    for second in 0..=420u64 {
+        if let Err(error) = cache.token().await {
+            refused.push((second, error.to_string()));
+        }
+        // Let a background refresh run to its end.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        clock.advance(Duration::from_secs(1));
+    }
+    assert!(
+        refused.is_empty(),
+        "renewal at {renewal:?}, refused: {refused:?}"
+    );
+    assert!(secret(&cache.token().await.unwrap()).starts_with("renewed-"));
+    // Backing off still: a few dozen attempts over seven minutes, not one per second.
+    let calls = credential.calls.load(Ordering::SeqCst);
+    assert!(calls < 30, "{calls} calls");
+}
