@@ -548,3 +548,19 @@ async fn testbed_stopped_by_any_signal_at_any_moment_leaves_nothing() {
     assert!(files.is_empty(), "SIGHUP left {files:?}");
     assert!(processes.is_empty(), "SIGHUP left running:\n{processes}");
 }
+
+/// A token the connector would not use (it expires as it is issued) is not printed: `token`
+/// applies the connector's rule, exits with the token class, and the doctor says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_too_close_to_its_expiry_is_not_printed() {
+    let bed = TestBed::start().await.unwrap();
+    bed.identity().set_token_lifetime(Duration::ZERO);
+    let run = pg_entra(&["token"], &bed.vars()).await;
+    assert_eq!(run.code, Some(5), "{}", run.stderr);
+    assert_eq!(run.stdout, "");
+    assert!(run.stderr.contains("too soon to use"), "{}", run.stderr);
+    run.assert_no_token();
+    let run = pg_entra(&["doctor"], &bed.vars()).await;
+    assert_eq!(run.code, Some(5), "{}", run.stdout);
+    run.assert_no_token();
+}

@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use pg_entra::{Token, TokenCredential};
+use pg_entra::TokenCredential;
+use pg_entra::credential::AccessToken;
 use time::format_description::well_known::Rfc3339;
 
 use crate::exit::Failure;
@@ -27,14 +28,30 @@ pub(crate) async fn run(args: TokenArgs, json: bool) -> Result<(), Failure> {
         eprintln!("pg-entra: {error}");
         Failure::Configuration
     })?;
-    let access = chain.get_token(&[&scope], None).await.map_err(|error| {
-        eprintln!("pg-entra: no access token for {scope}:");
-        for line in causes(&error) {
+    // Through the connector's cache, so that a token too close to its expiry to be used (an
+    // Azure CLI answer whose `expires_on` has passed, say) is refused here as it would be there.
+    let chain = Arc::new(chain);
+    let cache = pg_entra::TokenCache::builder(Arc::clone(&chain) as Arc<dyn TokenCredential>)
+        .scope(&scope)
+        .build()
+        .map_err(|error| {
+            eprintln!("pg-entra: {error}");
+            Failure::Configuration
+        })?;
+    let token = cache.token().await.map_err(|error| {
+        eprintln!("pg-entra: no usable access token for {scope}:");
+        let lines = causes(&error);
+        for line in &lines {
             eprintln!("  {line}");
         }
-        Failure::Credential
+        // The credential answered, with a token the connector would not use.
+        if lines.iter().any(|line| line.contains("too soon to use")) {
+            Failure::Token
+        } else {
+            Failure::Credential
+        }
     })?;
-    let token = Token::from(access.clone());
+    let access = AccessToken::new(token.secret().to_owned(), token.expires_on());
     if !json {
         println!("{}", token.secret());
         return Ok(());

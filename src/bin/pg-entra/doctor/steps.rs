@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pg_entra::{Connector, Environment, Token, TokenCredential};
+use pg_entra::{Connector, Environment, Token, TokenCache, TokenCredential};
 use time::OffsetDateTime;
 
 use super::{Report, Step, login, network, role_sql};
@@ -27,7 +27,19 @@ pub(super) async fn examine(
     let access = credential(&chain, &scope, report).await?;
     let token = Token::from(access.clone());
     let claims = Claims::of(token.secret());
-    token_step(&token, &claims, &scope, server, report)?;
+    // The connector's own rule for a token too close to its expiry to be used.
+    let usable = match TokenCache::builder(Arc::new(IssuedToken(access.clone())))
+        .scope(&scope)
+        .build()
+    {
+        Ok(cache) => cache
+            .token()
+            .await
+            .map(drop)
+            .map_err(|error| causes(&error).join(": ")),
+        Err(error) => Err(error.to_string()),
+    };
+    token_step(&token, &claims, &scope, usable, server, report)?;
     let user = user_name(&connector, &token, &claims, server, report)?;
     report.record(role_sql::step(&user, &claims, server), Failure::Internal)?;
     network::check(&connector, timeout, report).await?;
@@ -163,6 +175,7 @@ fn token_step(
     token: &Token,
     claims: &Claims,
     scope: &str,
+    usable: Result<(), String>,
     server: &ServerArgs,
     report: &mut Report,
 ) -> Result<(), Failure> {
@@ -194,6 +207,11 @@ fn token_step(
             .cause("this machine's clock is ahead of the identity endpoint's (check NTP)")
             .cause("the identity endpoint or a cache in front of it handed out an old token")
             .next("compare `date -u` with the expiry above, then ask for a new token (with the Azure CLI: `az account get-access-token`)")
+    } else if let Err(why) = usable {
+        Step::failed("token", format!("the connector would not use this token: {why}"))
+            .cause("it expires within the connector's expiry margin (30 s by default), so a login could outlive it")
+            .cause("this machine's clock is ahead, or the identity endpoint or a cache in front of it handed out an old token")
+            .next("ask for a new token; with the Azure CLI, `az account get-access-token` refreshes it")
     } else if let Some(audience) = audience.as_deref().filter(|aud| *aud != expected_audience) {
         Step::failed(
             "token",
