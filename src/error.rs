@@ -286,8 +286,26 @@ impl Error {
         }
     }
 
-    /// What to try next, when there is a general answer.
+    /// What to try next: the failing credential's own advice when it gave one, else a general
+    /// answer when there is one.
     pub fn hint(&self) -> Option<&'static str> {
+        let specific = match self {
+            Error::TokenUnavailable { source } | Error::TokenRefused { source } => {
+                Hinted::find(source.as_ref())
+            }
+            Error::TokenExpired {
+                last_cause: Some(cause),
+                ..
+            } => Hinted::find(cause.as_ref()),
+            Error::Tls {
+                source: Some(source),
+                ..
+            } => Hinted::find(source.as_ref()),
+            _ => None,
+        };
+        if specific.is_some() {
+            return specific;
+        }
         match self {
             Error::TokenUnavailable { .. } => Some(
                 "on Azure, enable a managed identity on this resource (and set AZURE_CLIENT_ID for a \
@@ -359,6 +377,54 @@ fn credential_error_is_refusal(error: &azure_core::Error) -> bool {
     }
     false
 }
+
+/// A cause that knows what to do next, better than [`Error::hint`]'s general advice: a
+/// credential puts one in its error's chain (an Arc key this account may not read, a client
+/// secret Entra refused, a chain with no credential to use), and `hint` returns it, so that
+/// every hint is about the credential that failed. Its text is the message; the hint is not
+/// repeated in it.
+#[derive(Debug)]
+pub(crate) struct Hinted {
+    message: String,
+    hint: &'static str,
+}
+
+impl Hinted {
+    pub(crate) fn new(message: impl Into<String>, hint: &'static str) -> Self {
+        Self {
+            message: message.into(),
+            hint,
+        }
+    }
+
+    /// The hint of the first `Hinted` in `error`'s chain (itself included).
+    fn find(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+        let mut current = Some(error);
+        while let Some(level) = current {
+            if let Some(hinted) = level.downcast_ref::<Hinted>() {
+                return Some(hinted.hint);
+            }
+            // azure_core's error hides what it wraps from `source`; ask it directly.
+            if let Some(inner) = level
+                .downcast_ref::<azure_core::Error>()
+                .and_then(|e| e.get_ref())
+                .and_then(|inner| Hinted::find(inner))
+            {
+                return Some(inner);
+            }
+            current = level.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for Hinted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Hinted {}
 
 /// A setting this crate refuses: which one, what sort of problem, and what to do.
 ///

@@ -16,7 +16,7 @@ use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::unavailable::CredentialUnavailable;
 use super::vars::{TENANT_ID_VAR, TOKEN_CREDENTIALS_VAR};
-use crate::error::Error;
+use crate::error::{Error, Hinted};
 use crate::lock::lock;
 
 /// How long the first IMDS request may take before the chain decides there is no IMDS.
@@ -199,11 +199,16 @@ impl TokenCredential for DefaultAzureCredential {
             }
         }
         *lock(&self.skipped) = skipped;
+        // The advice travels as the hint, once, not also in the text.
         Err(azure_core::Error::new(
             ErrorKind::Credential,
-            NoCredential {
-                failures: unavailable,
-            },
+            Hinted::new(
+                NoCredential {
+                    failures: unavailable,
+                }
+                .to_string(),
+                NO_CREDENTIAL_ADVICE,
+            ),
         ))
     }
 }
@@ -225,20 +230,18 @@ struct NoCredential {
 
 impl fmt::Display for NoCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "DefaultAzureCredential found no usable credential:")?;
+        write!(f, "DefaultAzureCredential found no usable credential:")?;
         for failure in &self.failures {
-            writeln!(f, "  - {failure}")?;
+            write!(f, "\n  - {failure}")?;
         }
-        write!(
-            f,
-            "On Azure, assign a managed identity to this resource (set AZURE_CLIENT_ID for a \
-             user-assigned one); elsewhere run `az login` or `azd auth login`, or set \
-             AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET"
-        )
+        Ok(())
     }
 }
 
-impl std::error::Error for NoCredential {}
+/// What to do when no member of the chain applies (the error's hint).
+const NO_CREDENTIAL_ADVICE: &str = "on Azure, assign a managed identity to this resource (and \
+     set AZURE_CLIENT_ID for a user-assigned one); elsewhere run `az login` or `azd auth login`, \
+     or set AZURE_TENANT_ID, AZURE_CLIENT_ID and AZURE_CLIENT_SECRET for a service principal";
 
 /// The managed identity as a chain member. What it follows, by behaviour:
 /// - Python (`ImdsCredential` inside a chain): the first request is the token request without

@@ -117,7 +117,7 @@ impl ClientCredentials {
                 };
                 let bytes = read_capped(path, FEDERATED_TOKEN_MAX_BYTES)
                     .await
-                    .map_err(unreadable)?;
+                    .map_err(|e| unreadable(e.to_string()))?;
                 let assertion = String::from_utf8(bytes)
                     .map_err(|_| unreadable("it is not text".to_owned()))?;
                 (None, Some(assertion))

@@ -5,7 +5,7 @@
 //! `/dev/zero` would never end, and opening some devices has effects of its own; all are
 //! refused before they are opened.
 
-use std::io::Read as _;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,25 +13,32 @@ use std::time::Duration;
 /// system, say). The blocking read itself cannot be cut short; the caller stops waiting.
 pub(crate) const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The file's bytes, at most `max_bytes`; else why not, in words that follow the file's name.
-/// Waits at most [`READ_TIMEOUT`].
-pub(crate) async fn read_capped(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+/// The file's bytes, at most `max_bytes`; else why not, in words that follow the file's name
+/// (the system's own errors keep their kind: `PermissionDenied`, `NotFound`). Waits at most
+/// [`READ_TIMEOUT`].
+pub(crate) async fn read_capped(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     let owned: PathBuf = path.to_owned();
     let read = tokio::task::spawn_blocking(move || read_capped_blocking(&owned, max_bytes));
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(join.to_string()),
-        Err(_) => Err(format!("reading it took longer than {READ_TIMEOUT:?}")),
+        Ok(Err(join)) => Err(io::Error::other(join.to_string())),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("reading it took longer than {READ_TIMEOUT:?}"),
+        )),
     }
 }
 
 /// As [`read_capped`], on the calling thread, for code that is not async (building a
 /// connector, loading a certificate).
-pub(crate) fn read_capped_blocking(path: &Path, max_bytes: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn read_capped_blocking(path: &Path, max_bytes: u64) -> io::Result<Vec<u8>> {
     // What the path names now (links followed: Kubernetes projects its tokens through them).
-    let named = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let named = std::fs::metadata(path)?;
     if !named.is_file() {
-        return Err(format!("it is {}, not a regular file", describe(&named)));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is {}, not a regular file", describe(&named)),
+        ));
     }
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
@@ -42,17 +49,18 @@ pub(crate) fn read_capped_blocking(path: &Path, max_bytes: u64) -> Result<Vec<u8
         use std::os::unix::fs::OpenOptionsExt as _;
         options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
     }
-    let file = options.open(path).map_err(|e| e.to_string())?;
-    let opened = file.metadata().map_err(|e| e.to_string())?;
+    let file = options.open(path)?;
+    let opened = file.metadata()?;
     if !opened.is_file() || !same_file(&named, &opened) {
-        return Err("it changed while it was being opened".to_owned());
+        return Err(io::Error::other("it changed while it was being opened"));
     }
     let mut bytes = Vec::new();
-    file.take(max_bytes.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max_bytes {
-        return Err(format!("it is larger than {max_bytes} bytes"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is larger than {max_bytes} bytes"),
+        ));
     }
     Ok(bytes)
 }
@@ -109,15 +117,15 @@ mod tests {
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert_eq!(read_capped_blocking(&link, 64).unwrap(), b"eyJ.a.b");
         assert_eq!(
-            read_capped(&file, 3).await.unwrap_err(),
+            read_capped(&file, 3).await.unwrap_err().to_string(),
             "it is larger than 3 bytes"
         );
         assert_eq!(
-            read_capped(Path::new("/dev/zero"), 64).await.unwrap_err(),
+            read_capped(Path::new("/dev/zero"), 64).await.unwrap_err().to_string(),
             "it is a character device, not a regular file"
         );
         assert_eq!(
-            read_capped_blocking(dir.path(), 64).unwrap_err(),
+            read_capped_blocking(dir.path(), 64).unwrap_err().to_string(),
             "it is a directory, not a regular file"
         );
         // A FIFO with no writer: refused at once instead of waiting for one.
@@ -128,7 +136,7 @@ mod tests {
             .unwrap();
         assert!(made.success());
         assert_eq!(
-            read_capped_blocking(&fifo, 64).unwrap_err(),
+            read_capped_blocking(&fifo, 64).unwrap_err().to_string(),
             "it is a FIFO, not a regular file"
         );
     }

@@ -546,7 +546,6 @@ async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
         "ManagedIdentityCredential is unavailable: no IMDS endpoint answered",
         LOGIN_ERROR,
         "AzureDeveloperCliCredential is unavailable: `azd` is not installed",
-        "elsewhere run `az login`",
     ]
     .iter()
     .map(|part| {
@@ -555,6 +554,8 @@ async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
     })
     .collect();
     assert!(positions.is_sorted(), "{text}");
+    // The advice comes once, as the hint, not also in the text.
+    assert!(!text.contains("elsewhere run `az login`"), "{text}");
     // Through the connector, it is a typed "unavailable" error.
     let connector = Connector::builder()
         .environment(Environment::from_vars([
@@ -569,6 +570,15 @@ async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
         .unwrap()
         .unwrap_err();
     assert!(matches!(error, Error::TokenUnavailable { .. }), "{error:?}");
+    let hint = error.hint().unwrap();
+    assert!(hint.contains("elsewhere run `az login`"), "{hint}");
+    let mut shown = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        shown.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    assert!(!shown.contains("elsewhere run `az login`"), "said twice: {shown}");
 }
 
 #[tokio::test]

@@ -313,14 +313,18 @@ async fn numbers_from_the_endpoint_or_the_settings_never_panic() {
     let credential = fast(&endpoint, fast_retry());
     endpoint.script([Reply::status(429).retry_after(u64::MAX)]);
     let error = fetch(&credential).await.unwrap_err();
+    // The endpoint asked for the wait: the error says so, and not "no token within".
     assert!(
         matches!(
             managed(&error),
-            ManagedIdentityError::DeadlineExceeded { attempts: 1, .. }
+            ManagedIdentityError::AskedToWaitTooLong { status: 429, .. }
         ),
         "{error}"
     );
-    assert!(error.to_string().contains("asking to wait"), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("asked to wait"), "{text}");
+    assert!(text.contains("longer than the"), "{text}");
+    assert!(!text.contains("no token"), "{text}");
     // Through the cache the caller gets the credential's error, not "the credential panicked".
     endpoint.script([Reply::status(503).retry_after(u64::MAX)]);
     let cache = TokenCache::builder(Arc::new(fast(&endpoint, fast_retry())))

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// outage without knowing this type. Never contains a token or a response body.
 ///
 /// [`TokenCredential::get_token`]: azure_core::credentials::TokenCredential::get_token
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ManagedIdentityError {
     /// Nothing answered: connections were refused or timed out on every attempt.
@@ -70,6 +70,36 @@ pub enum ManagedIdentityError {
         problem: String,
     },
 
+    /// Azure Arc: this account may not read the agent's key file, so the endpoint's challenge
+    /// cannot be answered.
+    #[error(
+        "this account cannot read the Azure Arc agent's key file {key_file}, which answers the \
+         endpoint's challenge: it must be in the `himds` group or run privileged"
+    )]
+    ArcKeyUnreadable {
+        /// The key file the endpoint named.
+        key_file: String,
+        /// Why, and what to do (the error's hint).
+        #[source]
+        advice: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// The endpoint asked (`Retry-After`) to wait longer than the deadline allows.
+    #[error(
+        "the managed identity endpoint at {endpoint} asked to wait {asked:?} before retrying \
+         (Retry-After, HTTP {status}), longer than the {deadline:?} deadline allows"
+    )]
+    AskedToWaitTooLong {
+        /// The endpoint.
+        endpoint: String,
+        /// The status it answered with.
+        status: u16,
+        /// How long it asked to wait.
+        asked: Duration,
+        /// The deadline.
+        deadline: Duration,
+    },
+
     /// The overall deadline passed before a token arrived.
     #[error(
         "no token from the managed identity endpoint at {endpoint} within {deadline:?} \
@@ -122,7 +152,8 @@ impl ManagedIdentityError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ManagedIdentityError::Refused { status, .. }
-            | ManagedIdentityError::Failing { status, .. } => Some(*status),
+            | ManagedIdentityError::Failing { status, .. }
+            | ManagedIdentityError::AskedToWaitTooLong { status, .. } => Some(*status),
             _ => None,
         }
     }

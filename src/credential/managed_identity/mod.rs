@@ -22,6 +22,8 @@ pub use retry::RetryOptions;
 use retry::{AttemptFailure, RetryState, parse_retry_after};
 use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
 
+use self::source::ArcKeyProblem;
+use crate::error::Hinted;
 use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::options::CredentialOptions;
 use super::scope::only_scope;
@@ -132,6 +134,18 @@ impl ManagedIdentityCredential {
                         problem,
                     });
                 }
+                Attempt::ArcKeyDenied(path) => {
+                    return Err(ManagedIdentityError::ArcKeyUnreadable {
+                        key_file: path.display().to_string(),
+                        advice: Box::new(Hinted::new(
+                            "the Arc agent's key folder is readable only by privileged users \
+                             and the `himds` group",
+                            "add the account this service runs as to the `himds` group \
+                             (`sudo usermod -aG himds <account>`, then start it again), or run \
+                             it as a privileged user",
+                        )),
+                    });
+                }
                 Attempt::Status {
                     status,
                     retry_after,
@@ -174,6 +188,18 @@ impl ManagedIdentityCredential {
             // deadline): a `Retry-After` of years, or of u64::MAX seconds, ends the call now
             // with the reason instead of sleeping uselessly.
             if delay >= remaining() || delay > LONGEST_WAIT {
+                // The endpoint itself asked for the wait: say so, not "no token within".
+                if let (Some(asked), AttemptFailure::Status(status)) = (retry_after, failure)
+                    && asked >= delay
+                    && asked >= remaining()
+                {
+                    return Err(ManagedIdentityError::AskedToWaitTooLong {
+                        endpoint: self.endpoint(),
+                        status,
+                        asked,
+                        deadline: self.retry.deadline,
+                    });
+                }
                 let last = match retry_after {
                     Some(after) if after >= delay => {
                         format!(
@@ -240,7 +266,12 @@ impl ManagedIdentityCredential {
         };
         match tokio::time::timeout(budget, exchange).await {
             Err(_) => Attempt::Timeout,
-            Ok(Err(Exchange::Challenge(problem))) => Attempt::Invalid(problem),
+            Ok(Err(Exchange::Challenge(ArcKeyProblem::Other(problem)))) => {
+                Attempt::Invalid(problem)
+            }
+            Ok(Err(Exchange::Challenge(ArcKeyProblem::Denied(path)))) => {
+                Attempt::ArcKeyDenied(path)
+            }
             Ok(Err(Exchange::Body(BodyError::TooLarge))) => {
                 Attempt::Invalid(BodyError::TooLarge.to_string())
             }
@@ -338,7 +369,7 @@ enum Exchange {
     Transport(reqwest::Error),
     Body(BodyError),
     /// The Arc key challenge could not be answered.
-    Challenge(String),
+    Challenge(ArcKeyProblem),
 }
 
 #[async_trait::async_trait]
@@ -461,6 +492,8 @@ enum Attempt {
     Token(AccessToken),
     /// A final answer that cannot be used (never the body itself).
     Invalid(String),
+    /// The Arc agent's key may not be read by this account.
+    ArcKeyDenied(std::path::PathBuf),
     Status {
         status: u16,
         retry_after: Option<Duration>,

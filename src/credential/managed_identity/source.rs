@@ -208,23 +208,46 @@ impl Source {
 
     /// Answers the Arc agent's 401 challenge: reads the key file named by
     /// `WWW-Authenticate: Basic realm=<path>` after checking that it is one of the agent's keys.
-    pub(crate) async fn arc_key(&self, challenge: Option<&str>) -> Result<String, String> {
+    pub(crate) async fn arc_key(&self, challenge: Option<&str>) -> Result<String, ArcKeyProblem> {
         let Source::Arc { key_directory, .. } = self else {
-            return Err("only Azure Arc sends a key challenge".into());
+            return Err(ArcKeyProblem::Other(
+                "only Azure Arc sends a key challenge".into(),
+            ));
         };
         let path = challenge
             .and_then(|value| value.trim().strip_prefix("Basic realm="))
             .map(|path| PathBuf::from(path.trim().trim_matches('"')))
-            .ok_or("the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header")?;
-        check_arc_key_path(&path, key_directory)?;
+            .ok_or_else(|| {
+                ArcKeyProblem::Other(
+                    "the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header"
+                        .into(),
+                )
+            })?;
+        check_arc_key_path(&path, key_directory).map_err(ArcKeyProblem::Other)?;
         let key = read_capped(&path, ARC_KEY_MAX_BYTES)
             .await
             .map_err(|problem| {
-                format!("cannot read the Arc key file {}: {problem}", path.display())
+                if problem.kind() == std::io::ErrorKind::PermissionDenied {
+                    ArcKeyProblem::Denied(path.clone())
+                } else {
+                    ArcKeyProblem::Other(format!(
+                        "cannot read the Arc key file {}: {problem}",
+                        path.display()
+                    ))
+                }
             })?;
-        String::from_utf8(key)
-            .map_err(|_| format!("the Arc key file {} is not text", path.display()))
+        String::from_utf8(key).map_err(|_| {
+            ArcKeyProblem::Other(format!("the Arc key file {} is not text", path.display()))
+        })
     }
+}
+
+/// Why the Arc key challenge could not be answered.
+pub(crate) enum ArcKeyProblem {
+    /// This account may not read the key file (the agent's folder is for privileged users and
+    /// the `himds` group).
+    Denied(PathBuf),
+    Other(String),
 }
 
 impl std::fmt::Debug for Source {
