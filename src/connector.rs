@@ -15,7 +15,7 @@ use crate::cloud::Cloud;
 use crate::conninfo::Settings;
 use crate::credential::{CredentialOptions, DefaultAzureCredential};
 use crate::environment::Environment;
-use crate::error::Error;
+use crate::error::{Error, Hinted};
 use crate::jitter::unit_random;
 use crate::refusal::Retry;
 use crate::tls::{SslMode, make_tls_connector};
@@ -321,7 +321,10 @@ impl Connector {
             let attempt = config.connect(self.inner.tls.clone());
             let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
                 Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(error)) => Error::from_login(error, token.secret()),
+                Ok(Err(error)) => name_mismatch_advice(
+                    Error::from_login(error, token.secret()),
+                    &host.host,
+                ),
                 Err(_) => Error::ConnectTimeout {
                     host: host.host.clone(),
                     port: host.port,
@@ -700,6 +703,51 @@ impl ConnectorBuilder {
                 settings,
             }),
         })
+    }
+}
+
+/// A certificate refused for its name when `host` is an address or a `privatelink.` name:
+/// Azure's certificates cover `*.postgres.database.azure.com` only, so the advice is libpq's
+/// way, the server's name in `host` and the address in `hostaddr`, not another root file.
+fn name_mismatch_advice(error: Error, host: &str) -> Error {
+    let private = host.parse::<std::net::IpAddr>().is_ok()
+        || host.to_ascii_lowercase().contains(".privatelink.");
+    match error {
+        Error::Tls { message, source }
+            if private && message.to_ascii_lowercase().contains("mismatch") =>
+        {
+            let mut hinted = Hinted::new(
+                format!("the certificate does not name {host}"),
+                "keep the server's own name in host (<server>.postgres.database.azure.com) and \
+                 put the address in hostaddr, as libpq does (PGHOSTADDR, or hostaddr= in the \
+                 connection string); Azure's certificates name *.postgres.database.azure.com, \
+                 not addresses or privatelink names",
+            );
+            if let Some(source) = source {
+                hinted = hinted.caused_by(BoxedError(source));
+            }
+            Error::Tls {
+                message,
+                source: Some(Box::new(hinted)),
+            }
+        }
+        other => other,
+    }
+}
+
+/// A boxed error as an error of its own, to be a source again.
+#[derive(Debug)]
+struct BoxedError(Box<dyn std::error::Error + Send + Sync>);
+
+impl fmt::Display for BoxedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BoxedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 

@@ -387,6 +387,7 @@ fn credential_error_is_refusal(error: &azure_core::Error) -> bool {
 pub(crate) struct Hinted {
     message: String,
     hint: &'static str,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 impl Hinted {
@@ -394,7 +395,14 @@ impl Hinted {
         Self {
             message: message.into(),
             hint,
+            source: None,
         }
+    }
+
+    /// The same, with the error it explains as its source.
+    pub(crate) fn caused_by(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
     }
 
     /// The hint of the first `Hinted` in `error`'s chain (itself included).
@@ -424,7 +432,11 @@ impl fmt::Display for Hinted {
     }
 }
 
-impl std::error::Error for Hinted {}
+impl std::error::Error for Hinted {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as _)
+    }
+}
 
 /// A setting this crate refuses: which one, what sort of problem, and what to do.
 ///
@@ -480,4 +492,44 @@ pub enum ConfigErrorKind {
     Unsupported,
     /// Contradicts another setting (three ports for two hosts).
     Conflict,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::ManagedIdentityError;
+
+    /// A credential's own advice wins over the general hint, wherever in the chain it is.
+    #[test]
+    fn the_failing_credentials_hint_wins() {
+        let arc = ManagedIdentityError::ArcKeyUnreadable {
+            key_file: "/var/opt/azcmagent/tokens/x.key".into(),
+            advice: Box::new(Hinted::new("folder for privileged users", "join himds")),
+        };
+        let error = Error::from_credential(Arc::new(arc.into_azure()));
+        assert_eq!(error.hint(), Some("join himds"));
+        assert!(!error.to_string().contains("join himds"));
+        // Wrapped once more, as the chain wraps its members' errors.
+        let inner = azure_core::Error::new(
+            azure_core::error::ErrorKind::Credential,
+            Hinted::new("no member applies", "run az login"),
+        );
+        let wrapped = azure_core::Error::with_error(
+            azure_core::error::ErrorKind::Credential,
+            inner,
+            "DefaultAzureCredential",
+        );
+        assert_eq!(
+            Error::from_credential(Arc::new(wrapped)).hint(),
+            Some("run az login")
+        );
+        // Without one, the general hint.
+        let plain = azure_core::Error::with_message(azure_core::error::ErrorKind::Credential, "x");
+        assert!(
+            Error::from_credential(Arc::new(plain))
+                .hint()
+                .unwrap()
+                .contains("managed identity")
+        );
+    }
 }

@@ -21,7 +21,7 @@ use super::vars::{
 };
 use crate::cloud::Cloud;
 use crate::environment::Environment;
-use crate::error::Error;
+use crate::error::{Error, Hinted};
 
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// The most a federated token file may hold: Kubernetes' projected tokens are 1-2 KiB.
@@ -191,19 +191,72 @@ impl ClientCredentials {
                 .map(|words| format!("\"{words}\""))
                 .unwrap_or_default(),
         };
-        Err(azure_core::Error::with_message(
+        let message = format!(
+            "{}: Entra refused the token request for client {} with HTTP {status}{}: {description}",
+            self.credential,
+            self.client_id,
+            error
+                .code
+                .clone()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default(),
+        );
+        // Advice about this credential, by the AADSTS code Entra put first in its description.
+        let hint = entra_hint(
+            &description,
+            matches!(self.auth, ClientAuth::AssertionFile(_)),
+        );
+        Err(azure_core::Error::new(
             ErrorKind::HttpResponse {
                 status: StatusCode::from(status),
-                error_code: error.code.clone(),
+                error_code: error.code,
                 raw_response: None,
             },
-            format!(
-                "{}: Entra refused the token request for client {} with HTTP {status}{}: {description}",
-                self.credential,
-                self.client_id,
-                error.code.map(|c| format!(" ({c})")).unwrap_or_default(),
-            ),
+            Hinted::new(message, hint),
         ))
+    }
+}
+
+/// What to do about Entra's refusal, by its AADSTS code (Microsoft's "Microsoft Entra
+/// authentication and authorization error codes" list).
+fn entra_hint(description: &str, workload_identity: bool) -> &'static str {
+    let code = description.split_once("AADSTS").and_then(|(_, rest)| {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    match code {
+        Some(7_000_215 | 7_000_222) => {
+            "the client secret (AZURE_CLIENT_SECRET) is wrong or has expired: create a new one \
+             under the app registration's Certificates & secrets and set it (the secret's \
+             value, not its id)"
+        }
+        Some(700_016) => {
+            "AZURE_CLIENT_ID names no application in the tenant AZURE_TENANT_ID: check both (the \
+             application must be registered in, or consented to, that tenant)"
+        }
+        Some(90_002 | 900_023) => {
+            "AZURE_TENANT_ID names no tenant: use the directory (tenant) id, or its domain"
+        }
+        Some(70_021 | 700_211 | 700_212 | 700_213 | 700_024) => {
+            "the identity's federated credential does not match the presented token: its issuer \
+             (the cluster's OIDC issuer URL) and subject (system:serviceaccount:<namespace>:<name>) \
+             must be exactly the service account's, and the token file must be current"
+        }
+        Some(700_027 | 700_023) => {
+            "Entra does not accept the client certificate: upload its public part to the app \
+             registration's Certificates & secrets (AZURE_CLIENT_CERTIFICATE_PATH)"
+        }
+        Some(1_002_012 | 70_011) => {
+            "the scope is not one Entra accepts for this flow: it must be <resource>/.default"
+        }
+        _ if workload_identity => {
+            "check the workload identity: AZURE_CLIENT_ID (the identity's client id), \
+             AZURE_TENANT_ID, and its federated credential for this service account"
+        }
+        _ => {
+            "check the service principal: AZURE_TENANT_ID, AZURE_CLIENT_ID, and its client secret \
+             or certificate"
+        }
     }
 }
 

@@ -55,7 +55,8 @@ pub(crate) fn read_capped_blocking(path: &Path, max_bytes: u64) -> io::Result<Ve
         return Err(io::Error::other("it changed while it was being opened"));
     }
     let mut bytes = Vec::new();
-    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes)?;
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max_bytes {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -121,11 +122,16 @@ mod tests {
             "it is larger than 3 bytes"
         );
         assert_eq!(
-            read_capped(Path::new("/dev/zero"), 64).await.unwrap_err().to_string(),
+            read_capped(Path::new("/dev/zero"), 64)
+                .await
+                .unwrap_err()
+                .to_string(),
             "it is a character device, not a regular file"
         );
         assert_eq!(
-            read_capped_blocking(dir.path(), 64).unwrap_err().to_string(),
+            read_capped_blocking(dir.path(), 64)
+                .unwrap_err()
+                .to_string(),
             "it is a directory, not a regular file"
         );
         // A FIFO with no writer: refused at once instead of waiting for one.

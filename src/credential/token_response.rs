@@ -132,8 +132,8 @@ impl ErrorBody {
                 ..Self::default()
             };
         };
-        let field = |name: &str| {
-            let text = object.get(name).and_then(|v| v.as_str())?.trim();
+        let shown = |value: Option<&serde_json::Value>| {
+            let text = value?.as_str()?.trim();
             // The field as sent (escapes and all) and as decoded are both judged.
             let raw = serde_json::to_string(text).unwrap_or_default();
             if echoes_any(text, secrets) || echoes_any(&raw, secrets) {
@@ -141,8 +141,15 @@ impl ErrorBody {
             }
             Some(redact_bearer_tokens(text)).filter(|s| !s.is_empty())
         };
+        let field = |name: &str| shown(object.get(name));
+        // Azure's shapes: OAuth's `error` + `error_description`; App Service's `message`;
+        // legacy App Service's `Message` (with `StatusCode`); ARM's `{"error": {"code",
+        // "message"}}`.
+        let nested = |name: &str| shown(object.get("error").and_then(|e| e.get(name)));
         let description = field("error_description")
             .or_else(|| field("message"))
+            .or_else(|| field("Message"))
+            .or_else(|| nested("message"))
             .map(|d| {
                 if d.chars().count() > MAX_DESCRIPTION_CHARS {
                     let cut: String = d.chars().take(MAX_DESCRIPTION_CHARS).collect();
@@ -152,7 +159,9 @@ impl ErrorBody {
                 }
             });
         Self {
-            code: field("error").filter(|code| code != WITHHELD),
+            code: field("error")
+                .or_else(|| nested("code"))
+                .filter(|code| code != WITHHELD),
             description,
             is_json: true,
             excerpt: None,
@@ -309,6 +318,36 @@ mod tests {
         assert!(!html.is_json);
         assert_eq!(html.excerpt.as_deref(), Some("Access denied"));
         assert_eq!(html.code, None);
+    }
+
+    #[test]
+    fn every_error_shape_azure_sends_is_read() {
+        for (body, code, description) in [
+            (
+                r#"{"error":"invalid_request","error_description":"Identity not found"}"#,
+                Some("invalid_request"),
+                "Identity not found",
+            ),
+            (
+                r#"{"statusCode":400,"message":"No identity found"}"#,
+                None,
+                "No identity found",
+            ),
+            (
+                r#"{"StatusCode":400,"Message":"No MSI found for specified ClientId/ResourceId.","CorrelationId":"x"}"#,
+                None,
+                "No MSI found for specified ClientId/ResourceId.",
+            ),
+            (
+                r#"{"error":{"code":"InvalidResource","message":"The resource is not valid"}}"#,
+                Some("InvalidResource"),
+                "The resource is not valid",
+            ),
+        ] {
+            let parsed = ErrorBody::parse(body.as_bytes(), &[]);
+            assert_eq!(parsed.code.as_deref(), code, "{body}");
+            assert_eq!(parsed.description.as_deref(), Some(description), "{body}");
+        }
     }
 
     #[test]

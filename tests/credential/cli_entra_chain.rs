@@ -578,7 +578,10 @@ async fn when_nothing_is_available_the_error_lists_every_credential_in_order() {
         shown.push_str(&cause.to_string());
         source = cause.source();
     }
-    assert!(!shown.contains("elsewhere run `az login`"), "said twice: {shown}");
+    assert!(
+        !shown.contains("elsewhere run `az login`"),
+        "said twice: {shown}"
+    );
 }
 
 #[tokio::test]
@@ -1053,4 +1056,24 @@ async fn the_chains_tools_get_tokens_in_the_tenant_asked_for() {
             .unwrap_err();
         assert!(refused.to_string().contains("is not a tenant"), "{refused}");
     }
+}
+
+/// Each refusal's hint is about the credential that failed: a wrong secret is not told to
+/// enable a managed identity.
+#[tokio::test]
+async fn a_refused_service_principal_gets_advice_about_itself() {
+    let (endpoint, app, _) = entra().await;
+    let vars = service_principal_vars(&endpoint, &app, "not-the-secret");
+    let connector = Connector::builder()
+        .environment(Environment::from_vars(
+            vars.into_iter()
+                .chain([("PGHOST", "srv.postgres.database.azure.com".to_owned())]),
+        ))
+        .build()
+        .unwrap();
+    let error = connector.config().await.unwrap_err();
+    assert!(matches!(error, Error::TokenRefused { .. }), "{error:?}");
+    let hint = error.hint().unwrap();
+    assert!(hint.contains("AZURE_CLIENT_SECRET"), "{hint}");
+    assert!(!hint.contains("managed identity"), "{hint}");
 }

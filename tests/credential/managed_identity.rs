@@ -404,3 +404,30 @@ async fn an_app_service_endpoint_that_answers_html_is_misconfigured_not_a_refusa
         "{classified:?}"
     );
 }
+
+/// Legacy App Service answers its errors as `{"StatusCode":…,"Message":…}`: the message
+/// reaches the error.
+#[tokio::test]
+async fn legacy_app_service_errors_are_read_from_their_own_shape() {
+    let (endpoint, _, _) = endpoint().await;
+    endpoint.script([Reply::raw(
+        400,
+        "application/json",
+        r#"{"StatusCode":400,"Message":"No MSI found for specified ClientId/ResourceId.","CorrelationId":"c0ffee"}"#,
+    )]);
+    let vars = vec![
+        ("MSI_ENDPOINT", endpoint.legacy_app_service_endpoint()),
+        ("MSI_SECRET", endpoint.identity_header().to_owned()),
+    ];
+    let error = credential(vars, None, &endpoint)
+        .unwrap()
+        .get_token(&[Cloud::Public.scope()], None)
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("No MSI found for specified ClientId/ResourceId."),
+        "{error}"
+    );
+}

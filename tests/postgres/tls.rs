@@ -135,3 +135,61 @@ async fn no_token_reaches_a_server_that_fails_verification_or_refuses_tls() {
         }
     }
 }
+
+/// A certificate refused for its name when the host is an address or a privatelink name:
+/// the hint is libpq's way (the server's name in host, the address in hostaddr), not a root
+/// file; for any other name, the general TLS hint.
+#[tokio::test]
+async fn a_name_mismatch_on_an_address_or_privatelink_name_advises_hostaddr() {
+    use std::sync::Arc;
+
+    use pg_entra::testing::{
+        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
+    };
+    use pg_entra::{Connector, Environment};
+
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(
+            ca.issue_certificate_for("orders.postgres.database.azure.com")
+                .unwrap(),
+        ),
+        LoginAnswer::Accept,
+    )
+    .await
+    .unwrap();
+    for (host, hostaddr, advice) in [
+        ("127.0.0.1", None, true),
+        (
+            "orders.privatelink.postgres.database.azure.com",
+            Some("127.0.0.1"),
+            true,
+        ),
+        ("db.example.invalid", Some("127.0.0.1"), false),
+    ] {
+        let mut vars = vec![
+            ("PGHOST", host.to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ];
+        if let Some(address) = hostaddr {
+            vars.push(("PGHOSTADDR", address.to_owned()));
+        }
+        let connector = Connector::builder()
+            .environment(Environment::from_vars(vars))
+            .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
+                "orders-api",
+            ))))
+            .build()
+            .unwrap();
+        let error = connector.connect().await.unwrap_err();
+        assert!(matches!(error, Error::Tls { .. }), "{host}: {error:?}");
+        let hint = error.hint().unwrap();
+        assert_eq!(hint.contains("hostaddr"), advice, "{host}: {hint}");
+        assert_eq!(hint.contains("PGSSLROOTCERT"), !advice, "{host}: {hint}");
+    }
+    assert_eq!(server.passwords_received(), 0);
+}

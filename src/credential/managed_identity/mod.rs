@@ -23,13 +23,13 @@ use retry::{AttemptFailure, RetryState, parse_retry_after};
 use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
 
 use self::source::ArcKeyProblem;
-use crate::error::Hinted;
 use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
 use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::token_response::{ErrorBody, looks_like_imds, parse_token_response, shown_header};
 use super::vars::{CLIENT_ID_VAR, POD_IDENTITY_AUTHORITY_HOST_VAR};
 use crate::error::Error;
+use crate::error::Hinted;
 use crate::jitter::unit_random;
 
 /// The longest single wait between two attempts, whatever the settings or `Retry-After` say.

@@ -226,16 +226,7 @@ impl Source {
         check_arc_key_path(&path, key_directory).map_err(ArcKeyProblem::Other)?;
         let key = read_capped(&path, ARC_KEY_MAX_BYTES)
             .await
-            .map_err(|problem| {
-                if problem.kind() == std::io::ErrorKind::PermissionDenied {
-                    ArcKeyProblem::Denied(path.clone())
-                } else {
-                    ArcKeyProblem::Other(format!(
-                        "cannot read the Arc key file {}: {problem}",
-                        path.display()
-                    ))
-                }
-            })?;
+            .map_err(|problem| ArcKeyProblem::reading(&path, &problem))?;
         String::from_utf8(key).map_err(|_| {
             ArcKeyProblem::Other(format!("the Arc key file {} is not text", path.display()))
         })
@@ -243,11 +234,26 @@ impl Source {
 }
 
 /// Why the Arc key challenge could not be answered.
+#[derive(Debug)]
 pub(crate) enum ArcKeyProblem {
     /// This account may not read the key file (the agent's folder is for privileged users and
     /// the `himds` group).
     Denied(PathBuf),
     Other(String),
+}
+
+impl ArcKeyProblem {
+    /// Why reading the key file at `path` failed.
+    fn reading(path: &Path, problem: &std::io::Error) -> Self {
+        if problem.kind() == std::io::ErrorKind::PermissionDenied {
+            ArcKeyProblem::Denied(path.to_owned())
+        } else {
+            ArcKeyProblem::Other(format!(
+                "cannot read the Arc key file {}: {problem}",
+                path.display()
+            ))
+        }
+    }
 }
 
 impl std::fmt::Debug for Source {
@@ -366,5 +372,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("pg-entra-arc-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+}
+
+#[cfg(test)]
+mod arc_key_tests {
+    use super::*;
+
+    #[test]
+    fn a_key_this_account_may_not_read_is_told_apart() {
+        let path = Path::new("/var/opt/azcmagent/tokens/x.key");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(
+            matches!(ArcKeyProblem::reading(path, &denied), ArcKeyProblem::Denied(p) if p == path)
+        );
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(matches!(
+            ArcKeyProblem::reading(path, &gone),
+            ArcKeyProblem::Other(_)
+        ));
     }
 }
