@@ -916,5 +916,6 @@ impl TokenCacheBuilder {
 }
 
 mod per_thread;
+pub(crate) mod registry;
 #[cfg(test)]
 mod tests;

@@ -17,7 +17,7 @@ const COSMOS_SUFFIX: &str = ".postgres.cosmos.azure.com";
 const SCOPE_SUFFIX: &str = "/.default";
 
 /// An Azure cloud, as far as PostgreSQL authentication cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Cloud {
     /// Azure public cloud.

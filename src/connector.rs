@@ -11,6 +11,7 @@ use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Socket};
 
 use crate::cache::TokenCache;
+use crate::cache::registry::{self, CredentialKey};
 use crate::cloud::Cloud;
 use crate::conninfo::Settings;
 use crate::credential::{CredentialOptions, DefaultAzureCredential};
@@ -103,6 +104,14 @@ impl Connector {
     /// A connector configured entirely by the environment: libpq variables for the server, and
     /// a [`DefaultAzureCredential`] (service principal, workload identity, managed identity,
     /// Azure CLI, Azure Developer CLI) for the token.
+    ///
+    /// Build it once and clone it (clones share everything). Connectors that build their own
+    /// credential chain, as this one does, still share one token cache per identity and scope
+    /// in the process, keyed by the variables that choose the identity (`AZURE_CLIENT_ID`,
+    /// `AZURE_TENANT_ID`, the endpoint variables, …, never a secret): a connector built per
+    /// request, or one per server (a primary, its replicas, a PgBouncer in front), asks the
+    /// identity endpoint once, not once each, and the IMDS probe is made once per process.
+    /// A credential or token cache given to the builder is not shared this way.
     pub fn from_env() -> Result<Self, Error> {
         Self::builder().build()
     }
@@ -660,18 +669,6 @@ impl ConnectorBuilder {
                     .cloud
                     .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
                     .unwrap_or_default();
-                let credential = match credential {
-                    Some(credential) => credential,
-                    None => Arc::new(
-                        DefaultAzureCredential::builder()
-                            .options(
-                                CredentialOptions::default()
-                                    .environment(self.environment.clone())
-                                    .cloud(cloud),
-                            )
-                            .build()?,
-                    ),
-                };
                 // The server kind's own scope (Cosmos DB for PostgreSQL has one), unless a
                 // scope or a cloud was chosen.
                 let scope = self.scope.unwrap_or_else(|| {
@@ -681,7 +678,26 @@ impl ConnectorBuilder {
                         _ => cloud.scope().to_owned(),
                     }
                 });
-                TokenCache::builder(credential).scope(scope).build()?
+                let scope = crate::credential::normalize_scope(&scope)?;
+                match credential {
+                    // A credential given is the caller's to share.
+                    Some(credential) => TokenCache::builder(credential).scope(scope).build()?,
+                    // The default chain: one cache per identity and scope in the process.
+                    None => {
+                        let key =
+                            CredentialKey::for_default_chain(&self.environment, cloud, &scope);
+                        registry::shared(key, || {
+                            let chain = DefaultAzureCredential::builder()
+                                .options(
+                                    CredentialOptions::default()
+                                        .environment(self.environment.clone())
+                                        .cloud(cloud),
+                                )
+                                .build()?;
+                            TokenCache::builder(Arc::new(chain)).scope(scope.clone()).build()
+                        })?
+                    }
+                }
             }
         };
 

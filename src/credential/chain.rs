@@ -298,6 +298,15 @@ impl ChainManagedIdentity {
     }
 }
 
+/// The IMDS endpoints that have answered a probe in this process: IMDS does not go away, so
+/// every chain (for any scope) skips the probe once one has seen it answer.
+static IMDS_ANSWERED: std::sync::LazyLock<Mutex<std::collections::HashSet<String>>> =
+    std::sync::LazyLock::new(|| Mutex::new(std::collections::HashSet::new()));
+
+fn imds_answered_before(endpoint: &str) -> bool {
+    lock(&IMDS_ANSWERED).contains(endpoint)
+}
+
 #[async_trait::async_trait]
 impl TokenCredential for ChainManagedIdentity {
     async fn get_token(
@@ -305,12 +314,16 @@ impl TokenCredential for ChainManagedIdentity {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        if self.credential.is_imds() && !self.imds_answered.load(Ordering::Acquire) {
+        if self.credential.is_imds()
+            && !self.imds_answered.load(Ordering::Acquire)
+            && !imds_answered_before(self.credential.endpoint_str())
+        {
             let scope = only_scope("ManagedIdentityCredential", scopes)?;
             self.credential
                 .probe_imds(scope.resource(), self.probe_timeout)
                 .await
                 .map_err(Self::unavailable)?;
+            lock(&IMDS_ANSWERED).insert(self.credential.endpoint_str().to_owned());
             self.imds_answered.store(true, Ordering::Release);
         }
         self.credential

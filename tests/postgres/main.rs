@@ -17,6 +17,7 @@ mod refusals;
 mod rotation;
 #[cfg(feature = "sqlx")]
 mod service;
+mod shared_token;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod soak;
 #[cfg(feature = "sqlx")]
