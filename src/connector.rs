@@ -330,10 +330,9 @@ impl Connector {
             let attempt = config.connect(self.inner.tls.clone());
             let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
                 Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(error)) => name_mismatch_advice(
-                    Error::from_login(error, token.secret()),
-                    &host.host,
-                ),
+                Ok(Err(error)) => {
+                    name_mismatch_advice(Error::from_login(error, token.secret()), &host.host)
+                }
                 Err(_) => Error::ConnectTimeout {
                     host: host.host.clone(),
                     port: host.port,
@@ -694,7 +693,9 @@ impl ConnectorBuilder {
                                         .cloud(cloud),
                                 )
                                 .build()?;
-                            TokenCache::builder(Arc::new(chain)).scope(scope.clone()).build()
+                            TokenCache::builder(Arc::new(chain))
+                                .scope(scope.clone())
+                                .build()
                         })?
                     }
                 }

@@ -34,8 +34,10 @@
 //! the server is set here, but `PGOPTIONS` and `PGSSLROOTCERT` cannot be unset, so a value
 //! there that differs from the connector's is refused ([`Error::Config`]); `PGSSLCERT` and
 //! `PGSSLKEY` (a client certificate) are used as sqlx finds them. Its native-tls backend
-//! trusts only the first certificate of a root-certificate file (besides the system roots):
-//! with a bundle, the first one is used and a warning logged.
+//! trusts only the first certificate of a root-certificate file (besides the system roots), so
+//! a file that holds several (a bundle of every root Azure has used) is refused with
+//! [`Error::Config`] naming the ways around it, rather than trusting one and failing every
+//! acquire.
 //!
 //! # Rotation and revocation
 //! - **Rotation:** each new physical connection logs in with the current token; connections
@@ -71,7 +73,7 @@ use crate::cache::TokenUpdates;
 use crate::connector::Connector;
 use crate::error::{AUTH_FAILURE_SQLSTATES, Error};
 use crate::refusal::Retry;
-use crate::tls::{first_root_certificate_pem, root_certificate_file};
+use crate::tls::{only_root_certificate_pem, root_certificate_file};
 use crate::token::Token;
 
 /// The `-c` flag of libpq's `options`, which is all sqlx can pass on.
@@ -468,7 +470,7 @@ impl SqlxBase {
         }
         match root_certificate_file(settings.ssl_root_cert.as_deref()) {
             Some(path) => {
-                options = options.ssl_root_cert_from_pem(first_root_certificate_pem(path)?)
+                options = options.ssl_root_cert_from_pem(only_root_certificate_pem(path)?)
             }
             None => agree_with_process(
                 "PGSSLROOTCERT",

@@ -101,15 +101,22 @@ pub(crate) fn root_certificate_file(root_cert: Option<&str>) -> Option<&str> {
 /// native-tls backend reads one certificate from the bytes it is given. A bundle's others are
 /// dropped with a warning.
 #[cfg(feature = "sqlx")]
-pub(crate) fn first_root_certificate_pem(path: &str) -> Result<Vec<u8>, Error> {
+pub(crate) fn only_root_certificate_pem(path: &str) -> Result<Vec<u8>, Error> {
     let certificates = read_certificates(Path::new(path))?;
     if certificates.len() > 1 {
-        tracing::warn!(
-            path,
-            count = certificates.len(),
-            "sqlx trusts only the first certificate of a root-certificate file (besides the \
-             system roots)"
-        );
+        // sqlx's native-tls backend reads one certificate from the file: with a bundle it
+        // would trust the first and refuse servers chained to the others, at every acquire.
+        return Err(Error::unsupported(
+            "sslrootcert",
+            format!(
+                "{path} holds {} certificates, and sqlx trusts only the first certificate of a \
+                 root file: put the one root the server chains to alone in the file, or install \
+                 the roots in the system's trust store (sqlx trusts those too) and leave \
+                 sslrootcert unset; the tokio-postgres, deadpool, bb8 and diesel-async \
+                 integrations take the whole bundle",
+                certificates.len()
+            ),
+        ));
     }
     let first = certificates
         .first()

@@ -111,9 +111,7 @@ pub(crate) fn shared(
     {
         registry.caches.remove(&oldest);
     }
-    registry
-        .caches
-        .insert(key, (Arc::clone(&cache.inner), now));
+    registry.caches.insert(key, (Arc::clone(&cache.inner), now));
     Ok(cache)
 }
 
@@ -137,8 +135,14 @@ mod tests {
         assert_ne!(a, key(&[("AZURE_CLIENT_ID", "b")], scope));
         assert_ne!(a, key(&[("AZURE_CLIENT_ID", "a")], "https://x/.default"));
         // Two secrets of one service principal: one identity, one key.
-        let one = key(&[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s1")], scope);
-        let two = key(&[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s2")], scope);
+        let one = key(
+            &[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s1")],
+            scope,
+        );
+        let two = key(
+            &[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s2")],
+            scope,
+        );
         assert_eq!(one, two);
         assert_ne!(one, a, "a secret's presence picks another credential");
         assert!(!format!("{one:?}").contains("s1"));

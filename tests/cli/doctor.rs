@@ -575,3 +575,24 @@ async fn single_server_names_keep_a_upns_own_at() {
         );
     }
 }
+
+/// `PGSSLROOTCERT` holding [another root, the issuing root]: the doctor's own TLS check and
+/// its login trust the whole bundle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_bundle_with_the_issuing_root_second_passes() {
+    let bed = TestBed::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut bundle = pg_entra::testing::TestCa::generate("another root")
+        .unwrap()
+        .certificate_pem()
+        .unwrap();
+    bundle.extend(std::fs::read(bed.postgres().ca_certificate_path()).unwrap());
+    let file = dir.path().join("roots.pem");
+    std::fs::write(&file, bundle).unwrap();
+    let run = doctor(
+        &with(&bed.vars(), "PGSSLROOTCERT", file.to_str().unwrap()),
+        &[],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{}", run.stdout);
+}

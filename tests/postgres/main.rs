@@ -9,6 +9,7 @@ mod no_secrets;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
 mod refusals;
+mod root_bundle;
 #[cfg(any(
     all(feature = "deadpool", feature = "bb8"),
     feature = "sqlx",
