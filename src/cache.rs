@@ -58,6 +58,27 @@ const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The background task re-reads the wall clock at least this often (a suspended machine's
 /// monotonic timers do not notice the time it slept).
 const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
+/// The error of a refresh whose runtime shut down before it finished.
+const CANCELLED: &str = "the token refresh was cancelled (its runtime shut down)";
+
+/// How waiting for a refresh ended without a token.
+enum RefreshWait {
+    /// Its runtime shut down: worth one more try on the caller's runtime.
+    Cancelled,
+    Failed(Error),
+}
+
+impl RefreshWait {
+    fn into_error(self, inner: &Inner) -> Error {
+        match self {
+            RefreshWait::Cancelled => inner.failure(Some(Arc::new(
+                azure_core::Error::with_message(ErrorKind::Credential, CANCELLED),
+            ))),
+            RefreshWait::Failed(error) => error,
+        }
+    }
+}
+
 /// Entra tokens live at most a day (managed identities); a margin, backoff or timeout longer
 /// than that cannot work, so the builder refuses it.
 const LONGEST_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
@@ -415,6 +436,18 @@ impl Inner {
 
     /// Expired or absent path: join the refresh in flight, start one, or fail fast.
     async fn wait_for_refresh(self: &Arc<Self>) -> Result<Token, Error> {
+        match self.wait_for_refresh_once().await {
+            // The refresh ran on a runtime that has shut down since (a cache shared by the
+            // process outlives any one runtime): this caller's runtime runs a new one.
+            Err(RefreshWait::Cancelled) => self
+                .wait_for_refresh_once()
+                .await
+                .map_err(|wait| wait.into_error(self)),
+            other => other.map_err(|wait| wait.into_error(self)),
+        }
+    }
+
+    async fn wait_for_refresh_once(self: &Arc<Self>) -> Result<Token, RefreshWait> {
         let refresh = {
             let mut state = self.lock_state();
             let now = self.clock.now();
@@ -427,12 +460,20 @@ impl Inner {
             match &state.in_flight {
                 Some(in_flight) => in_flight.clone(),
                 None if state.backing_off(now) => {
-                    return Err(self.failure(state.last_error.clone()));
+                    return Err(RefreshWait::Failed(self.failure(state.last_error.clone())));
                 }
-                None => self.start_refresh(&mut state, RefreshKind::Ahead)?,
+                None => self
+                    .start_refresh(&mut state, RefreshKind::Ahead)
+                    .map_err(RefreshWait::Failed)?,
             }
         };
-        refresh.await.map_err(|cause| self.failure(Some(cause)))
+        refresh.await.map_err(|cause| {
+            if cause.to_string() == CANCELLED {
+                RefreshWait::Cancelled
+            } else {
+                RefreshWait::Failed(self.failure(Some(cause)))
+            }
+        })
     }
 
     /// The error for a caller who needs a token and cannot have one.
@@ -470,16 +511,17 @@ impl Inner {
         let refresh = async move {
             match task.await {
                 Ok(outcome) => outcome,
-                // The task was cancelled (its runtime shut down) or panicked outside the
-                // credential call: free the slot and back off like any failure, or the next
-                // caller (and the background task) would start another refresh at once.
+                // The task panicked outside the credential call: free the slot and back off
+                // like any failure, or the next caller (and the background task) would start
+                // another refresh at once. Cancelled (its runtime shut down): free the slot
+                // only; a caller on a live runtime starts the next one.
                 Err(join_error) => {
                     let error = Arc::new(azure_core::Error::with_message(
                         ErrorKind::Credential,
                         if join_error.is_panic() {
                             "the token refresh panicked"
                         } else {
-                            "the token refresh was cancelled (its runtime shut down)"
+                            CANCELLED
                         },
                     ));
                     if let Some(inner) = weak.upgrade() {
@@ -487,8 +529,10 @@ impl Inner {
                         let mut state = inner.lock_state();
                         if state.generation == generation && state.in_flight.is_some() {
                             inner.finish_in_flight(&mut state, generation);
-                            inner.back_off(&mut state, now);
-                            state.last_error = Some(Arc::clone(&error));
+                            if join_error.is_panic() {
+                                inner.back_off(&mut state, now);
+                                state.last_error = Some(Arc::clone(&error));
+                            }
                         }
                     }
                     Err(error)
@@ -499,6 +543,23 @@ impl Inner {
         .shared();
         state.in_flight = Some(refresh.clone());
         Ok(refresh)
+    }
+
+    /// Whether the credential was refused at its last refresh and no usable token is cached.
+    pub(crate) fn refused_without_token(&self) -> bool {
+        let now = self.clock.now();
+        let usable = self
+            .current
+            .load()
+            .as_deref()
+            .is_some_and(|entry| now < entry.usable_until);
+        !usable
+            && self.lock_state().last_error.as_ref().is_some_and(|error| {
+                matches!(
+                    Error::from_credential(Arc::clone(error)),
+                    Error::TokenRefused { .. }
+                )
+            })
     }
 
     fn finish_in_flight(&self, state: &mut RefreshState, generation: u64) {

@@ -89,9 +89,21 @@ impl Cloud {
     /// assert!(!Cloud::is_postgres_resource("https://graph.microsoft.com"));
     /// ```
     pub fn is_postgres_resource(resource: &str) -> bool {
-        [PUBLIC_SCOPE, US_GOVERNMENT_SCOPE, CHINA_SCOPE, COSMOS_SCOPE]
-            .iter()
-            .any(|scope| resource_for_scope(scope) == resource)
+        Cloud::of_postgres_resource(resource).is_some()
+    }
+
+    /// The cloud of an Azure Database for PostgreSQL audience (Cosmos DB for PostgreSQL's is
+    /// the public cloud's).
+    pub(crate) fn of_postgres_resource(resource: &str) -> Option<Cloud> {
+        [
+            (PUBLIC_SCOPE, Cloud::Public),
+            (US_GOVERNMENT_SCOPE, Cloud::UsGovernment),
+            (CHINA_SCOPE, Cloud::China),
+            (COSMOS_SCOPE, Cloud::Public),
+        ]
+        .into_iter()
+        .find(|(scope, _)| resource_for_scope(scope) == resource)
+        .map(|(_, cloud)| cloud)
     }
 
     /// The cloud a server host name belongs to, from its suffix; `None` for hosts that are not

@@ -77,6 +77,10 @@ struct ConnectorInner {
     /// A cache for the PostgreSQL resource the server named when it refused the configured
     /// scope's token, used from then on.
     named_resource: ArcSwapOption<TokenCache>,
+    /// Every resource's cache a server has named, kept for their backoff.
+    followed: std::sync::Mutex<Vec<TokenCache>>,
+    /// The cloud the connector's scope belongs to.
+    cloud: Cloud,
     /// The configurations with the current token's password and user, built once per token
     /// rather than once per connect.
     token_configs: ArcSwapOption<TokenConfigs>,
@@ -230,7 +234,7 @@ impl Connector {
         resource: &str,
         refused: Error,
     ) -> Result<(Client, Connection, Token), Error> {
-        if !Cloud::is_postgres_resource(resource) {
+        if !self.may_follow(resource) {
             return Err(match refused {
                 Error::Postgres { source } => Error::UnexpectedResource {
                     resource: resource.to_owned(),
@@ -240,9 +244,19 @@ impl Connector {
             });
         }
         let scope = format!("{resource}/.default");
-        let cache = match self.inner.named_resource.load_full() {
-            Some(cache) if cache.scope() == scope => (*cache).clone(),
-            _ => self.inner.tokens.for_scope(&scope)?,
+        // One cache per followed resource, kept whatever the login's outcome: its backoff
+        // holds across connects, so a refusal that repeats does not become a token request
+        // per connect.
+        let cache = {
+            let mut followed = crate::lock::lock(&self.inner.followed);
+            match followed.iter().find(|cache| cache.scope() == scope) {
+                Some(cache) => cache.clone(),
+                None => {
+                    let cache = self.inner.tokens.for_scope(&scope)?;
+                    followed.push(cache.clone());
+                    cache
+                }
+            }
         };
         let token = cache.token().await?;
         let connected = self.connect_once(&token).await?;
@@ -283,6 +297,26 @@ impl Connector {
             )
             .into_owned()),
         }
+    }
+
+    /// Whether a server that names `resource` may be sent a token for it: only an Azure
+    /// Database for PostgreSQL audience of the connector's cloud, and, when a host name tells
+    /// its server kind, only that kind's. A server can then not collect a token for another
+    /// kind (or cloud) of PostgreSQL than the one it is.
+    fn may_follow(&self, resource: &str) -> bool {
+        if Cloud::of_postgres_resource(resource) != Some(self.inner.cloud) {
+            return false;
+        }
+        let known: Vec<&str> = self
+            .inner
+            .per_host
+            .iter()
+            .filter_map(|host| Cloud::server_scope(&host.host))
+            .collect();
+        known.is_empty()
+            || known
+                .iter()
+                .any(|scope| scope.strip_suffix("/.default") == Some(resource))
     }
 
     /// The settings the connector was built from (defaults not filled in).
@@ -655,6 +689,10 @@ impl ConnectorBuilder {
         let ssl_mode = settings.ssl_mode.unwrap_or_default();
         let tls = make_tls_connector(settings.ssl_root_cert.as_deref())?;
 
+        let connector_cloud = self
+            .cloud
+            .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
+            .unwrap_or_default();
         let tokens = match (self.token_cache, self.credential) {
             (Some(_), Some(_)) => {
                 return Err(Error::conflict(
@@ -669,13 +707,13 @@ impl ConnectorBuilder {
                     .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
                     .unwrap_or_default();
                 // The server kind's own scope (Cosmos DB for PostgreSQL has one), unless a
-                // scope or a cloud was chosen.
+                // scope was chosen, or a cloud the host does not belong to.
                 let scope = self.scope.unwrap_or_else(|| {
-                    let by_host = hosts.iter().find_map(|h| Cloud::server_scope(h));
-                    match (self.cloud, by_host) {
-                        (None, Some(scope)) => scope.to_owned(),
-                        _ => cloud.scope().to_owned(),
-                    }
+                    let by_host = hosts.iter().find_map(|h| {
+                        Cloud::server_scope(h)
+                            .filter(|_| self.cloud.is_none_or(|c| Cloud::from_host(h) == Some(c)))
+                    });
+                    by_host.unwrap_or(cloud.scope()).to_owned()
                 });
                 let scope = crate::credential::normalize_scope(&scope)?;
                 match credential {
@@ -714,6 +752,8 @@ impl ConnectorBuilder {
                 ssl_mode,
                 ssl_root_cert: settings.ssl_root_cert.clone(),
                 named_resource: ArcSwapOption::empty(),
+                followed: std::sync::Mutex::new(Vec::new()),
+                cloud: connector_cloud,
                 token_configs: ArcSwapOption::empty(),
                 // Last: the fields above read it.
                 #[cfg(feature = "sqlx")]
@@ -936,6 +976,16 @@ mod tests {
             let connector = build(&[("PGHOST", "h")], |b| b.scope(given)).unwrap();
             assert_eq!(connector.token_cache().scope(), PUBLIC_SCOPE, "{given}");
         }
+        // A cloud chosen that the Cosmos host belongs to keeps Cosmos's scope.
+        let chosen = build(
+            &[("PGHOST", "c-cluster.abc123.postgres.cosmos.azure.com")],
+            |b| b.cloud(Cloud::Public),
+        )
+        .unwrap();
+        assert_eq!(
+            chosen.token_cache().scope(),
+            "https://token.postgres.cosmos.azure.com/.default"
+        );
         let wrong = build(&[("PGHOST", "h")], |b| b.scope("ossrdbms-aad")).unwrap_err();
         assert!(
             wrong

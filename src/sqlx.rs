@@ -233,9 +233,13 @@ impl SqlxPool {
         before: &Token,
     ) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         let follower = &self.shared.follower;
+        // Either token may have been the one sent; a server that repeats it is not sent
+        // another, and its words are not logged.
+        let repeats = |error: &sqlx::Error| {
+            quotes_a_token(error, &[before.secret(), follower.token_in_pool().secret()])
+        };
         let mut error = match self.pool.acquire().await {
-            // A server that repeats the password is not sent another token.
-            Err(error) if quotes_a_token(&error, &[before.secret()]) => return Err(error),
+            Err(error) if repeats(&error) => return Err(error),
             Err(error) if login_refused(&error) => error,
             done => return done,
         };
@@ -245,6 +249,7 @@ impl SqlxPool {
         let mut refused = follower.token_in_pool();
         if !refused.is_same(before) {
             match self.pool.acquire().await {
+                Err(again) if repeats(&again) => return Err(again),
                 Err(again) if login_refused(&again) => {
                     error = again;
                     refused = follower.token_in_pool();
@@ -259,8 +264,12 @@ impl SqlxPool {
             .await
         {
             Ok(Some(_)) => {
+                let code = match &error {
+                    sqlx::Error::Database(database) => database.code().map(|c| c.into_owned()),
+                    _ => None,
+                };
                 tracing::info!(
-                    %error,
+                    sqlstate = code.as_deref().unwrap_or("-"),
                     "the server refused the token; retrying once with a new token"
                 );
                 follower.update(&self.pool);

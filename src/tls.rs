@@ -97,12 +97,19 @@ pub(crate) fn root_certificate_file(root_cert: Option<&str>) -> Option<&str> {
     root_cert.filter(|path| *path != SYSTEM_ROOTS)
 }
 
-/// The first certificate of a root-certificate file (PEM bundle or DER), as PEM: sqlx's
-/// native-tls backend reads one certificate from the bytes it is given. A bundle's others are
-/// dropped with a warning.
+/// The one certificate of a root-certificate file (PEM or DER), as PEM: sqlx's native-tls
+/// backend reads one certificate from the bytes it is given, so a file with several distinct
+/// ones is refused (repeated copies of one certificate count once).
 #[cfg(feature = "sqlx")]
 pub(crate) fn only_root_certificate_pem(path: &str) -> Result<Vec<u8>, Error> {
-    let certificates = read_certificates(Path::new(path))?;
+    let mut certificates = read_certificates(Path::new(path))?;
+    let mut seen = Vec::new();
+    certificates.retain(|certificate| {
+        let der = certificate.to_der().unwrap_or_default();
+        let new = !seen.contains(&der);
+        seen.push(der);
+        new
+    });
     if certificates.len() > 1 {
         // sqlx's native-tls backend reads one certificate from the file: with a bundle it
         // would trust the first and refuse servers chained to the others, at every acquire.

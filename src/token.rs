@@ -136,6 +136,24 @@ fn identity_name_from_resource_id(id: &str) -> Option<String> {
     }
 }
 
+/// The tenant of an Entra authority URL (`https://sts.windows.net/<tenant>/`,
+/// `https://login.microsoftonline.com/<tenant>/v2.0`, the sovereign clouds' alike); `None` for
+/// any other identity provider.
+fn entra_tenant(idp: &str) -> Option<&str> {
+    const AUTHORITIES: [&str; 6] = [
+        "https://sts.windows.net/",
+        "https://login.microsoftonline.com/",
+        "https://login.microsoftonline.us/",
+        "https://login.chinacloudapi.cn/",
+        "https://sts.chinacloudapi.cn/",
+        "https://login.partner.microsoftonline.cn/",
+    ];
+    let rest = AUTHORITIES
+        .iter()
+        .find_map(|authority| idp.strip_prefix(authority))?;
+    rest.split('/').next().filter(|tenant| !tenant.is_empty())
+}
+
 /// The guest UPN Entra gives `home` in a host tenant, up to the tenant's domain, which the
 /// token does not carry: `alice@contoso.com` → `alice_contoso.com#EXT#@<tenant>.onmicrosoft.com`.
 fn guest_user_name(home: &str) -> String {
@@ -179,12 +197,17 @@ impl PrincipalClaims {
         };
         // A guest's `unique_name` / `email` is its home address, not its role: Entra names
         // the guest `alice_contoso.com#EXT#@<tenant>` in the server's tenant.
-        let foreign_idp = match (text("idp"), text("iss")) {
-            (Some(idp), Some(iss)) => idp != iss,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        let is_guest = foreign_idp && text("upn").is_none() && text("xms_mirid").is_none();
+        // A guest's `idp` is another tenant's Entra authority, or another provider
+        // (`live.com`, …). Members' tokens carry none, or their own tenant's (v2 tokens of
+        // service principals name `sts.windows.net/<tid>/` while `iss` is the v2 issuer).
+        let foreign_idp = text("idp").is_some_and(|idp| match entra_tenant(idp) {
+            Some(tenant) => text("tid").is_none_or(|tid| !tenant.eq_ignore_ascii_case(tid)),
+            None => true,
+        });
+        let is_guest = foreign_idp
+            && text("upn").is_none()
+            && text("xms_mirid").is_none()
+            && text("idtyp") != Some("app");
         if is_guest {
             let home = ["unique_name", "email", "preferred_username"]
                 .iter()
@@ -352,6 +375,42 @@ mod tests {
         let shown = format!("{token:?}");
         assert!(!shown.contains(&secret));
         assert!(shown.contains("a@b.c"));
+    }
+
+    #[test]
+    fn guests_are_told_apart_from_members_and_applications() {
+        let tid = "72f988bf-0000-4000-8000-00000000c0de";
+        let other = "11111111-0000-4000-8000-000000000000";
+        let token = |claims: serde_json::Value| Token::new(jwt(claims), expiry());
+        // A B2B guest: another tenant's authority, no upn.
+        let guest = token(serde_json::json!({
+            "tid": tid, "iss": format!("https://sts.windows.net/{tid}/"),
+            "idp": format!("https://sts.windows.net/{other}/"),
+            "unique_name": "alice@contoso.com", "idtyp": "user"
+        }));
+        assert!(guest.is_guest());
+        assert_eq!(guest.username(), None);
+        // A Microsoft account.
+        let msa = token(serde_json::json!({
+            "tid": tid, "idp": "live.com", "unique_name": "live.com#bob@outlook.com"
+        }));
+        assert!(msa.is_guest());
+        // A v2 token of a service principal: its own tenant's authority in idp, v2 issuer.
+        let app_v2 = token(serde_json::json!({
+            "tid": tid, "iss": format!("https://login.microsoftonline.com/{tid}/v2.0"),
+            "idp": format!("https://sts.windows.net/{tid}/"), "azp": "app"
+        }));
+        assert!(!app_v2.is_guest());
+        // A managed identity (idp is its own tenant), and a member with a upn.
+        let mi = token(serde_json::json!({
+            "tid": tid, "idp": format!("https://sts.windows.net/{tid}/"),
+            "xms_mirid": "/subscriptions/s/resourcegroups/rg/providers/Microsoft.Compute/virtualMachines/vm"
+        }));
+        assert!(!mi.is_guest());
+        assert_eq!(mi.username(), Some("vm"));
+        let member = token(serde_json::json!({"tid": tid, "upn": "ada@contoso.com"}));
+        assert!(!member.is_guest());
+        assert_eq!(member.username(), Some("ada@contoso.com"));
     }
 }
 

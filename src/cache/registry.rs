@@ -20,8 +20,10 @@ use crate::lock::lock;
 
 /// The variables that choose an identity (and where its token comes from), never a secret.
 /// Secrets (`AZURE_CLIENT_SECRET`, `IDENTITY_HEADER`, `MSI_SECRET`, a certificate's password)
-/// count only by whether they are set, which changes the credential the chain picks.
-const IDENTITY_VARS: [&str; 13] = [
+/// count by a hash with a key drawn for this process (not reversible, not comparable across
+/// processes): a rotated secret is a new configuration, whose credential is built anew. A
+/// client certificate file counts by its identity and modification time, for the same reason.
+const IDENTITY_VARS: [&str; 15] = [
     "AZURE_TOKEN_CREDENTIALS",
     "AZURE_TENANT_ID",
     "AZURE_CLIENT_ID",
@@ -33,9 +35,11 @@ const IDENTITY_VARS: [&str; 13] = [
     "IMDS_ENDPOINT",
     "MSI_ENDPOINT",
     "IDENTITY_SERVER_THUMBPRINT",
-    // Where `az` and `azd` are found.
+    // Where `az` and `azd` are found, and where they keep their logins.
     "PATH",
     "HOME",
+    "AZURE_CONFIG_DIR",
+    "AZD_CONFIG_DIR",
 ];
 const SECRET_VARS: [&str; 5] = [
     "AZURE_CLIENT_SECRET",
@@ -51,7 +55,8 @@ pub(crate) struct CredentialKey {
     scope: String,
     cloud: Cloud,
     settings: Vec<(&'static str, Option<String>)>,
-    secrets_set: Vec<(&'static str, bool)>,
+    secrets: Vec<(&'static str, Option<u64>)>,
+    certificate: Option<(u64, u64, i64, u64)>,
 }
 
 impl CredentialKey {
@@ -64,12 +69,47 @@ impl CredentialKey {
                 .iter()
                 .map(|&name| (name, environment.var(name)))
                 .collect(),
-            secrets_set: SECRET_VARS
+            secrets: SECRET_VARS
                 .iter()
-                .map(|&name| (name, environment.var(name).is_some()))
+                .map(|&name| (name, environment.var(name).map(|value| keyed_hash(&value))))
                 .collect(),
+            certificate: environment
+                .var("AZURE_CLIENT_CERTIFICATE_PATH")
+                .and_then(|path| file_identity(&path)),
         }
     }
+}
+
+/// A hash of `value` under a key drawn once per process.
+fn keyed_hash(value: &str) -> u64 {
+    use std::hash::BuildHasher as _;
+    static KEY: LazyLock<std::hash::RandomState> = LazyLock::new(std::hash::RandomState::new);
+    KEY.hash_one(value)
+}
+
+/// A file's device, inode, modification time and size: a file replaced or rewritten in place
+/// (a rotated certificate) is another file here.
+#[cfg(unix)]
+fn file_identity(path: &str) -> Option<(u64, u64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((
+        metadata.dev(),
+        metadata.ino(),
+        metadata.mtime(),
+        metadata.len(),
+    ))
+}
+
+#[cfg(not(unix))]
+fn file_identity(path: &str) -> Option<(u64, u64, i64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    let modified = metadata
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some((0, 0, modified.as_secs() as i64, metadata.len()))
 }
 
 /// How many identities' caches the process keeps. A process has a handful; the bound only
@@ -96,10 +136,14 @@ pub(crate) fn shared(
     registry.uses += 1;
     let now = registry.uses;
     if let Some((inner, last_used)) = registry.caches.get_mut(&key) {
-        *last_used = now;
-        return Ok(TokenCache {
-            inner: Arc::clone(inner),
-        });
+        // A cache whose credential was refused (a wrong secret, an identity not assigned) and
+        // has no usable token is not handed out again: the next connector builds its own.
+        if !inner.refused_without_token() {
+            *last_used = now;
+            return Ok(TokenCache {
+                inner: Arc::clone(inner),
+            });
+        }
     }
     let cache = build()?;
     if registry.caches.len() >= MAX_CACHES
@@ -134,17 +178,17 @@ mod tests {
         assert_eq!(a, key(&[("AZURE_CLIENT_ID", "a")], scope));
         assert_ne!(a, key(&[("AZURE_CLIENT_ID", "b")], scope));
         assert_ne!(a, key(&[("AZURE_CLIENT_ID", "a")], "https://x/.default"));
-        // Two secrets of one service principal: one identity, one key.
-        let one = key(
-            &[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s1")],
-            scope,
-        );
-        let two = key(
-            &[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", "s2")],
-            scope,
-        );
-        assert_eq!(one, two);
-        assert_ne!(one, a, "a secret's presence picks another credential");
-        assert!(!format!("{one:?}").contains("s1"));
+        // A rotated secret is another configuration (its credential is built anew); the key
+        // holds a keyed hash of it, never the secret.
+        let secret = |value: &str| {
+            key(
+                &[("AZURE_CLIENT_ID", "a"), ("AZURE_CLIENT_SECRET", value)],
+                scope,
+            )
+        };
+        assert_eq!(secret("s3cr3t-1"), secret("s3cr3t-1"));
+        assert_ne!(secret("s3cr3t-1"), secret("s3cr3t-2"));
+        assert_ne!(secret("s3cr3t-1"), a);
+        assert!(!format!("{:?}", secret("s3cr3t-1")).contains("s3cr3t"));
     }
 }

@@ -416,10 +416,16 @@ impl DefaultAzureCredentialBuilder {
     pub fn build(self) -> Result<DefaultAzureCredential, Error> {
         let environment = &self.options.environment;
         let selected = Member::selected(environment.var(TOKEN_CREDENTIALS_VAR).as_deref())?;
-        let tenant = self
-            .tenant
-            .clone()
-            .or_else(|| environment.var(TENANT_ID_VAR));
+        // A tenant given to the builder must be one; one from the environment that is not (a
+        // stray space, say) leaves the tools on their own tenant rather than failing every
+        // member of the chain.
+        let tenant = match self.tenant.clone() {
+            Some(tenant) => Some(tenant),
+            None => environment
+                .var(TENANT_ID_VAR)
+                .map(|tenant| tenant.trim().to_owned())
+                .filter(|tenant| super::cli::check_tenant(tenant).is_ok()),
+        };
         let explicit = selected.len() == 1;
         let mut members: Vec<(Member, Arc<dyn TokenCredential>)> = Vec::new();
         for member in selected {

@@ -203,6 +203,7 @@ impl ClientCredentials {
         );
         // Advice about this credential, by the AADSTS code Entra put first in its description.
         let hint = entra_hint(
+            status,
             &description,
             matches!(self.auth, ClientAuth::AssertionFile(_)),
         );
@@ -219,7 +220,12 @@ impl ClientCredentials {
 
 /// What to do about Entra's refusal, by its AADSTS code (Microsoft's "Microsoft Entra
 /// authentication and authorization error codes" list).
-fn entra_hint(description: &str, workload_identity: bool) -> &'static str {
+fn entra_hint(status: u16, description: &str, workload_identity: bool) -> &'static str {
+    // An outage or throttling says nothing about the configuration.
+    if status == 429 || status >= 500 {
+        return "Entra is throttling or failing for now (HTTP 429 or 5xx): the cache retries \
+                with backoff; nothing in the configuration needs to change";
+    }
     let code = description.split_once("AADSTS").and_then(|(_, rest)| {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         digits.parse::<u32>().ok()
@@ -620,5 +626,37 @@ mod tests {
                 .unwrap()
         );
         assert!(!debug.contains("\"s\""), "{debug}");
+    }
+}
+
+#[cfg(test)]
+mod hint_tests {
+    use super::entra_hint;
+
+    #[test]
+    fn each_refusal_gets_advice_about_itself_and_an_outage_none_about_configuration() {
+        assert!(
+            entra_hint(401, "AADSTS7000215: Invalid client secret", false)
+                .contains("AZURE_CLIENT_SECRET")
+        );
+        assert!(
+            entra_hint(400, "AADSTS700016: Application not found", false)
+                .contains("AZURE_CLIENT_ID")
+        );
+        assert!(
+            entra_hint(
+                400,
+                "AADSTS70021: No matching federated identity record",
+                true
+            )
+            .contains("federated credential")
+        );
+        for status in [429, 500, 503] {
+            let hint = entra_hint(status, "AADSTS90033: service unavailable", false);
+            assert!(
+                hint.contains("nothing in the configuration"),
+                "{status}: {hint}"
+            );
+        }
     }
 }

@@ -42,7 +42,13 @@ impl Scope {
             _ => trimmed,
         };
         let resource = without_default.trim_end_matches('/');
-        if !is_resource(resource) {
+        // `…/.default/` and the like: a `.default` left inside is a mistake, not a resource.
+        if !is_resource(resource)
+            || resource
+                .rsplit('/')
+                .next()
+                .is_some_and(|last| last.eq_ignore_ascii_case(".default"))
+        {
             return Err(format!("{text:?} is not a token scope: {expected}"));
         }
         Ok(Self {
@@ -70,6 +76,8 @@ fn is_resource(resource: &str) -> bool {
         Ok(url) => {
             matches!(url.scheme(), "https" | "http" | "api")
                 && url.host_str().is_some_and(|host| !host.is_empty())
+                && url.username().is_empty()
+                && url.password().is_none()
                 && url.query().is_none()
                 && url.fragment().is_none()
         }
@@ -147,6 +155,8 @@ mod tests {
             "https://a/.default https://b/.default",
             "https://a?x=1",
             "ftp://a",
+            "https://ossrdbms-aad.database.windows.net/.default/",
+            "https://user:pass@ossrdbms-aad.database.windows.net",
         ] {
             let problem = Scope::parse(given).unwrap_err();
             assert!(

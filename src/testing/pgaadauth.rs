@@ -32,7 +32,7 @@ SET allow_system_table_mods = on;
 
 CREATE FUNCTION pg_catalog.pgaadauth_create_principal_with_oid(
     roleName text, objectId text, objectType text, isAdmin boolean, isMfa boolean
-) RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+) RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF objectType IS NOT NULL AND objectType NOT IN ('user', 'group', 'service') THEN
         RAISE EXCEPTION 'objectType must be user, group or service, not %', objectType
@@ -43,7 +43,7 @@ BEGIN
         RAISE EXCEPTION 'objectId % is not a GUID', objectId
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = roleName) THEN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = roleName) THEN
         RAISE EXCEPTION 'role "%" already exists', roleName USING ERRCODE = 'duplicate_object';
     END IF;
     EXECUTE format('CREATE ROLE %I LOGIN', roleName);
@@ -62,7 +62,7 @@ $$;
 
 CREATE FUNCTION pg_catalog.pgaadauth_create_principal(
     roleName text, isAdmin boolean, isMfa boolean
-) RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+) RETURNS text LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT pg_catalog.pgaadauth_create_principal_with_oid(roleName, NULL, NULL, isAdmin, isMfa)
 $$;
 
@@ -70,10 +70,10 @@ CREATE FUNCTION pg_catalog.pgaadauth_list_principals(isAdminValue boolean)
 RETURNS TABLE (
     rolname name, principaltype text, objectid text, tenantid text, ismfa integer,
     isadmin integer
-) LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $$
+) LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT p.rolname, p.principaltype, p.objectid, p.tenantid, p.ismfa, p.isadmin
     FROM pgaadauth.principals p
-    JOIN pg_roles r ON r.rolname = p.rolname
+    JOIN pg_catalog.pg_roles r ON r.rolname = p.rolname
     WHERE NOT isAdminValue OR p.isadmin = 1
     ORDER BY p.rolname
 $$;
@@ -81,11 +81,13 @@ $$;
 RESET allow_system_table_mods;
 REVOKE EXECUTE ON FUNCTION
     pg_catalog.pgaadauth_create_principal_with_oid(text, text, text, boolean, boolean),
-    pg_catalog.pgaadauth_create_principal(text, boolean, boolean)
+    pg_catalog.pgaadauth_create_principal(text, boolean, boolean),
+    pg_catalog.pgaadauth_list_principals(boolean)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     pg_catalog.pgaadauth_create_principal_with_oid(text, text, text, boolean, boolean),
-    pg_catalog.pgaadauth_create_principal(text, boolean, boolean)
+    pg_catalog.pgaadauth_create_principal(text, boolean, boolean),
+    pg_catalog.pgaadauth_list_principals(boolean)
     TO azure_pg_admin;
 "#
     )

@@ -1077,3 +1077,35 @@ async fn a_refused_service_principal_gets_advice_about_itself() {
     assert!(hint.contains("AZURE_CLIENT_SECRET"), "{hint}");
     assert!(!hint.contains("managed identity"), "{hint}");
 }
+
+/// A connector whose service principal was refused (a wrong secret) does not leave its cache
+/// to the next connector: that one builds its own and asks Entra again, so a fixed secret,
+/// or a rotated one, takes effect without a restart.
+#[tokio::test]
+async fn a_refused_identity_is_not_shared_with_the_next_connector() {
+    let (endpoint, app, _) = entra().await;
+    let vars: Vec<(&str, String)> = service_principal_vars(&endpoint, &app, "not-the-secret")
+        .into_iter()
+        .chain([("PGHOST", "srv.postgres.database.azure.com".to_owned())])
+        .collect();
+    for _ in 0..2 {
+        let connector = Connector::builder()
+            .environment(Environment::from_vars(vars.clone()))
+            .build()
+            .unwrap();
+        assert!(connector.config().await.is_err());
+    }
+    assert_eq!(endpoint.requests(), 2);
+    // The right secret is another configuration: it gets its token.
+    let fixed: Vec<(&str, String)> =
+        service_principal_vars(&endpoint, &app, endpoint.client_secret())
+            .into_iter()
+            .chain([("PGHOST", "srv.postgres.database.azure.com".to_owned())])
+            .collect();
+    let connector = Connector::builder()
+        .environment(Environment::from_vars(fixed))
+        .user("reporting-app")
+        .build()
+        .unwrap();
+    connector.config().await.unwrap();
+}

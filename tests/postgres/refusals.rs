@@ -211,3 +211,52 @@ fn describe(error: &Error) -> String {
     }
     text
 }
+
+/// A server that keeps naming the resource (its role is missing, say) costs one token for it,
+/// not one per connect: the followed resource's cache is kept whatever the login's outcome.
+#[tokio::test]
+async fn a_resource_named_again_and_again_costs_one_token() {
+    let rig = rig(LoginAnswer::Refuse {
+        code: "28000".into(),
+        message: "The access token does not have a valid audience claim. Please acquire a new token for the resource \"https://token.postgres.cosmos.azure.com\".".into(),
+    })
+    .await;
+    for _ in 0..5 {
+        assert!(rig.connector.connect().await.is_err());
+    }
+    assert_eq!(rig.credential.calls(), 2, "{:?}", rig.credential.scopes());
+}
+
+/// A host whose name tells its kind (Flexible Server) is not sent a token for another kind
+/// (Cosmos DB for PostgreSQL), whatever it asks for.
+#[tokio::test]
+async fn a_host_of_one_kind_gets_no_token_for_another_kind() {
+    let ca = TestCa::generate("scripted CA").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
+    let host = "orders.postgres.database.azure.com";
+    let server = ScriptedPostgres::start(
+        TlsOffer::Certificate(ca.issue_certificate_for(host).unwrap()),
+        LoginAnswer::RequireAudience("https://token.postgres.cosmos.azure.com".into()),
+    )
+    .await
+    .unwrap();
+    let credential = Arc::new(FakeCredential::new(Principal::user_assigned("orders-api")));
+    let connector = Connector::builder()
+        .environment(Environment::from_vars([
+            ("PGHOST", host.to_owned()),
+            ("PGHOSTADDR", "127.0.0.1".to_owned()),
+            ("PGPORT", server.port().to_string()),
+            ("PGSSLROOTCERT", ca_file.display().to_string()),
+        ]))
+        .credential(credential.clone())
+        .build()
+        .unwrap();
+    let error = connector.connect().await.unwrap_err();
+    assert!(
+        matches!(error, Error::UnexpectedResource { .. }),
+        "{error:?}"
+    );
+    assert_eq!(credential.calls(), 1);
+}

@@ -200,7 +200,14 @@ fn entra_refusal(
             ))
             .cause("a plain password was sent to an Entra role (this command always sends a token)"),
         LoginRefusal::PrincipalTypeMismatch { role } => {
-            let role = role.as_deref().unwrap_or(user);
+            // The SQL names the role this login used, never one the server merely mentions.
+            if role.as_deref().is_some_and(|named| named != user) {
+                return Some(failed().cause(format!(
+                    "the server names the role {:?}, not the login's {user:?}: check the host",
+                    role.as_deref().unwrap_or_default()
+                )));
+            }
+            let role = user;
             let kind = claims.kind();
             let object_type = if kind == PrincipalKind::User { "user" } else { "service" };
             let mut step = failed().cause(format!(
