@@ -23,6 +23,8 @@ const GSSENC_REQUEST: u32 = 80_877_104;
 const MAX_STARTUP_BYTES: u32 = 10_000;
 /// The largest password message read (tokens are a few KiB).
 const MAX_PASSWORD_BYTES: u32 = 64 * 1024;
+/// The CA certificate's file name in a trusted server's directory.
+const CA_FILE: &str = "ca.crt";
 /// How long one client may take over its whole exchange.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -75,6 +77,8 @@ pub enum LoginAnswer {
 #[derive(Debug)]
 pub struct ScriptedPostgres {
     port: u16,
+    /// With [`start_trusted`](Self::start_trusted): the CA's certificate, for clients.
+    ca: Option<tempfile::TempDir>,
     users: Arc<std::sync::Mutex<Vec<String>>>,
     passwords: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
@@ -124,6 +128,7 @@ impl ScriptedPostgres {
         });
         Ok(Self {
             port,
+            ca: None,
             users,
             passwords,
             connections,
@@ -131,9 +136,51 @@ impl ScriptedPostgres {
         })
     }
 
+    /// Starts a server with a certificate for `localhost` from a CA of its own, whose
+    /// certificate is kept in a file for clients: [`libpq_vars`](Self::libpq_vars) and
+    /// [`connector_builder`](Self::connector_builder) point at the server and trust it.
+    pub async fn start_trusted(answer: LoginAnswer) -> Result<Self, TestBedError> {
+        let ca = super::TestCa::generate("scripted PostgreSQL CA")?;
+        let dir = tempfile::Builder::new()
+            .prefix("pg-entra-scripted-")
+            .tempdir()?;
+        std::fs::write(dir.path().join(CA_FILE), ca.certificate_pem()?)?;
+        let mut server = Self::start(
+            TlsOffer::Certificate(ca.issue_server_certificate()?),
+            answer,
+        )
+        .await?;
+        server.ca = Some(dir);
+        Ok(server)
+    }
+
     /// The TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// With [`start_trusted`](Self::start_trusted), the file holding the CA's certificate.
+    pub fn ca_certificate_path(&self) -> Option<std::path::PathBuf> {
+        self.ca.as_ref().map(|dir| dir.path().join(CA_FILE))
+    }
+
+    /// `PGHOST=localhost`, `PGPORT` and, with [`start_trusted`](Self::start_trusted),
+    /// `PGSSLROOTCERT`: what a client needs to reach this server.
+    pub fn libpq_vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![
+            ("PGHOST".to_owned(), super::postgres::TEST_HOST.to_owned()),
+            ("PGPORT".to_owned(), self.port.to_string()),
+        ];
+        if let Some(path) = self.ca_certificate_path() {
+            vars.push(("PGSSLROOTCERT".to_owned(), path.display().to_string()));
+        }
+        vars
+    }
+
+    /// A connector builder aimed at this server (reading no other environment). Add a
+    /// credential.
+    pub fn connector_builder(&self) -> crate::ConnectorBuilder {
+        crate::Connector::builder().environment(crate::Environment::from_vars(self.libpq_vars()))
     }
 
     /// How many password messages clients have sent so far.

@@ -364,37 +364,11 @@ async fn a_token_for_another_audience() {
 /// the message is withheld, never the message, in text and in JSON.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_repeating_the_token_is_not_quoted() {
-    use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestCa, TlsOffer};
+    use pg_entra::testing::LoginAnswer;
 
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        LoginAnswer::RefuseRepeatingPassword,
-    )
-    .await
-    .unwrap();
     let principal = Principal::user_assigned("orders-api");
-    let identity = IdentityEndpoint::builder()
-        .principal(principal.clone())
-        .start()
-        .await
-        .unwrap();
-    let vars: Vec<(String, String)> = [
-        ("PGHOST", "localhost".to_owned()),
-        ("PGPORT", server.port().to_string()),
-        ("PGSSLROOTCERT", ca_file.display().to_string()),
-        (
-            "AZURE_POD_IDENTITY_AUTHORITY_HOST",
-            identity.authority_host(),
-        ),
-        ("AZURE_CLIENT_ID", principal.client_id().to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let (server, _identity, vars) =
+        scripted(LoginAnswer::RefuseRepeatingPassword, &principal).await;
     let run = doctor(&vars, &[]).await;
     assert_stopped_at(&run, 7, LOGIN_REFUSED);
     run.assert_says("(SQLSTATE 28P01) with a message that quoted the access token");
@@ -420,39 +394,25 @@ async fn scripted(
 ) -> (
     pg_entra::testing::ScriptedPostgres,
     IdentityEndpoint,
-    tempfile::TempDir,
     Vec<(String, String)>,
 ) {
-    use pg_entra::testing::{ScriptedPostgres, TestCa, TlsOffer};
-
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        answer,
-    )
-    .await
-    .unwrap();
+    let server = pg_entra::testing::ScriptedPostgres::start_trusted(answer)
+        .await
+        .unwrap();
     let identity = IdentityEndpoint::builder()
         .principal(principal.clone())
         .start()
         .await
         .unwrap();
-    let mut vars: Vec<(String, String)> = vec![
-        ("PGHOST".into(), "localhost".into()),
-        ("PGPORT".into(), server.port().to_string()),
-        ("PGSSLROOTCERT".into(), ca_file.display().to_string()),
-        (
-            "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
-            identity.authority_host(),
-        ),
-    ];
+    let mut vars = server.libpq_vars();
+    vars.push((
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST".into(),
+        identity.authority_host(),
+    ));
     if !principal.is_system_assigned() {
         vars.push(("AZURE_CLIENT_ID".into(), principal.client_id().into()));
     }
-    (server, identity, dir, vars)
+    (server, identity, vars)
 }
 
 /// Each of Azure's refusal texts gets its own cause in the login step, not the same advice.
@@ -505,7 +465,7 @@ async fn each_refusal_is_diagnosed_by_what_the_server_said() {
         ),
     ];
     for (answer, says) in table {
-        let (_server, _identity, _dir, vars) = scripted(answer.clone(), &principal).await;
+        let (_server, _identity, vars) = scripted(answer.clone(), &principal).await;
         let run = doctor(&vars, &[]).await;
         assert_stopped_at(&run, 7, LOGIN_REFUSED);
         run.assert_says(says);

@@ -95,11 +95,7 @@ fn describe(error: &pg_entra::Error) -> String {
 async fn a_notice_repeating_the_password_is_not_logged() {
     use std::sync::Arc;
 
-    use pg_entra::testing::{
-        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
-    };
-    use pg_entra::{Connector, Environment};
-
+    use pg_entra::testing::{FakeCredential, LoginAnswer, Principal, ScriptedPostgres};
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
@@ -108,22 +104,11 @@ async fn a_notice_repeating_the_password_is_not_logged() {
         .finish();
     // This test's runtime runs on this thread, the connection's task included.
     let _guard = tracing::subscriber::set_default(subscriber);
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        LoginAnswer::AcceptNoticingPassword,
-    )
-    .await
-    .unwrap();
-    let connector = Connector::builder()
-        .environment(Environment::from_vars([
-            ("PGHOST", "localhost".to_owned()),
-            ("PGPORT", server.port().to_string()),
-            ("PGSSLROOTCERT", ca_file.display().to_string()),
-        ]))
+    let server = ScriptedPostgres::start_trusted(LoginAnswer::AcceptNoticingPassword)
+        .await
+        .unwrap();
+    let connector = server
+        .connector_builder()
         .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
             "orders-api",
         ))))
@@ -151,27 +136,12 @@ async fn a_notice_repeating_the_password_is_not_logged() {
 async fn a_server_repeating_the_password_is_not_quoted() {
     use std::sync::Arc;
 
-    use pg_entra::testing::{
-        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
-    };
-    use pg_entra::{Connector, Environment};
-
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        LoginAnswer::RefuseRepeatingPassword,
-    )
-    .await
-    .unwrap();
-    let connector = Connector::builder()
-        .environment(Environment::from_vars([
-            ("PGHOST", "localhost".to_owned()),
-            ("PGPORT", server.port().to_string()),
-            ("PGSSLROOTCERT", ca_file.display().to_string()),
-        ]))
+    use pg_entra::testing::{FakeCredential, LoginAnswer, Principal, ScriptedPostgres};
+    let server = ScriptedPostgres::start_trusted(LoginAnswer::RefuseRepeatingPassword)
+        .await
+        .unwrap();
+    let connector = server
+        .connector_builder()
         .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
             "orders-api",
         ))))

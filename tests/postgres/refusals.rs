@@ -14,27 +14,13 @@ struct Rig {
     server: ScriptedPostgres,
     credential: Arc<FakeCredential>,
     connector: Connector,
-    _dir: tempfile::TempDir,
 }
 
 async fn rig(answer: LoginAnswer) -> Rig {
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        answer,
-    )
-    .await
-    .unwrap();
+    let server = ScriptedPostgres::start_trusted(answer).await.unwrap();
     let credential = Arc::new(FakeCredential::new(Principal::user_assigned("orders-api")));
-    let connector = Connector::builder()
-        .environment(Environment::from_vars([
-            ("PGHOST", "localhost".to_owned()),
-            ("PGPORT", server.port().to_string()),
-            ("PGSSLROOTCERT", ca_file.display().to_string()),
-        ]))
+    let connector = server
+        .connector_builder()
         .credential(credential.clone())
         .build()
         .unwrap();
@@ -42,7 +28,6 @@ async fn rig(answer: LoginAnswer) -> Rig {
         server,
         credential,
         connector,
-        _dir: dir,
     }
 }
 

@@ -315,27 +315,12 @@ async fn wait_for(done: impl Fn() -> bool) {
 /// SQLSTATE and nothing of the token, and sends no second token.
 #[tokio::test]
 async fn a_refusal_repeating_the_token_is_withheld() {
-    use pg_entra::testing::{
-        FakeCredential, LoginAnswer, Principal, ScriptedPostgres, TestCa, TlsOffer,
-    };
-    use pg_entra::{Connector, Environment};
-
-    let ca = TestCa::generate("scripted CA").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, ca.certificate_pem().unwrap()).unwrap();
-    let server = ScriptedPostgres::start(
-        TlsOffer::Certificate(ca.issue_server_certificate().unwrap()),
-        LoginAnswer::RefuseRepeatingPassword,
-    )
-    .await
-    .unwrap();
-    let connector = Connector::builder()
-        .environment(Environment::from_vars([
-            ("PGHOST", "localhost".to_owned()),
-            ("PGPORT", server.port().to_string()),
-            ("PGSSLROOTCERT", ca_file.display().to_string()),
-        ]))
+    use pg_entra::testing::{FakeCredential, LoginAnswer, Principal, ScriptedPostgres};
+    let server = ScriptedPostgres::start_trusted(LoginAnswer::RefuseRepeatingPassword)
+        .await
+        .unwrap();
+    let connector = server
+        .connector_builder()
         .credential(std::sync::Arc::new(FakeCredential::new(
             Principal::user_assigned("orders-api"),
         )))
