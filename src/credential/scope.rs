@@ -52,7 +52,7 @@ impl Scope {
             return Err(format!("{text:?} is not a token scope: {expected}"));
         }
         Ok(Self {
-            resource: resource.to_owned(),
+            resource: lower_case_host(resource),
         })
     }
 
@@ -65,6 +65,23 @@ impl Scope {
     pub(crate) fn scope(&self) -> String {
         format!("{}{DEFAULT_SUFFIX}", self.resource)
     }
+}
+
+/// `resource` with the scheme and host of an `https`/`http` URI in lower case (they are case
+/// blind; the audience Entra mints is compared exactly); anything else as given.
+fn lower_case_host(resource: &str) -> String {
+    let Some((scheme, rest)) = resource.split_once("://") else {
+        return resource.to_owned();
+    };
+    if !scheme.eq_ignore_ascii_case("https") && !scheme.eq_ignore_ascii_case("http") {
+        return resource.to_owned();
+    }
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    format!(
+        "{}://{}{path}",
+        scheme.to_ascii_lowercase(),
+        host.to_ascii_lowercase()
+    )
 }
 
 /// An application ID URI (`https://…`, `http://…`, `api://…`) or an application id (a GUID).
@@ -130,6 +147,7 @@ mod tests {
             format!("{RESOURCE}/.DEFAULT"),
             format!("{RESOURCE}//.default"),
             format!(" {RESOURCE}/.default "),
+            "HTTPS://OSSRDBMS-AAD.database.windows.net".to_owned(),
         ] {
             let scope = Scope::parse(&given).unwrap();
             assert_eq!(scope.resource(), RESOURCE, "{given}");

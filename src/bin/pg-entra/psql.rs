@@ -32,7 +32,7 @@ pub(crate) struct PsqlArgs {
 /// libpq's variables that choose where and how to connect. psql gets none of them: the
 /// connection string it is given says all of that (values there beat variables, but a
 /// variable for a keyword left out, `PGSERVICE` or `PGHOSTADDR` say, would still count).
-const LIBPQ_CONNECTION_VARS: [&str; 33] = [
+const LIBPQ_CONNECTION_VARS: [&str; 32] = [
     "PGHOST",
     "PGHOSTADDR",
     "PGPORT",
@@ -60,7 +60,6 @@ const LIBPQ_CONNECTION_VARS: [&str; 33] = [
     "PGKRBSRVNAME",
     "PGGSSLIB",
     "PGCONNECT_TIMEOUT",
-    "PGCLIENTENCODING",
     "PGTARGETSESSIONATTRS",
     "PGLOADBALANCEHOSTS",
     "PGCHANNELBINDING",

@@ -15,7 +15,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, value_name = "HOST")]
     pub(crate) host: Option<String>,
     /// The server's port [default: $PGPORT, else 5432].
-    #[arg(long, value_name = "PORT")]
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) port: Option<u16>,
     /// The database [default: $PGDATABASE, else postgres].
     #[arg(long, value_name = "NAME")]

@@ -264,6 +264,13 @@ fn password_refused(
     step = step.cause(format!(
         "no role {user} exists for this principal on this server: an Entra administrator runs the SQL of step 5"
     ));
+    // Single Server's roles are made with CREATE ROLE (step 5), not pgaadauth.
+    if server.single_server {
+        return step
+            .cause("the role was created with another application id as its password (Single Server binds a role to an application id, not an object id)")
+            .cause("no Active Directory admin is set on the server (Single Server: Active Directory admin)")
+            .cause("the server belongs to another Entra tenant than the token (see tid in step 3)");
+    }
     if kind.is_managed_identity() {
         step = step.cause(
             "the role was created for another identity of the same name (a deleted and recreated identity has a new object id): drop it and create it again with pgaadauth_create_principal_with_oid",
