@@ -58,8 +58,25 @@ const DEFAULT_FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// The background task re-reads the wall clock at least this often (a suspended machine's
 /// monotonic timers do not notice the time it slept).
 const BACKGROUND_MAX_SLEEP: Duration = Duration::from_secs(60);
-/// The error of a refresh whose runtime shut down before it finished.
-const CANCELLED: &str = "the token refresh was cancelled (its runtime shut down)";
+/// The error of a refresh whose runtime shut down before it finished (told apart by its
+/// type, inside the `azure_core` error the refresh ends with).
+#[derive(Debug)]
+struct RefreshCancelled;
+
+impl fmt::Display for RefreshCancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the token refresh was cancelled (its runtime shut down)")
+    }
+}
+
+impl std::error::Error for RefreshCancelled {}
+
+fn cancelled() -> Arc<azure_core::Error> {
+    Arc::new(azure_core::Error::new(
+        ErrorKind::Credential,
+        RefreshCancelled,
+    ))
+}
 
 /// How waiting for a refresh ended without a token.
 enum RefreshWait {
@@ -71,9 +88,7 @@ enum RefreshWait {
 impl RefreshWait {
     fn into_error(self, inner: &Inner) -> Error {
         match self {
-            RefreshWait::Cancelled => inner.failure(Some(Arc::new(
-                azure_core::Error::with_message(ErrorKind::Credential, CANCELLED),
-            ))),
+            RefreshWait::Cancelled => inner.failure(Some(cancelled())),
             RefreshWait::Failed(error) => error,
         }
     }
@@ -468,7 +483,10 @@ impl Inner {
             }
         };
         refresh.await.map_err(|cause| {
-            if cause.to_string() == CANCELLED {
+            let was_cancelled = cause
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<RefreshCancelled>().is_some());
+            if was_cancelled {
                 RefreshWait::Cancelled
             } else {
                 RefreshWait::Failed(self.failure(Some(cause)))
@@ -516,14 +534,14 @@ impl Inner {
                 // another refresh at once. Cancelled (its runtime shut down): free the slot
                 // only; a caller on a live runtime starts the next one.
                 Err(join_error) => {
-                    let error = Arc::new(azure_core::Error::with_message(
-                        ErrorKind::Credential,
-                        if join_error.is_panic() {
-                            "the token refresh panicked"
-                        } else {
-                            CANCELLED
-                        },
-                    ));
+                    let error = if join_error.is_panic() {
+                        Arc::new(azure_core::Error::with_message(
+                            ErrorKind::Credential,
+                            "the token refresh panicked",
+                        ))
+                    } else {
+                        cancelled()
+                    };
                     if let Some(inner) = weak.upgrade() {
                         let now = inner.clock.now();
                         let mut state = inner.lock_state();

@@ -189,11 +189,8 @@ impl Connector {
     /// refresh, or with a token for the PostgreSQL resource the server names.
     async fn connect_logged_in(&self) -> Result<(Client, Connection, Token), Error> {
         // A server that named its resource before is asked with a token for it at once.
-        let tokens = self
-            .inner
-            .named_resource
-            .load_full()
-            .map_or_else(|| self.inner.tokens.clone(), |cache| (*cache).clone());
+        let named = self.inner.named_resource.load_full();
+        let tokens = named.as_deref().unwrap_or(&self.inner.tokens);
         let token = tokens.token().await?;
         let error = match self.connect_once(&token).await {
             Ok((client, connection)) => return Ok((client, connection, token)),
@@ -702,10 +699,7 @@ impl ConnectorBuilder {
             }
             (Some(cache), None) => cache,
             (None, credential) => {
-                let cloud = self
-                    .cloud
-                    .or_else(|| hosts.iter().find_map(|h| Cloud::from_host(h)))
-                    .unwrap_or_default();
+                let cloud = connector_cloud;
                 // The server kind's own scope (Cosmos DB for PostgreSQL has one), unless a
                 // scope was chosen, or a cloud the host does not belong to.
                 let scope = self.scope.unwrap_or_else(|| {
