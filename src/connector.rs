@@ -233,10 +233,12 @@ impl Connector {
     ) -> Result<(Client, Connection, Token), Error> {
         if !self.may_follow(resource) {
             return Err(match refused {
-                Error::Postgres { source } => Error::UnexpectedResource {
-                    resource: resource.to_owned(),
-                    source,
-                },
+                Error::Postgres { source } | Error::PoolerRefused { source, .. } => {
+                    Error::UnexpectedResource {
+                        resource: resource.to_owned(),
+                        source,
+                    }
+                }
                 other => other,
             });
         }

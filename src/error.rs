@@ -132,6 +132,18 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A login was refused with SQLSTATE `08P01`: what PgBouncer (Azure's built-in pooler, on
+    /// port 6432) answers both for its own refusals and when relaying the server's refusal
+    /// of the token. [`Error::login_refusal`] reads which, knowing the token's length.
+    #[error("the server or a connection pooler in front of it refused the login (SQLSTATE 08P01)")]
+    PoolerRefused {
+        /// The length of the refused token, in bytes: PgBouncer up to 1.25 keeps 2,047.
+        token_bytes: usize,
+        /// The tokio-postgres error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
     /// The server refused the token's audience and named a resource that is not an Azure
     /// Database for PostgreSQL audience: no token is requested for it (a server must not be
     /// able to have a token minted for Microsoft Graph or Azure Resource Manager and sent to
@@ -247,6 +259,12 @@ impl Error {
                 code: error.code().map(|code| code.code().to_owned()),
             };
         }
+        if error.code() == Some(&tokio_postgres::error::SqlState::PROTOCOL_VIOLATION) {
+            return Error::PoolerRefused {
+                token_bytes: password.len(),
+                source: error,
+            };
+        }
         Error::from_postgres(error)
     }
 
@@ -257,6 +275,13 @@ impl Error {
             Error::Postgres { source } => {
                 let db = source.as_db_error()?;
                 crate::LoginRefusal::classify(db.code().code(), db.message())
+            }
+            Error::PoolerRefused {
+                token_bytes,
+                source,
+            } => {
+                let db = source.as_db_error()?;
+                crate::LoginRefusal::classify_login(db.code().code(), db.message(), *token_bytes)
             }
             Error::UnexpectedResource { resource, .. } => {
                 Some(crate::LoginRefusal::WrongAudience {
@@ -282,6 +307,14 @@ impl Error {
                 .as_deref()
                 .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code)),
             Error::UnexpectedResource { .. } => true,
+            // PgBouncer's code: the server's refusal it relays counts, its own does not.
+            Error::PoolerRefused { .. } => self.login_refusal().is_some_and(|refusal| {
+                !matches!(
+                    refusal,
+                    crate::LoginRefusal::PoolerRefusedLongPassword
+                        | crate::LoginRefusal::PoolerLoginRetryWait
+                )
+            }),
             _ => false,
         }
     }
@@ -330,7 +363,9 @@ impl Error {
                 "set PGUSER (or the connector's user) to the Entra principal's name; a service \
                  principal's token never carries it",
             ),
-            Error::Postgres { .. } | Error::UnexpectedResource { .. } => {
+            Error::Postgres { .. }
+            | Error::PoolerRefused { .. }
+            | Error::UnexpectedResource { .. } => {
                 self.login_refusal().map(|refusal| refusal.hint())
             }
             Error::PostgresMessageWithheld { .. } => Some(

@@ -8,6 +8,19 @@
 //! azure-sdk-for-java#42632), a token PostgreSQL could not validate (another tenant, or a
 //! plain password for an Entra role), a role made for another principal type, and PgBouncer
 //! refusing a password as long as a token (`08P01`).
+//!
+//! PgBouncer answers a client with SQLSTATE `08P01` whatever happened: its own refusals, and
+//! the server's refusal of the login it made with the client's password, whose text it
+//! relays. So under `08P01` the text decides too, and a `password authentication failed`
+//! for a token longer than PgBouncer keeps is PgBouncer's cut, not the server's verdict
+//! (measured against PgBouncer 1.18 in `tests/postgres/pgbouncer.rs`).
+
+/// The longest password PgBouncer 1.17 to 1.25 keeps, in bytes (`MAX_PASSWORD` is 2,048
+/// with the terminating zero). A longer one reaches the server cut short (PAM, as Azure's
+/// pooler passes tokens on) or is refused (`password too long`); from 4,091 bytes the
+/// password message no longer fits PgBouncer's 4 KiB packet buffer (`client sent partial
+/// pkt in startup phase`). Upstream raised the limit in July 2026 (pgbouncer#1310).
+pub(crate) const PGBOUNCER_LONGEST_PASSWORD: usize = 2047;
 
 /// Why the server refused a login, read from its SQLSTATE and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +54,15 @@ pub enum LoginRefusal {
     /// No refresh helps.
     OtherAuthorization,
     /// SQLSTATE `08P01` from a connection pooler (`client sent partial pkt in startup
-    /// phase`, `password too long`): not a token refusal. Older PgBouncer versions (Azure's
-    /// built-in one listens on port 6432) refuse passwords as long as an Entra token.
+    /// phase`, `password too long`, or the server's `password authentication failed` for a
+    /// token longer than the 2,047 bytes PgBouncer 1.17–1.25 keep): not a token refusal.
+    /// Azure's built-in PgBouncer listens on port 6432.
     PoolerRefusedLongPassword,
+    /// `server login has been failing, try again later (server_login_retry)`: PgBouncer's
+    /// last login to the server for this database and user failed (an expired or revoked
+    /// token, say), and it turns new server logins away for `server_login_retry` seconds
+    /// (15 by default). Connections it already pools keep working. No refresh helps now.
+    PoolerLoginRetryWait,
 }
 
 /// What the connector does about a refusal.
@@ -63,13 +82,39 @@ impl LoginRefusal {
     pub fn classify(code: &str, message: &str) -> Option<Self> {
         let lower = message.to_ascii_lowercase();
         if code == "08P01" {
-            return (lower.contains("partial pkt") || lower.contains("password too long"))
-                .then_some(LoginRefusal::PoolerRefusedLongPassword);
+            if lower.contains("partial pkt") || lower.contains("password too long") {
+                return Some(LoginRefusal::PoolerRefusedLongPassword);
+            }
+            if lower.contains("server_login_retry") {
+                return Some(LoginRefusal::PoolerLoginRetryWait);
+            }
+            // PgBouncer relaying the server's refusal: the server's text, PgBouncer's code.
+            return Some(Self::from_text(message, &lower))
+                .filter(|refusal| *refusal != LoginRefusal::OtherAuthorization);
         }
         if !code.starts_with("28") {
             return None;
         }
-        Some(if lower.contains("access token has expired") {
+        Some(Self::from_text(message, &lower))
+    }
+
+    /// As [`classify`](Self::classify), knowing the refused password was `password_bytes`
+    /// long: a pooler's `password authentication failed` for a password longer than
+    /// PgBouncer keeps is its cut, not the server's verdict on the token.
+    pub(crate) fn classify_login(code: &str, message: &str, password_bytes: usize) -> Option<Self> {
+        let refusal = Self::classify(code, message)?;
+        if code == "08P01"
+            && password_bytes > PGBOUNCER_LONGEST_PASSWORD
+            && refusal == LoginRefusal::PasswordFailed
+        {
+            return Some(LoginRefusal::PoolerRefusedLongPassword);
+        }
+        Some(refusal)
+    }
+
+    /// The refusal a server's message names; `OtherAuthorization` when it names none.
+    fn from_text(message: &str, lower: &str) -> Self {
+        if lower.contains("access token has expired") {
             LoginRefusal::TokenExpired
         } else if lower.contains("valid audience claim") {
             LoginRefusal::WrongAudience {
@@ -85,7 +130,7 @@ impl LoginRefusal {
             LoginRefusal::PasswordFailed
         } else {
             LoginRefusal::OtherAuthorization
-        })
+        }
     }
 
     /// What the connector does about it.
@@ -137,10 +182,16 @@ impl LoginRefusal {
                  firewall rules"
             }
             LoginRefusal::PoolerRefusedLongPassword => {
-                "a connection pooler refused the password for its length, not the token: an \
-                 older PgBouncer (Azure's built-in one is on port 6432) cannot take a password \
-                 as long as an Entra token; connect to port 5432, or use a PgBouncer that takes \
-                 long passwords"
+                "a connection pooler refused the password for its length, not the token: \
+                 PgBouncer up to 1.25 (Azure's built-in one is on port 6432) keeps at most \
+                 2,047 bytes of a password, and Entra tokens grow past that with group claims; \
+                 connect to port 5432, or use a PgBouncer that takes longer passwords"
+            }
+            LoginRefusal::PoolerLoginRetryWait => {
+                "PgBouncer's last login to the server for this user failed, so it turns new \
+                 logins away for server_login_retry seconds (15 by default); its pooled \
+                 connections keep working and a new connection after the wait gets in. If it \
+                 persists, connect to port 5432 once to see the server's own refusal"
             }
         }
     }
@@ -159,7 +210,7 @@ mod tests {
 
     #[test]
     fn each_text_and_sqlstate() {
-        let cases: [(&str, &str, Option<LoginRefusal>); 12] = [
+        let cases: [(&str, &str, Option<LoginRefusal>); 16] = [
             (
                 "28P01",
                 "The access token has expired",
@@ -215,6 +266,23 @@ mod tests {
                 Some(LoginRefusal::PoolerRefusedLongPassword),
             ),
             ("08P01", "invalid startup packet layout", None),
+            (
+                "08P01",
+                "server login has been failing, try again later (server_login_retry)",
+                Some(LoginRefusal::PoolerLoginRetryWait),
+            ),
+            // PgBouncer relays the server's refusal under its own code.
+            (
+                "08P01",
+                "The access token has expired",
+                Some(LoginRefusal::TokenExpired),
+            ),
+            (
+                "08P01",
+                "password authentication failed for user \"orders-api\"",
+                Some(LoginRefusal::PasswordFailed),
+            ),
+            ("08P01", "no such database: orders", None),
             ("XX000", "The access token has expired", None),
         ];
         for (code, message, expected) in cases {
@@ -224,6 +292,25 @@ mod tests {
                 "{code} {message}"
             );
         }
+    }
+
+    /// Past 2,047 bytes, a relayed `password authentication failed` is PgBouncer's cut.
+    #[test]
+    fn a_long_token_refused_through_a_pooler_is_its_length() {
+        let failed = "password authentication failed for user \"orders-api\"";
+        assert_eq!(
+            LoginRefusal::classify_login("08P01", failed, PGBOUNCER_LONGEST_PASSWORD),
+            Some(LoginRefusal::PasswordFailed)
+        );
+        assert_eq!(
+            LoginRefusal::classify_login("08P01", failed, PGBOUNCER_LONGEST_PASSWORD + 1),
+            Some(LoginRefusal::PoolerRefusedLongPassword)
+        );
+        // Straight from PostgreSQL (28P01) the length says nothing.
+        assert_eq!(
+            LoginRefusal::classify_login("28P01", failed, 5000),
+            Some(LoginRefusal::PasswordFailed)
+        );
     }
 
     #[test]
@@ -244,6 +331,7 @@ mod tests {
             LoginRefusal::PrincipalTypeMismatch { role: None },
             LoginRefusal::OtherAuthorization,
             LoginRefusal::PoolerRefusedLongPassword,
+            LoginRefusal::PoolerLoginRetryWait,
         ] {
             assert_eq!(no.retry(), Retry::No, "{no:?}");
         }

@@ -71,7 +71,7 @@ use tokio::sync::oneshot;
 
 use crate::cache::TokenUpdates;
 use crate::connector::Connector;
-use crate::error::{AUTH_FAILURE_SQLSTATES, Error};
+use crate::error::Error;
 use crate::refusal::Retry;
 use crate::tls::{only_root_certificate_pem, root_certificate_file};
 use crate::token::Token;
@@ -398,10 +398,10 @@ fn withheld(error: sqlx::Error, tokens: &[&str]) -> sqlx::Error {
 /// Only refusals a refreshed token can cure count ([`LoginRefusal`](crate::LoginRefusal)).
 fn login_refused(error: &sqlx::Error) -> bool {
     match error {
+        // Through PgBouncer the server's refusal arrives as 08P01: `classify` reads both.
         sqlx::Error::Database(error) => error.code().is_some_and(|code| {
-            AUTH_FAILURE_SQLSTATES.contains(&code.as_ref())
-                && crate::LoginRefusal::classify(&code, error.message())
-                    .is_some_and(|refusal| refusal.retry() == Retry::WithRefreshedToken)
+            crate::LoginRefusal::classify(&code, error.message())
+                .is_some_and(|refusal| refusal.retry() == Retry::WithRefreshedToken)
         }),
         _ => false,
     }

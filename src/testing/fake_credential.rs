@@ -110,7 +110,7 @@ impl TokenCredential for FakeCredential {
         }
         let issued = OffsetDateTime::from(self.clock.now());
         let expires = issued + self.lifetime;
-        let token = mint(&self.principal, scope.resource(), issued, expires);
+        let token = mint(&self.principal, scope.resource(), issued, expires, 0);
         Ok(AccessToken::new(token, expires))
     }
 }

@@ -159,7 +159,7 @@ impl Principal {
 }
 
 /// A stable UUID-shaped id derived from a name, so test output is reproducible.
-fn uuid_from(name: &str, salt: &str) -> String {
+pub(crate) fn uuid_from(name: &str, salt: &str) -> String {
     let half = |extra: u8| {
         let mut hasher = DefaultHasher::new();
         (name, salt, extra).hash(&mut hasher);

@@ -16,12 +16,15 @@ pub(crate) const TEST_TENANT_ID: &str = "72f988bf-0000-4000-8000-00000000c0de";
 /// Makes every token distinct even within one second.
 static SERIAL: AtomicU64 = AtomicU64::new(0);
 
-/// A token for `principal` and `audience`, issued at `issued`, expiring at `expires`.
+/// A token for `principal` and `audience`, issued at `issued`, expiring at `expires`, naming
+/// `groups` group object ids in a `groups` claim (Entra lists up to 200 in a JWT; each adds
+/// about 52 bytes to the token).
 pub(crate) fn mint(
     principal: &Principal,
     audience: &str,
     issued: OffsetDateTime,
     expires: OffsetDateTime,
+    groups: usize,
 ) -> String {
     let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "kid": "pg-entra-test-key"});
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
@@ -64,6 +67,12 @@ pub(crate) fn mint(
                 home.into()
             };
         }
+    }
+    if groups > 0 {
+        payload["groups"] = (0..groups)
+            .map(|i| super::identity::uuid_from(&i.to_string(), "group"))
+            .collect::<Vec<_>>()
+            .into();
     }
     // Entra signs with RSA-2048: 256 bytes of signature, like the real thing in size.
     let signature: Vec<u8> = (0..256).map(|_| (unit_random() * 256.0) as u8).collect();

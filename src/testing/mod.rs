@@ -45,6 +45,8 @@ mod endpoint;
 #[cfg(feature = "testing")]
 mod pgaadauth;
 #[cfg(feature = "testing")]
+mod pgbouncer;
+#[cfg(feature = "testing")]
 mod postgres;
 #[cfg(feature = "testing")]
 mod scripted_postgres;
@@ -67,6 +69,9 @@ pub use certs::{ServerCertificate, TestCa};
 pub use endpoint::{
     ExpiresOnFormat, HoldGuard, IdentityEndpoint, IdentityEndpointBuilder, RecordedRequest, Reply,
 };
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub use pgbouncer::{LocalPgBouncer, PGBOUNCER_VAR, PoolMode};
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub use postgres::{LocalPostgres, PasswordSetter};

@@ -17,7 +17,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -25,7 +25,7 @@ use time::format_description::well_known::Rfc3339;
 use tokio_postgres::{Client, NoTls};
 
 use super::TestBedError;
-use super::certs::TestCa;
+use super::certs::{ServerCertificate, TestCa};
 use crate::connector::{Connector, ConnectorBuilder};
 use crate::environment::Environment;
 
@@ -48,7 +48,28 @@ pub struct LocalPostgres {
     port: u16,
     as_server_account: bool,
     superuser_password: Arc<str>,
+    /// The CA and the server certificate, kept in memory so that a standby or a PgBouncer
+    /// gets its own copies without reading files the server's account could have replaced.
+    tls: Arc<TlsMaterial>,
+    /// This server and its standbys: where the identity endpoint sets role passwords.
+    cluster: Cluster,
 }
+
+/// The CA certificate and the server's certificate and key, PEM.
+pub(crate) struct TlsMaterial {
+    pub(crate) ca_pem: Vec<u8>,
+    pub(crate) server: ServerCertificate,
+}
+
+/// Where a server of the bed listens: its Unix socket directory and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerAddress {
+    socket_dir: PathBuf,
+    port: u16,
+}
+
+/// A primary and its standbys, shared by each of them and by their [`PasswordSetter`]s.
+type Cluster = Arc<Mutex<Vec<ServerAddress>>>;
 
 impl fmt::Debug for LocalPostgres {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,10 +103,7 @@ impl LocalPostgres {
         let as_server_account = running_as_root();
         // Only the account that runs the server (and root) may enter: the socket, the keys
         // and the data are inside.
-        let dir = tempfile::Builder::new()
-            .prefix("pg-entra-")
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir()?;
+        let dir = new_bed_dir()?;
         let data = dir.path().join("data");
         let tls = dir.path().join("tls");
         std::fs::create_dir(&tls)?;
@@ -93,10 +111,11 @@ impl LocalPostgres {
 
         // Everything root writes, it writes before the directory changes hands.
         let ca = TestCa::generate("pg-entra test CA")?;
-        let server = ca.issue_server_certificate()?;
-        std::fs::write(tls.join("ca.crt"), ca.certificate_pem()?)?;
-        std::fs::write(tls.join("server.crt"), &server.certificate_pem)?;
-        write_private(&tls.join("server.key"), &server.key_pem)?;
+        let material = Arc::new(TlsMaterial {
+            ca_pem: ca.certificate_pem()?,
+            server: ca.issue_server_certificate()?,
+        });
+        material.write_to(&tls)?;
         let superuser_password = random_password()?;
         let password_file = dir.path().join("superuser.password");
         write_private(&password_file, superuser_password.as_bytes())?;
@@ -112,6 +131,8 @@ impl LocalPostgres {
             port: 0,
             as_server_account,
             superuser_password: superuser_password.into(),
+            tls: material,
+            cluster: Cluster::default(),
         };
         let password_file_option = {
             let mut option = std::ffi::OsString::from("--pwfile=");
@@ -140,6 +161,7 @@ impl LocalPostgres {
         postgres.write_file(
             &data.join("pg_hba.conf"),
             "local   all  postgres                 scram-sha-256\n\
+             local   replication  postgres         scram-sha-256\n\
              local   all  all                      reject\n\
              hostssl all  postgres  127.0.0.1/32   reject\n\
              hostssl all  postgres  ::1/128        reject\n\
@@ -167,20 +189,142 @@ impl LocalPostgres {
              full_page_writes = off\n"
         );
         postgres.write_file(&data.join("postgresql.conf"), &settings, WriteMode::Append)?;
+        postgres.start_on_a_free_port()?;
+        Ok(postgres)
+    }
 
+    /// Starts the server on a free port and records it in the cluster.
+    fn start_on_a_free_port(&mut self) -> Result<(), TestBedError> {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            postgres.port = free_port()?;
-            match postgres.pg_ctl_start() {
+            self.port = free_port()?;
+            match self.pg_ctl_start() {
                 Ok(()) => {
-                    tracing::debug!(port = postgres.port, dir = %postgres.dir.path().display(), "test PostgreSQL started");
-                    return Ok(postgres);
+                    tracing::debug!(port = self.port, dir = %self.dir.path().display(), "test PostgreSQL started");
+                    lock(&self.cluster).push(self.address());
+                    return Ok(());
                 }
                 // Another process may have taken the port between probe and bind.
                 Err(error) => last_error = Some(error),
             }
         }
         Err(last_error.unwrap_or_else(|| TestBedError::message("PostgreSQL did not start")))
+    }
+
+    /// Starts a streaming standby of this server (`pg_basebackup -R`), as a read replica or
+    /// the high-availability standby: a server of its own, on its own port and in its own
+    /// directory, with the same certificate (for `localhost`) and roles, replaying what this
+    /// server writes. Role passwords set later reach it by replication; after
+    /// [`promote`](Self::promote) the identity endpoint sets them on it. Blocks for a second
+    /// or two on Tokio's blocking pool.
+    pub async fn start_standby(&self) -> Result<LocalPostgres, TestBedError> {
+        let seed = Self {
+            dir: new_bed_dir()?,
+            bindir: self.bindir.clone(),
+            port: 0,
+            as_server_account: self.as_server_account,
+            superuser_password: Arc::clone(&self.superuser_password),
+            tls: Arc::clone(&self.tls),
+            cluster: Arc::clone(&self.cluster),
+        };
+        let primary = self.address();
+        tokio::task::spawn_blocking(move || seed.start_standby_blocking(primary))
+            .await
+            .map_err(|e| TestBedError::new("the standby's start-up task failed", e))?
+    }
+
+    fn start_standby_blocking(
+        mut self,
+        primary: ServerAddress,
+    ) -> Result<LocalPostgres, TestBedError> {
+        let tls = self.dir.path().join("tls");
+        std::fs::create_dir(&tls)?;
+        std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))?;
+        self.tls.write_to(&tls)?;
+        // libpq's password file: the superuser password reaches pg_basebackup without a
+        // command line or an environment value another process could read.
+        let passfile = self.dir.path().join("superuser.pgpass");
+        write_private(
+            &passfile,
+            format!("*:*:*:*:{}\n", self.superuser_password).as_bytes(),
+        )?;
+        if self.as_server_account {
+            run(Command::new("chown")
+                .args(["-R", &format!("{SERVER_ACCOUNT}:")])
+                .arg(self.dir.path()))?;
+        }
+        let data = self.dir.path().join("data");
+        let port = primary.port.to_string();
+        let backup = self.run_tool_with_env(
+            "pg_basebackup",
+            &[("PGPASSFILE", passfile.as_os_str())],
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-h".as_ref(),
+                primary.socket_dir.as_os_str(),
+                "-p".as_ref(),
+                port.as_ref(),
+                "-U".as_ref(),
+                SUPERUSER.as_ref(),
+                "-R".as_ref(),
+                "-X".as_ref(),
+                "stream".as_ref(),
+                "-c".as_ref(),
+                "fast".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        );
+        self.remove_file(&passfile)?;
+        backup?;
+        // The copied settings name the primary's socket directory and certificate: later
+        // lines win.
+        let settings = format!(
+            "\n# pg-entra test bed: standby\n\
+             unix_socket_directories = '{}'\n\
+             ssl_cert_file = '{}/server.crt'\n\
+             ssl_key_file = '{}/server.key'\n",
+            self.dir.path().display(),
+            tls.display(),
+            tls.display()
+        );
+        self.write_file(&data.join("postgresql.conf"), &settings, WriteMode::Append)?;
+        self.start_on_a_free_port()?;
+        Ok(self)
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`), as a failover does; blocks
+    /// until it accepts writes. Stop the old primary first: the bed does not fence it.
+    pub fn promote(&self) -> Result<(), TestBedError> {
+        let data = self.dir.path().join("data");
+        self.run_tool(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                "60".as_ref(),
+                "promote".as_ref(),
+            ],
+        )
+    }
+
+    /// Whether this server is a standby (`pg_is_in_recovery()`).
+    pub async fn is_in_recovery(&self) -> Result<bool, TestBedError> {
+        let row = self
+            .admin()
+            .await?
+            .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    fn address(&self) -> ServerAddress {
+        ServerAddress {
+            socket_dir: self.dir.path().to_owned(),
+            port: self.port,
+        }
     }
 
     /// Stops the server with a fast shutdown, as a restart or a failover does: open sessions
@@ -286,7 +430,7 @@ impl LocalPostgres {
 
     /// A superuser session over the Unix socket (spawned on the current runtime).
     pub async fn admin(&self) -> Result<Client, TestBedError> {
-        self.password_setter().admin().await
+        admin_at(&self.address(), &self.superuser_password).await
     }
 
     /// Creates a login role with no password yet (an Entra principal's role).
@@ -298,13 +442,23 @@ impl LocalPostgres {
         Ok(())
     }
 
-    /// What the identity endpoint uses to set role passwords.
+    /// What the identity endpoint uses to set role passwords: on whichever server of this
+    /// one's cluster (itself, its standbys) accepts writes.
     pub fn password_setter(&self) -> PasswordSetter {
         PasswordSetter {
-            socket_dir: self.dir.path().to_owned(),
-            port: self.port,
+            cluster: Arc::clone(&self.cluster),
             superuser_password: Arc::clone(&self.superuser_password),
         }
+    }
+
+    /// The bed's certificates, for a PgBouncer in front of this server.
+    pub(crate) fn tls_material(&self) -> &Arc<TlsMaterial> {
+        &self.tls
+    }
+
+    /// Whether the bed runs its servers as the `postgres` account (it runs as root).
+    pub(crate) fn as_server_account(&self) -> bool {
+        self.as_server_account
     }
 
     /// The bed's directory (the server's Unix socket is in it): `0700`, owned by the account
@@ -384,6 +538,15 @@ impl LocalPostgres {
     }
 
     fn run_tool(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), TestBedError> {
+        self.run_tool_with_env(tool, &[], args)
+    }
+
+    fn run_tool_with_env(
+        &self,
+        tool: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        args: &[&std::ffi::OsStr],
+    ) -> Result<(), TestBedError> {
         let program = self.bindir.join(tool);
         let mut command = if self.as_server_account {
             self.as_server_account_command(&program)
@@ -405,6 +568,7 @@ impl LocalPostgres {
         ] {
             command.env_remove(var);
         }
+        command.envs(env.iter().copied());
         run(&mut command).map_err(|e| {
             let log = self.log();
             if log.is_empty() {
@@ -418,6 +582,8 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
+        let address = self.address();
+        lock(&self.cluster).retain(|server| *server != address);
         let data = self.dir.path().join("data");
         // A start-up cut short may have left a server running before its port was recorded.
         if self.port == 0 && !data.join("postmaster.pid").exists() {
@@ -450,36 +616,35 @@ enum WriteMode {
 /// Sets role passwords over a superuser session.
 #[derive(Clone)]
 pub struct PasswordSetter {
-    socket_dir: PathBuf,
-    port: u16,
+    cluster: Cluster,
     superuser_password: Arc<str>,
 }
 
 impl fmt::Debug for PasswordSetter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PasswordSetter")
-            .field("socket_dir", &self.socket_dir)
-            .field("port", &self.port)
+            .field("servers", &*lock(&self.cluster))
             .finish_non_exhaustive()
     }
 }
 
-impl PasswordSetter {
-    async fn admin(&self) -> Result<Client, TestBedError> {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host_path(&self.socket_dir)
-            .port(self.port)
-            .user(SUPERUSER)
-            .password(self.superuser_password.as_bytes())
-            .dbname("postgres")
-            .connect(NoTls)
-            .await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        Ok(client)
-    }
+/// A superuser session over the Unix socket of the server at `address`.
+async fn admin_at(address: &ServerAddress, password: &str) -> Result<Client, TestBedError> {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host_path(&address.socket_dir)
+        .port(address.port)
+        .user(SUPERUSER)
+        .password(password.as_bytes())
+        .dbname("postgres")
+        .connect(NoTls)
+        .await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
 
+impl PasswordSetter {
     /// `ALTER ROLE <role> PASSWORD <password> VALID UNTIL <valid_until>`: PostgreSQL then
     /// refuses the password once `valid_until` has passed, as Azure refuses an expired token.
     pub async fn set_password(
@@ -497,9 +662,48 @@ impl PasswordSetter {
             quote_literal(password),
             quote_literal(&until)
         );
-        self.admin().await?.batch_execute(&statement).await?;
-        Ok(())
+        // The server that accepts the write is the primary: a standby refuses it (read-only
+        // transaction), a stopped server refuses the connection. Standbys replay it.
+        let servers = lock(&self.cluster).clone();
+        let mut last_error = TestBedError::message("the bed has no running server");
+        for address in &servers {
+            let written = async {
+                admin_at(address, &self.superuser_password)
+                    .await?
+                    .batch_execute(&statement)
+                    .await?;
+                Ok::<_, TestBedError>(())
+            };
+            match written.await {
+                Ok(()) => return Ok(()),
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl TlsMaterial {
+    /// Writes `ca.crt`, `server.crt` and `server.key` (`0600`) into `dir`.
+    pub(crate) fn write_to(&self, dir: &Path) -> Result<(), TestBedError> {
+        std::fs::write(dir.join("ca.crt"), &self.ca_pem)?;
+        std::fs::write(dir.join("server.crt"), &self.server.certificate_pem)?;
+        write_private(&dir.join("server.key"), &self.server.key_pem)
+    }
+}
+
+/// A new bed directory: `0700`, so that only its owner (and root) may enter.
+pub(crate) fn new_bed_dir() -> Result<TempDir, TestBedError> {
+    Ok(tempfile::Builder::new()
+        .prefix("pg-entra-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()?)
 }
 
 fn quote_identifier(name: &str) -> String {
@@ -554,7 +758,7 @@ fn find_bindir() -> Result<PathBuf, TestBedError> {
     })
 }
 
-fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
@@ -631,6 +835,13 @@ mod tests {
             port: 0,
             as_server_account: true,
             superuser_password: "unused".into(),
+            tls: Arc::new(TlsMaterial {
+                ca_pem: Vec::new(),
+                server: TestCa::generate("unused")
+                    .and_then(|ca| ca.issue_server_certificate())
+                    .unwrap(),
+            }),
+            cluster: Cluster::default(),
         }
     }
 
@@ -687,8 +898,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 2 * SUPERUSER_PASSWORD_BYTES);
         let setter = PasswordSetter {
-            socket_dir: PathBuf::from("/tmp"),
-            port: 1,
+            cluster: Cluster::default(),
             superuser_password: a.clone().into(),
         };
         assert!(!format!("{setter:?}").contains(&a));

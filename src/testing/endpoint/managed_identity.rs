@@ -128,7 +128,8 @@ pub(super) async fn token_response(
     // PostgreSQL enforces.
     let issued = OffsetDateTime::now_utc().truncate_to_second();
     let expires = issued + lifetime;
-    let token = mint(principal, resource, issued, expires);
+    let groups = state.groups.load(Ordering::Relaxed);
+    let token = mint(principal, resource, issued, expires, groups);
     if let Some(setter) = &state.password_setter
         && let Err(error) = setter.set_password(principal.name(), &token, expires).await
     {

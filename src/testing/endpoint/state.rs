@@ -31,6 +31,8 @@ pub(super) const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 pub(super) struct EndpointState {
     pub(super) principals: Vec<Principal>,
     pub(super) lifetime: Mutex<Duration>,
+    /// How many group ids each token names (its `groups` claim).
+    pub(super) groups: AtomicUsize,
     pub(super) expires_on_format: Mutex<ExpiresOnFormat>,
     pub(super) script: Mutex<VecDeque<Reply>>,
     pub(super) requests: AtomicUsize,

@@ -85,6 +85,7 @@ fn diagnose(
         .unwrap_or_else(|| "postgres".into());
     let code = match error {
         pg_entra::Error::Postgres { source }
+        | pg_entra::Error::PoolerRefused { source, .. }
         | pg_entra::Error::UnexpectedResource { source, .. } => {
             source.code().map(|c| c.code().to_owned())
         }
@@ -92,6 +93,7 @@ fn diagnose(
     };
     let server_message = match error {
         pg_entra::Error::Postgres { source }
+        | pg_entra::Error::PoolerRefused { source, .. }
         | pg_entra::Error::UnexpectedResource { source, .. } => source
             .as_db_error()
             .map(|db| db.message().to_owned())
