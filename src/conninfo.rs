@@ -248,16 +248,21 @@ impl Settings {
                 self.target_session_attrs = Some(match value {
                     "any" => TargetSessionAttrs::Any,
                     "read-write" => TargetSessionAttrs::ReadWrite,
-                    "read-only" | "primary" | "standby" | "prefer-standby" => {
+                    "read-only" => TargetSessionAttrs::ReadOnly,
+                    // libpq's recovery-based choices: tokio-postgres has no way to ask for
+                    // them, and `read-only`/`read-write` differ from them only on a primary
+                    // with default_transaction_read_only on.
+                    "primary" | "standby" | "prefer-standby" => {
                         return Err(Error::unsupported(
                             "target_session_attrs",
                             format!(
                                 "target_session_attrs={value} is not supported (tokio-postgres knows \
-                             `any` and `read-write`)"
+                                 `any`, `read-write` and `read-only`; use `read-write` for the \
+                                 primary and `read-only` for a standby)"
                             ),
                         ));
                     }
-                    _ => return Err(invalid(key, value, "any or read-write")),
+                    _ => return Err(invalid(key, value, "any, read-write or read-only")),
                 });
             }
             "load_balance_hosts" => {

@@ -10,6 +10,8 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_postgres::config::TargetSessionAttrs;
+
 use futures_util::FutureExt as _;
 use pg_entra::testing::{FakeCredential, Principal};
 use pg_entra::{Connector, Environment, Error, TokenCache};
@@ -132,6 +134,8 @@ struct Reading {
     options: Option<String>,
     application_name: Option<String>,
     connect_timeout: Duration,
+    /// libpq's spelling of the session kind asked for.
+    target_session_attrs: String,
 }
 
 /// The connector's reading of `conninfo` (no environment).
@@ -162,6 +166,13 @@ fn ours(cache: &TokenCache, conninfo: &str) -> Result<Reading, Error> {
         options: config.get_options().map(str::to_owned),
         application_name: config.get_application_name().map(str::to_owned),
         connect_timeout: config.get_connect_timeout().copied().unwrap_or_default(),
+        target_session_attrs: match config.get_target_session_attrs() {
+            TargetSessionAttrs::Any => "any",
+            TargetSessionAttrs::ReadWrite => "read-write",
+            TargetSessionAttrs::ReadOnly => "read-only",
+            other => panic!("a session kind libpq does not name: {other:?}"),
+        }
+        .to_owned(),
     })
 }
 
@@ -196,6 +207,7 @@ fn expected(values: &HashMap<String, String>) -> Reading {
             .or(values.get("fallback_application_name"))
             .cloned(),
         connect_timeout,
+        target_session_attrs: value("target_session_attrs").unwrap_or_else(|| "any".to_owned()),
     }
 }
 
@@ -363,6 +375,11 @@ const URLS: &[&str] = &[
     "postgresql://srv/db?keepalives=1&keepalives_idle=30",
     "postgresql://srv/db?target_session_attrs=read-write",
     "postgresql://srv/db?target_session_attrs=primary",
+    "postgresql://srv/db?target_session_attrs=read-only",
+    "postgresql://a,b/db?target_session_attrs=standby",
+    "postgresql://a,b/db?target_session_attrs=prefer-standby",
+    "postgresql://a,b/db?target_session_attrs=any",
+    "postgresql://a,b/db?target_session_attrs=READ-ONLY",
     "postgresql://srv/db?sslcert=/c.pem",
     "postgresql://srv/db?service=orders",
     "postgresql://srv/db?gssencmode=disable",
@@ -530,6 +547,7 @@ fn key_value_piece() -> impl Strategy<Value = String> {
             "frobnicate",
             "hostaddr",
             "keepalives",
+            "target_session_attrs",
         ])
         .prop_map(str::to_owned),
         Just("=".to_owned()),
@@ -542,6 +560,8 @@ fn key_value_piece() -> impl Strategy<Value = String> {
         "[a-z0-9.]{1,6}",
         "[0-9]{1,5}",
         prop::sample::select(vec!["require", "verify-full", "disable", "srv", "/tmp"])
+            .prop_map(str::to_owned),
+        prop::sample::select(vec!["read-only", "read-write", "any", "standby", "primary"])
             .prop_map(str::to_owned),
     ]
 }

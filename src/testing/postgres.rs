@@ -241,8 +241,10 @@ impl LocalPostgres {
         std::fs::create_dir(&tls)?;
         std::fs::set_permissions(&tls, std::fs::Permissions::from_mode(0o700))?;
         self.tls.write_to(&tls)?;
-        // libpq's password file: the superuser password reaches pg_basebackup without a
-        // command line or an environment value another process could read.
+        // libpq's password file: the superuser password reaches pg_basebackup, and then the
+        // standby's replication connection (`-R` names the file in `primary_conninfo`),
+        // without a command line or an environment value another process could read. It
+        // stays, `0600` in the `0700` directory, for as long as the standby runs.
         let passfile = self.dir.path().join("superuser.pgpass");
         write_private(
             &passfile,
@@ -275,7 +277,6 @@ impl LocalPostgres {
                 "--no-sync".as_ref(),
             ],
         );
-        self.remove_file(&passfile)?;
         backup?;
         // The copied settings name the primary's socket directory and certificate: later
         // lines win.
@@ -668,18 +669,53 @@ impl PasswordSetter {
         let mut last_error = TestBedError::message("the bed has no running server");
         for address in &servers {
             let written = async {
-                admin_at(address, &self.superuser_password)
-                    .await?
-                    .batch_execute(&statement)
+                let admin = admin_at(address, &self.superuser_password).await?;
+                admin.batch_execute(&statement).await?;
+                let row = admin
+                    .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])
                     .await?;
-                Ok::<_, TestBedError>(())
+                Ok::<_, TestBedError>(row.get::<_, String>(0))
             };
             match written.await {
-                Ok(()) => return Ok(()),
+                Ok(lsn) => {
+                    // Entra's tokens are valid on every server at once; the bed's are once
+                    // each standby has replayed the new password.
+                    for standby in servers.iter().filter(|s| *s != address) {
+                        self.wait_for_replay(standby, &lsn).await;
+                    }
+                    return Ok(());
+                }
                 Err(error) => last_error = error,
             }
         }
         Err(last_error)
+    }
+
+    /// Waits (up to 5 s) until `standby` has replayed the primary's WAL up to `lsn`. A
+    /// standby that is stopped or not replaying is not waited for.
+    async fn wait_for_replay(&self, standby: &ServerAddress, lsn: &str) {
+        let Ok(admin) = admin_at(standby, &self.superuser_password).await else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            let replayed = admin
+                .query_one(
+                    "SELECT coalesce(pg_catalog.pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true)",
+                    &[&lsn],
+                )
+                .await;
+            match replayed {
+                Ok(row) if !row.get::<_, bool>(0) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                _ => return,
+            }
+        }
+        tracing::warn!(
+            port = standby.port,
+            "a standby did not replay a new role password within 5 s"
+        );
     }
 }
 

@@ -10,6 +10,7 @@ mod pgbouncer;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;
 mod refusals;
+mod replicas;
 mod root_bundle;
 #[cfg(any(
     all(feature = "deadpool", feature = "bb8"),
