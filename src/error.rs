@@ -132,10 +132,12 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
-    /// A login was refused with SQLSTATE `08P01`: what PgBouncer (Azure's built-in pooler, on
-    /// port 6432) answers both for its own refusals and when relaying the server's refusal
-    /// of the token. [`Error::login_refusal`] reads which, knowing the token's length.
-    #[error("the server or a connection pooler in front of it refused the login (SQLSTATE 08P01)")]
+    /// A connection pooler (PgBouncer: Azure's built-in one listens on port 6432) refused the
+    /// login, or relayed the server's refusal. Told apart from PostgreSQL's own refusals by
+    /// SQLSTATE `08P01` (what PgBouncer 1.18 gives every refusal) or by an error without the
+    /// source location PostgreSQL always sends (PgBouncer relays only the code and the text).
+    /// [`Error::login_refusal`] reads which refusal, knowing the token's length.
+    #[error("a connection pooler refused the login, or relayed the server's refusal")]
     PoolerRefused {
         /// The length of the refused token, in bytes: PgBouncer up to 1.25 keeps 2,047.
         token_bytes: usize,
@@ -259,7 +261,7 @@ impl Error {
                 code: error.code().map(|code| code.code().to_owned()),
             };
         }
-        if error.code() == Some(&tokio_postgres::error::SqlState::PROTOCOL_VIOLATION) {
+        if said_by_a_pooler(&error) {
             return Error::PoolerRefused {
                 token_bytes: password.len(),
                 source: error,
@@ -281,7 +283,7 @@ impl Error {
                 source,
             } => {
                 let db = source.as_db_error()?;
-                crate::LoginRefusal::classify_login(db.code().code(), db.message(), *token_bytes)
+                crate::LoginRefusal::classify_pooled(db.code().code(), db.message(), *token_bytes)
             }
             Error::UnexpectedResource { resource, .. } => {
                 Some(crate::LoginRefusal::WrongAudience {
@@ -570,4 +572,13 @@ mod tests {
                 .contains("managed identity")
         );
     }
+}
+
+/// Whether a login error came from a connection pooler rather than PostgreSQL: PgBouncer's
+/// own code (`08P01`), or an error response without the source routine that PostgreSQL puts
+/// in every error it sends (PgBouncer relays the server's code and text alone).
+fn said_by_a_pooler(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION || db.routine().is_none()
+    })
 }

@@ -11,9 +11,10 @@
 //!
 //! PgBouncer answers a client with SQLSTATE `08P01` whatever happened: its own refusals, and
 //! the server's refusal of the login it made with the client's password, whose text it
-//! relays. So under `08P01` the text decides too, and a `password authentication failed`
-//! for a token longer than PgBouncer keeps is PgBouncer's cut, not the server's verdict
-//! (measured against PgBouncer 1.18 in `tests/postgres/pgbouncer.rs`).
+//! relays (1.25 relays the server's own code, without the source location PostgreSQL sends).
+//! So under `08P01` the text decides too, and a `password authentication failed` through a
+//! pooler for a token longer than PgBouncer keeps is its cut, not the server's verdict
+//! (measured against PgBouncer 1.18 and 1.25 in `tests/postgres/pgbouncer.rs`).
 
 /// The longest password PgBouncer 1.17 to 1.25 keeps, in bytes (`MAX_PASSWORD` is 2,048
 /// with the terminating zero). A longer one reaches the server cut short (PAM, as Azure's
@@ -98,15 +99,16 @@ impl LoginRefusal {
         Some(Self::from_text(message, &lower))
     }
 
-    /// As [`classify`](Self::classify), knowing the refused password was `password_bytes`
-    /// long: a pooler's `password authentication failed` for a password longer than
-    /// PgBouncer keeps is its cut, not the server's verdict on the token.
-    pub(crate) fn classify_login(code: &str, message: &str, password_bytes: usize) -> Option<Self> {
+    /// As [`classify`](Self::classify), for a refusal that came through a connection pooler
+    /// and a password `password_bytes` long: `password authentication failed` for a password
+    /// longer than PgBouncer keeps is its cut, not the server's verdict on the token.
+    pub(crate) fn classify_pooled(
+        code: &str,
+        message: &str,
+        password_bytes: usize,
+    ) -> Option<Self> {
         let refusal = Self::classify(code, message)?;
-        if code == "08P01"
-            && password_bytes > PGBOUNCER_LONGEST_PASSWORD
-            && refusal == LoginRefusal::PasswordFailed
-        {
+        if password_bytes > PGBOUNCER_LONGEST_PASSWORD && refusal == LoginRefusal::PasswordFailed {
             return Some(LoginRefusal::PoolerRefusedLongPassword);
         }
         Some(refusal)
@@ -294,22 +296,22 @@ mod tests {
         }
     }
 
-    /// Past 2,047 bytes, a relayed `password authentication failed` is PgBouncer's cut.
+    /// Past 2,047 bytes, a `password authentication failed` through a pooler is its cut.
     #[test]
     fn a_long_token_refused_through_a_pooler_is_its_length() {
         let failed = "password authentication failed for user \"orders-api\"";
         assert_eq!(
-            LoginRefusal::classify_login("08P01", failed, PGBOUNCER_LONGEST_PASSWORD),
+            LoginRefusal::classify_pooled("08P01", failed, PGBOUNCER_LONGEST_PASSWORD),
             Some(LoginRefusal::PasswordFailed)
         );
         assert_eq!(
-            LoginRefusal::classify_login("08P01", failed, PGBOUNCER_LONGEST_PASSWORD + 1),
+            LoginRefusal::classify_pooled("08P01", failed, PGBOUNCER_LONGEST_PASSWORD + 1),
             Some(LoginRefusal::PoolerRefusedLongPassword)
         );
-        // Straight from PostgreSQL (28P01) the length says nothing.
+        // PgBouncer 1.25 relays the server's own code.
         assert_eq!(
-            LoginRefusal::classify_login("28P01", failed, 5000),
-            Some(LoginRefusal::PasswordFailed)
+            LoginRefusal::classify_pooled("28P01", failed, 5000),
+            Some(LoginRefusal::PoolerRefusedLongPassword)
         );
     }
 

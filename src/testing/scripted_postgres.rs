@@ -401,7 +401,8 @@ fn notice_response(code: &str, text: &str) -> Vec<u8> {
     message(b'N', &fields("NOTICE", code, text))
 }
 
-/// The fields of an `ErrorResponse` or `NoticeResponse`.
+/// The fields of an `ErrorResponse` or `NoticeResponse`, with the source location PostgreSQL
+/// (and so Azure's server) puts in every one; a pooler's lack it.
 fn fields(severity: &str, code: &str, text: &str) -> Vec<u8> {
     let mut body = Vec::new();
     for (field, value) in [
@@ -409,6 +410,9 @@ fn fields(severity: &str, code: &str, text: &str) -> Vec<u8> {
         (b'V', severity),
         (b'C', code),
         (b'M', text),
+        (b'F', "auth.c"),
+        (b'L', "334"),
+        (b'R', "auth_failed"),
     ] {
         body.push(field);
         put_cstr(&mut body, value);

@@ -454,7 +454,7 @@ async fn each_refusal_is_diagnosed_by_what_the_server_said() {
         ),
         (
             refuse("08P01", "client sent partial pkt in startup phase"),
-            "bytes, and older PgBouncer versions take far shorter passwords",
+            "bytes, and PgBouncer up to 1.25 keeps at most 2,047",
         ),
         (
             refuse(
@@ -555,4 +555,34 @@ async fn a_root_bundle_with_the_issuing_root_second_passes() {
     )
     .await;
     assert_eq!(run.code, Some(0), "{}", run.stdout);
+}
+
+/// A real PgBouncer and a token past the 2,047 bytes it keeps (an identity in 40 groups): the
+/// doctor names the length, not a refused token. `.ci/run` sets `PG_ENTRA_REQUIRE_PGBOUNCER`;
+/// elsewhere a machine without PgBouncer skips this test, saying so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_longer_than_pgbouncer_keeps_is_named_as_such() {
+    use pg_entra::testing::{LocalPgBouncer, PoolMode};
+
+    if let Err(why) = LocalPgBouncer::available() {
+        assert!(
+            std::env::var_os("PG_ENTRA_REQUIRE_PGBOUNCER").is_none(),
+            "PgBouncer is required: {why}"
+        );
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let bed = TestBed::start().await.unwrap();
+    bed.identity().set_group_claims(40);
+    let bouncer = LocalPgBouncer::start(bed.postgres(), PoolMode::Session)
+        .await
+        .unwrap();
+    let vars = with(&bed.vars(), "PGPORT", &bouncer.port().to_string());
+    let run = doctor(&vars, &[]).await;
+    assert_stopped_at(&run, 7, LOGIN_REFUSED);
+    run.assert_says("password authentication failed");
+    run.assert_says("PgBouncer up to 1.25 keeps at most 2,047");
+    run.assert_says("lists the identity's groups");
+    // The same token, straight to PostgreSQL, gets in.
+    assert_eq!(doctor(&bed.vars(), &[]).await.code, Some(0));
 }

@@ -191,7 +191,7 @@ async fn a_token_longer_than_pgbouncer_keeps_is_diagnosed_as_its_length() {
     let bouncer = LocalPgBouncer::start(bed.postgres(), PoolMode::Session)
         .await
         .unwrap();
-    // 40 groups: about 3 KiB, cut by PgBouncer. 80: about 5 KiB, past its packet buffer.
+    // 40 groups: about 3 KiB, cut by PgBouncer. 80: about 5 KiB, past 1.18's packet buffer.
     for (groups, said) in [
         (40, "password authentication failed"),
         (80, "client sent partial pkt"),
@@ -218,7 +218,11 @@ async fn a_token_longer_than_pgbouncer_keeps_is_diagnosed_as_its_length() {
         assert!(!error.is_auth_failure());
         assert!(error.hint().unwrap().contains("2,047 bytes"));
         let shown = format!("{error} {error:?}");
-        assert!(shown.contains(said), "{shown}");
+        // What PgBouncer says differs by version (1.25 cuts both and relays the server's
+        // 28P01); the diagnosis above does not.
+        if bouncer.version().starts_with("PgBouncer 1.18") {
+            assert!(shown.contains(said), "{shown}");
+        }
         assert!(!shown.contains(token.secret()));
         assert_eq!(bed.identity().tokens_issued(), issued, "no refresh for it");
 

@@ -228,11 +228,15 @@ fn entra_refusal(
         }
         LoginRefusal::PoolerRefusedLongPassword => failed()
             .cause(format!(
-                "a connection pooler (PgBouncer: Azure's built-in one listens on 6432) refused the password for its length: the token is {} bytes, and older PgBouncer versions take far shorter passwords",
+                "a connection pooler (PgBouncer: Azure's built-in one listens on 6432) refused or cut the password for its length: the token is {} bytes, and PgBouncer up to 1.25 keeps at most 2,047",
                 token.secret().len()
             ))
+            .cause("the token is long because it lists the identity's groups (see the claims of step 3): each adds about 50 bytes")
             .cause("this is not a token refusal: a new token would be refused the same way")
             .next("connect to port 5432 (PostgreSQL itself), or put a PgBouncer in front that takes long passwords"),
+        LoginRefusal::PoolerLoginRetryWait => failed()
+            .cause("PgBouncer's last login to the server for this user failed (an expired or revoked token, or a password that is not a token), and it turns new logins away for server_login_retry seconds (15 by default)")
+            .next("run the doctor against port 5432 to see the server's own refusal, or wait and try again"),
         _ => return None,
     };
     Some(step)
