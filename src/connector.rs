@@ -19,6 +19,7 @@ use crate::environment::Environment;
 use crate::error::{Error, Hinted};
 use crate::jitter::unit_random;
 use crate::refusal::Retry;
+use crate::session_attrs::{self, TargetSessionAttrs};
 use crate::tls::{SslMode, make_tls_connector};
 use crate::token::Token;
 
@@ -74,6 +75,8 @@ struct ConnectorInner {
     ssl_mode: SslMode,
     /// The extra root certificate file (`sslrootcert`), as given.
     ssl_root_cert: Option<String>,
+    /// The kind of server to reach (`target_session_attrs`).
+    session_attrs: TargetSessionAttrs,
     /// A cache for the PostgreSQL resource the server named when it refused the configured
     /// scope's token, used from then on.
     named_resource: ArcSwapOption<TokenCache>,
@@ -340,7 +343,9 @@ impl Connector {
     }
 
     /// Tries each host in turn, each attempt bounded as a whole (DNS, TCP, TLS, startup,
-    /// login) by the connect timeout; the last host's error is returned.
+    /// login, and the `target_session_attrs` check) by the connect timeout; the last host's
+    /// error is returned. `prefer-standby` goes over the hosts twice, as libpq does: for a
+    /// standby, then for any server.
     async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
         let configs = self.configs_for(token)?;
         let mut order: Vec<(&HostConfig, &tokio_postgres::Config)> =
@@ -353,29 +358,66 @@ impl Connector {
             }
         }
         let mut last_error = None;
-        for (host, config) in order {
-            tracing::debug!(
-                host = %host.host,
-                port = host.port,
-                user = config.get_user().unwrap_or("-"),
-                "connecting to PostgreSQL with an access token"
-            );
-            let attempt = config.connect(self.inner.tls.clone());
-            let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
-                Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(error)) => {
-                    name_mismatch_advice(Error::from_login(error, token.secret()), &host.host)
-                }
-                Err(_) => Error::ConnectTimeout {
-                    host: host.host.clone(),
-                    port: host.port,
-                    timeout: self.inner.connect_timeout,
-                },
-            };
-            tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
-            last_error = Some(error);
+        for &standby in self.inner.session_attrs.passes() {
+            for &(host, config) in &order {
+                tracing::debug!(
+                    host = %host.host,
+                    port = host.port,
+                    user = config.get_user().unwrap_or("-"),
+                    "connecting to PostgreSQL with an access token"
+                );
+                let attempt = self.connect_host(host, config, token, standby);
+                let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
+                    Ok(Ok(connected)) => return Ok(connected),
+                    Ok(Err(error)) => error,
+                    Err(_) => Error::ConnectTimeout {
+                        host: host.host.clone(),
+                        port: host.port,
+                        timeout: self.inner.connect_timeout,
+                    },
+                };
+                tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
+                last_error = Some(error);
+            }
         }
         Err(last_error.unwrap_or_else(|| Error::missing("host", "no server host")))
+    }
+
+    /// One attempt at one host; with `standby` set, the server must (`true`) or must not
+    /// (`false`) be in recovery.
+    async fn connect_host(
+        &self,
+        host: &HostConfig,
+        config: &tokio_postgres::Config,
+        token: &Token,
+        standby: Option<bool>,
+    ) -> Result<(Client, Connection), Error> {
+        let (client, mut connection) =
+            config
+                .connect(self.inner.tls.clone())
+                .await
+                .map_err(|error| {
+                    name_mismatch_advice(Error::from_login(error, token.secret()), &host.host)
+                })?;
+        if let Some(wanted) = standby {
+            let in_recovery = session_attrs::in_recovery(&client, &mut connection)
+                .await
+                .map_err(Error::from_postgres)?;
+            if in_recovery != wanted {
+                return Err(Error::SessionAttrsNotMet {
+                    host: host.host.clone(),
+                    port: host.port,
+                    wanted: self.inner.session_attrs,
+                    standby: in_recovery,
+                });
+            }
+        }
+        Ok((client, connection))
+    }
+
+    /// The kind of server connections must reach (`target_session_attrs`; default `any`).
+    pub fn target_session_attrs(&self) -> TargetSessionAttrs {
+        self.inner.session_attrs
     }
 
     /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`).
@@ -747,6 +789,7 @@ impl ConnectorBuilder {
                 tls,
                 ssl_mode,
                 ssl_root_cert: settings.ssl_root_cert.clone(),
+                session_attrs: settings.target_session_attrs.unwrap_or_default(),
                 named_resource: ArcSwapOption::empty(),
                 followed: std::sync::Mutex::new(Vec::new()),
                 cloud: connector_cloud,

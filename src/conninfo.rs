@@ -13,10 +13,11 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use tokio_postgres::config::{ChannelBinding, LoadBalanceHosts, TargetSessionAttrs};
+use tokio_postgres::config::{ChannelBinding, LoadBalanceHosts};
 
 use crate::environment::Environment;
 use crate::error::Error;
+use crate::session_attrs::TargetSessionAttrs;
 use crate::tls::SslMode;
 
 /// Every keyword libpq 15 knows, plus `load_balance_hosts` (libpq 16). libpq refuses any other
@@ -245,25 +246,14 @@ impl Settings {
                 self.tcp_user_timeout = Some(Duration::from_millis(millis));
             }
             "target_session_attrs" => {
-                self.target_session_attrs = Some(match value {
-                    "any" => TargetSessionAttrs::Any,
-                    "read-write" => TargetSessionAttrs::ReadWrite,
-                    "read-only" => TargetSessionAttrs::ReadOnly,
-                    // libpq's recovery-based choices: tokio-postgres has no way to ask for
-                    // them, and `read-only`/`read-write` differ from them only on a primary
-                    // with default_transaction_read_only on.
-                    "primary" | "standby" | "prefer-standby" => {
-                        return Err(Error::unsupported(
-                            "target_session_attrs",
-                            format!(
-                                "target_session_attrs={value} is not supported (tokio-postgres knows \
-                                 `any`, `read-write` and `read-only`; use `read-write` for the \
-                                 primary and `read-only` for a standby)"
-                            ),
-                        ));
-                    }
-                    _ => return Err(invalid(key, value, "any, read-write or read-only")),
-                });
+                self.target_session_attrs =
+                    Some(TargetSessionAttrs::parse(value).ok_or_else(|| {
+                        invalid(
+                            key,
+                            value,
+                            "any, read-write, read-only, primary, standby or prefer-standby",
+                        )
+                    })?);
             }
             "load_balance_hosts" => {
                 self.load_balance_hosts = Some(match value {
@@ -382,7 +372,7 @@ impl Settings {
             config.tcp_user_timeout(timeout);
         }
         if let Some(attrs) = self.target_session_attrs {
-            config.target_session_attrs(attrs);
+            config.target_session_attrs(attrs.for_tokio_postgres());
         }
         if let Some(balance) = self.load_balance_hosts {
             config.load_balance_hosts(balance);

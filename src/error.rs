@@ -124,6 +124,24 @@ pub enum Error {
         timeout: std::time::Duration,
     },
 
+    /// The server at `host:port` was reached and accepted the login, but is not the kind
+    /// `target_session_attrs` asks for (a standby where a primary is wanted, or the other way
+    /// round); with several hosts, the last one's.
+    #[error(
+        "{host}:{port} is {} (target_session_attrs={wanted})",
+        if *standby { "a standby (in recovery)" } else { "not a standby" }
+    )]
+    SessionAttrsNotMet {
+        /// The host name.
+        host: String,
+        /// Its port.
+        port: u16,
+        /// What was asked for.
+        wanted: crate::TargetSessionAttrs,
+        /// Whether the server is in recovery.
+        standby: bool,
+    },
+
     /// PostgreSQL refused the connection or the session failed.
     #[error("PostgreSQL error")]
     Postgres {
@@ -374,6 +392,14 @@ impl Error {
                 "a server that repeats the password it was sent is not Azure Database for \
                  PostgreSQL: check that the host (and hostaddr) name the intended server",
             ),
+            Error::SessionAttrsNotMet { standby: true, .. } => Some(
+                "no host was a primary: list the primary too (on Azure the server's own name or \
+                 the writer endpoint), or ask for `prefer-standby` or `any`",
+            ),
+            Error::SessionAttrsNotMet { standby: false, .. } => Some(
+                "no host was a standby: list a read replica (on Azure its own name or the reader \
+                 endpoint), or ask for `prefer-standby` to fall back on the primary",
+            ),
             Error::ConnectTimeout { .. } => Some(
                 "check the host name and port, that the server is running, and that a firewall \
                  rule lets this machine in (silence, not a refusal, usually means a firewall); \
@@ -534,6 +560,15 @@ pub enum ConfigErrorKind {
     Conflict,
 }
 
+/// Whether a login error came from a connection pooler rather than PostgreSQL: PgBouncer's
+/// own code (`08P01`), or an error response without the source routine that PostgreSQL puts
+/// in every error it sends (PgBouncer relays the server's code and text alone).
+fn said_by_a_pooler(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION || db.routine().is_none()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,13 +607,4 @@ mod tests {
                 .contains("managed identity")
         );
     }
-}
-
-/// Whether a login error came from a connection pooler rather than PostgreSQL: PgBouncer's
-/// own code (`08P01`), or an error response without the source routine that PostgreSQL puts
-/// in every error it sends (PgBouncer relays the server's code and text alone).
-fn said_by_a_pooler(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION || db.routine().is_none()
-    })
 }

@@ -48,6 +48,7 @@ mod lock;
 pub mod pool;
 mod redact;
 mod refusal;
+mod session_attrs;
 #[cfg(feature = "sqlx")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlx")))]
 pub mod sqlx;
@@ -66,6 +67,7 @@ pub use credential::{DefaultAzureCredential, TokenCredential};
 pub use environment::Environment;
 pub use error::{Error, Result};
 pub use refusal::LoginRefusal;
+pub use session_attrs::TargetSessionAttrs;
 pub use tls::SslMode;
 pub use token::Token;
 

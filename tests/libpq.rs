@@ -10,8 +10,6 @@ use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::config::TargetSessionAttrs;
-
 use futures_util::FutureExt as _;
 use pg_entra::testing::{FakeCredential, Principal};
 use pg_entra::{Connector, Environment, Error, TokenCache};
@@ -166,13 +164,7 @@ fn ours(cache: &TokenCache, conninfo: &str) -> Result<Reading, Error> {
         options: config.get_options().map(str::to_owned),
         application_name: config.get_application_name().map(str::to_owned),
         connect_timeout: config.get_connect_timeout().copied().unwrap_or_default(),
-        target_session_attrs: match config.get_target_session_attrs() {
-            TargetSessionAttrs::Any => "any",
-            TargetSessionAttrs::ReadWrite => "read-write",
-            TargetSessionAttrs::ReadOnly => "read-only",
-            other => panic!("a session kind libpq does not name: {other:?}"),
-        }
-        .to_owned(),
+        target_session_attrs: connector.target_session_attrs().as_str().to_owned(),
     })
 }
 
@@ -561,8 +553,15 @@ fn key_value_piece() -> impl Strategy<Value = String> {
         "[0-9]{1,5}",
         prop::sample::select(vec!["require", "verify-full", "disable", "srv", "/tmp"])
             .prop_map(str::to_owned),
-        prop::sample::select(vec!["read-only", "read-write", "any", "standby", "primary"])
-            .prop_map(str::to_owned),
+        prop::sample::select(vec![
+            "read-only",
+            "read-write",
+            "any",
+            "standby",
+            "primary",
+            "prefer-standby",
+        ])
+        .prop_map(str::to_owned),
     ]
 }
 

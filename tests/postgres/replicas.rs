@@ -50,24 +50,34 @@ async fn with_standby() -> (TestBed, LocalPostgres) {
     (bed, standby)
 }
 
-/// `target_session_attrs` over `primary,standby` and `standby,primary`: `read-write` finds
-/// the primary, `read-only` the standby, `any` the first host; libpq's recovery-based
-/// choices are refused by name.
+/// Every `target_session_attrs` over `primary,standby` and `standby,primary`: `read-write`
+/// and `primary` find the primary, `read-only` and `standby` the standby, `prefer-standby`
+/// the standby whichever comes first, `any` the first host. With the standby stopped,
+/// `prefer-standby` falls back on the primary and `standby` fails saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_session_attrs_choose_between_primary_and_standby() {
     let (bed, standby) = with_standby().await;
     assert!(standby.is_in_recovery().await.unwrap());
     let (primary_port, standby_port) = (bed.postgres().port(), standby.port());
+    let primary = (primary_port, false);
+    let replica = (standby_port, true);
     for order in [[primary_port, standby_port], [standby_port, primary_port]] {
+        let first = if order[0] == primary_port {
+            primary
+        } else {
+            replica
+        };
         for (attrs, expected) in [
-            ("read-write", (primary_port, false)),
-            ("read-only", (standby_port, true)),
-            ("any", (order[0], order[0] == standby_port)),
+            ("read-write", primary),
+            ("primary", primary),
+            ("read-only", replica),
+            ("standby", replica),
+            ("prefer-standby", replica),
+            ("any", first),
         ] {
-            let client = service_connector(&bed, &order, attrs)
-                .connect()
-                .await
-                .unwrap();
+            let connector = service_connector(&bed, &order, attrs);
+            assert_eq!(connector.target_session_attrs().as_str(), attrs);
+            let client = connector.connect().await.unwrap();
             let (port, in_recovery) = server_of(&client).await;
             assert_eq!(
                 (port as u16, in_recovery),
@@ -79,16 +89,36 @@ async fn target_session_attrs_choose_between_primary_and_standby() {
     // Every connector above shared one token: the standby replays the primary's roles and
     // their passwords.
     assert_eq!(bed.identity().tokens_issued(), 1);
-    for attrs in ["primary", "standby", "prefer-standby"] {
-        let error = Connector::builder()
-            .environment(Environment::from_vars(bed.vars()))
-            .connection_string(format!("target_session_attrs={attrs}"))
-            .build()
-            .unwrap_err();
-        let text = error.to_string();
-        assert!(text.contains("is not supported"), "{attrs}: {text}");
-        assert!(text.contains(attrs), "{attrs}: {text}");
-    }
+
+    let standby = Arc::new(standby);
+    let stopping = Arc::clone(&standby);
+    tokio::task::spawn_blocking(move || stopping.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let order = [standby_port, primary_port];
+    let client = service_connector(&bed, &order, "prefer-standby")
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(server_of(&client).await, (primary_port as i32, false));
+    let error = service_connector(&bed, &[primary_port], "standby")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            pg_entra::Error::SessionAttrsNotMet { standby: false, .. }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("target_session_attrs=standby"),
+        "{error}"
+    );
+    assert!(error.hint().unwrap().contains("reader endpoint"));
+    assert_eq!(bed.identity().tokens_issued(), 1);
 }
 
 /// A primary, its read replica and a PgBouncer in front of the primary, used from one
