@@ -29,6 +29,7 @@ use azure_core::error::ErrorKind;
 use azure_core::time::OffsetDateTime;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::watch;
+use tracing::Instrument as _;
 
 pub use crate::clock::{Clock, SystemClock};
 
@@ -37,6 +38,7 @@ use crate::cloud::{PUBLIC_SCOPE, resource_for_scope};
 use crate::credential::Scope;
 use crate::error::Error;
 use crate::jitter::unit_random;
+use crate::observe::{self, Trigger};
 use crate::token::Token;
 
 /// Default time before expiry at which a token turns stale and is refreshed.
@@ -126,6 +128,9 @@ struct Inner {
     /// not used.
     generation: AtomicU64,
     credential: Arc<dyn TokenCredential>,
+    /// Names the credential for spans, metrics and health (a chain names its member).
+    credential_name: Option<CredentialName>,
+    fallback_name: &'static str,
     scope: String,
     policy: RefreshPolicy,
     clock: Arc<dyn Clock>,
@@ -144,6 +149,18 @@ struct Entry {
     usable_until: SystemTime,
 }
 
+impl Entry {
+    /// Time left at `now` before the token expires (zero once it has).
+    fn expires_in(&self, now: SystemTime) -> Duration {
+        system_time(self.token.expires_on())
+            .and_then(|expires| expires.duration_since(now).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads a credential's name when asked (a chain's answer changes once a member answers).
+pub(crate) type CredentialName = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
+
 /// What one refresh ends with. The error is shared: every waiting caller gets it.
 type RefreshOutcome = Result<Token, Arc<azure_core::Error>>;
 type SharedRefresh = Shared<BoxFuture<'static, RefreshOutcome>>;
@@ -159,6 +176,7 @@ struct RefreshState {
     last_error: Option<Arc<azure_core::Error>>,
     /// When the last refresh forced by a refused token started (for the rate limit).
     last_forced: Option<SystemTime>,
+    last_refresh: Option<LastRefresh>,
 }
 
 impl RefreshState {
@@ -184,6 +202,23 @@ struct RefreshPolicy {
 enum RefreshKind {
     Ahead,
     Forced,
+}
+
+impl RefreshKind {
+    fn of(trigger: Trigger) -> Self {
+        match trigger {
+            Trigger::Forced => Self::Forced,
+            Trigger::Background | Trigger::OnDemand => Self::Ahead,
+        }
+    }
+}
+
+/// When the last refresh ended, and how.
+#[derive(Debug, Clone, Copy)]
+struct LastRefresh {
+    at: SystemTime,
+    outcome: observe::RefreshOutcome,
+    credential: &'static str,
 }
 
 impl RefreshPolicy {
@@ -305,6 +340,8 @@ impl TokenCache {
     pub(crate) fn for_scope(&self, scope: &str) -> Result<TokenCache, Error> {
         TokenCacheBuilder {
             credential: Arc::clone(&self.inner.credential),
+            name: self.inner.fallback_name,
+            credential_name: self.inner.credential_name.clone(),
             scope: scope.to_owned(),
             policy: self.inner.policy.clone(),
             clock: Arc::clone(&self.inner.clock),
@@ -371,18 +408,23 @@ impl TokenCache {
                 return Ok(Some(entry.token.clone()));
             }
             match &state.in_flight {
-                Some(in_flight) => in_flight.clone(),
+                Some(in_flight) => {
+                    observe::forced_refresh(observe::Forced::Joined);
+                    in_flight.clone()
+                }
                 None => {
                     let interval = self.inner.policy.forced_interval;
                     let recently =
                         |t: SystemTime| t.checked_add(interval).is_none_or(|end| now < end);
                     if state.last_forced.is_some_and(recently) {
                         tracing::debug!("a forced token refresh ran recently; not forcing another");
+                        observe::forced_refresh(observe::Forced::RateLimited);
                         return Ok(None);
                     }
                     state.last_forced = Some(now);
                     tracing::info!("the server refused the cached token; forcing a refresh");
-                    self.inner.start_refresh(&mut state, RefreshKind::Forced)?
+                    observe::forced_refresh(observe::Forced::Started);
+                    self.inner.start_refresh(&mut state, Trigger::Forced)?
                 }
             }
         };
@@ -444,7 +486,7 @@ impl Inner {
         if state.in_flight.is_some() || state.backing_off(now) {
             return;
         }
-        if let Err(error) = self.start_refresh(&mut state, RefreshKind::Ahead) {
+        if let Err(error) = self.start_refresh(&mut state, Trigger::Background) {
             tracing::warn!(%error, "cannot start a background token refresh");
         }
     }
@@ -478,7 +520,7 @@ impl Inner {
                     return Err(RefreshWait::Failed(self.failure(state.last_error.clone())));
                 }
                 None => self
-                    .start_refresh(&mut state, RefreshKind::Ahead)
+                    .start_refresh(&mut state, Trigger::OnDemand)
                     .map_err(RefreshWait::Failed)?,
             }
         };
@@ -514,7 +556,7 @@ impl Inner {
     fn start_refresh(
         self: &Arc<Self>,
         state: &mut RefreshState,
-        kind: RefreshKind,
+        trigger: Trigger,
     ) -> Result<SharedRefresh, Error> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::missing(
@@ -524,7 +566,7 @@ impl Inner {
         })?;
         state.generation += 1;
         let generation = state.generation;
-        let task = runtime.spawn(Arc::clone(self).run_refresh(generation, kind));
+        let task = runtime.spawn(Arc::clone(self).run_refresh(generation, trigger));
         let weak = Arc::downgrade(self);
         let refresh = async move {
             match task.await {
@@ -586,11 +628,20 @@ impl Inner {
         }
     }
 
-    async fn run_refresh(self: Arc<Self>, generation: u64, kind: RefreshKind) -> RefreshOutcome {
-        tracing::debug!(scope = %self.scope, ?kind, "refreshing access token");
-        let scopes = [self.scope.as_str()];
-        let call = AssertUnwindSafe(self.credential.get_token(&scopes, None));
-        let result = tokio::time::timeout(self.policy.refresh_timeout, call.catch_unwind()).await;
+    async fn run_refresh(self: Arc<Self>, generation: u64, trigger: Trigger) -> RefreshOutcome {
+        let kind = RefreshKind::of(trigger);
+        let credential = self.credential_name();
+        let span = observe::refresh_span(trigger, &self.scope, credential);
+        let started = std::time::Instant::now();
+        let result = async {
+            tracing::debug!(scope = %self.scope, ?kind, "refreshing access token");
+            let scopes = [self.scope.as_str()];
+            let call = AssertUnwindSafe(self.credential.get_token(&scopes, None));
+            tokio::time::timeout(self.policy.refresh_timeout, call.catch_unwind()).await
+        }
+        .instrument(span.clone())
+        .await;
+        let _entered = span.enter();
         let result = match result {
             Ok(Ok(Ok(token))) => Ok(token),
             Ok(Ok(Err(error))) => Err(Arc::new(error)),
@@ -609,17 +660,19 @@ impl Inner {
         let now = self.clock.now();
         let mut state = self.lock_state();
         self.finish_in_flight(&mut state, generation);
-        match result.and_then(|token| self.accept(token, now, kind)) {
+        // The name once more: a chain knows which member answered only now.
+        let credential = self.credential_name();
+        let (outcome, result) = match result.and_then(|token| self.accept(token, now, kind)) {
             Ok(Accepted::New(token)) => {
                 state.consecutive_failures = 0;
                 state.not_before = None;
                 state.last_error = None;
-                Ok(token)
+                (observe::RefreshOutcome::Success, Ok(token))
             }
             Ok(Accepted::NoProgress(token)) => {
                 self.back_off(&mut state, now);
                 tracing::debug!("the credential returned no newer token; backing off");
-                Ok(token)
+                (observe::RefreshOutcome::NoProgress, Ok(token))
             }
             Err(error) => {
                 let delay = self.back_off(&mut state, now);
@@ -629,9 +682,29 @@ impl Inner {
                     retry_in_ms = delay.as_millis() as u64,
                     "access token refresh failed"
                 );
-                Err(error)
+                (observe::RefreshOutcome::Failure, Err(error))
             }
+        };
+        state.last_refresh = Some(LastRefresh {
+            at: now,
+            outcome,
+            credential,
+        });
+        drop(state);
+        observe::token_refreshed(trigger, outcome, credential, started.elapsed());
+        if let Some(entry) = self.current.load().as_deref() {
+            observe::time_to_expiry(entry.expires_in(now));
         }
+        result
+    }
+
+    /// The credential's name for spans, metrics and health: the member of a chain that
+    /// produced the token once one has, else what the builder was told.
+    fn credential_name(&self) -> &'static str {
+        self.credential_name
+            .as_ref()
+            .and_then(|name| name())
+            .unwrap_or(self.fallback_name)
     }
 
     fn back_off(&self, state: &mut RefreshState, now: SystemTime) -> Duration {
@@ -795,7 +868,7 @@ async fn keep_fresh(cache: Weak<Inner>, mut stop: watch::Receiver<()>) {
             } else {
                 match &state.in_flight {
                     Some(refresh) => Ok(refresh.clone()),
-                    None => match inner.start_refresh(&mut state, RefreshKind::Ahead) {
+                    None => match inner.start_refresh(&mut state, Trigger::Background) {
                         Ok(refresh) => Ok(refresh),
                         Err(_) => return,
                     },
@@ -820,19 +893,34 @@ async fn keep_fresh(cache: Weak<Inner>, mut stop: watch::Receiver<()>) {
 }
 
 /// Builds a [`TokenCache`].
-#[derive(Debug)]
 pub struct TokenCacheBuilder {
     credential: Arc<dyn TokenCredential>,
+    name: &'static str,
+    credential_name: Option<CredentialName>,
     scope: String,
     policy: RefreshPolicy,
     clock: Arc<dyn Clock>,
     background: bool,
 }
 
+impl fmt::Debug for TokenCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCacheBuilder")
+            .field("credential", &self.credential)
+            .field("name", &self.name)
+            .field("scope", &self.scope)
+            .field("policy", &self.policy)
+            .field("background", &self.background)
+            .finish_non_exhaustive()
+    }
+}
+
 impl TokenCacheBuilder {
     fn new(credential: Arc<dyn TokenCredential>) -> Self {
         Self {
             credential,
+            name: "custom",
+            credential_name: None,
             scope: PUBLIC_SCOPE.to_owned(),
             policy: RefreshPolicy {
                 margin: DEFAULT_REFRESH_MARGIN,
@@ -846,6 +934,19 @@ impl TokenCacheBuilder {
             clock: Arc::new(SystemClock),
             background: false,
         }
+    }
+
+    /// What spans, metrics and [`Health`] call the credential (default `custom`): its kind,
+    /// as `ManagedIdentityCredential` or `WorkloadIdentityCredential`. Never a secret.
+    pub fn credential_name(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// Names the credential by asking `name` (a chain answers once a member has answered).
+    pub(crate) fn credential_name_from(mut self, name: CredentialName) -> Self {
+        self.credential_name = Some(name);
+        self
     }
 
     /// The scope to request (default: the public cloud's, `https://ossrdbms-aad.database.windows.net/.default`).
@@ -978,6 +1079,8 @@ impl TokenCacheBuilder {
         let (stop, stopped) = watch::channel(());
         let inner = Arc::new(Inner {
             credential: self.credential,
+            credential_name: self.credential_name,
+            fallback_name: self.name,
             scope,
             policy,
             clock: self.clock,
@@ -994,7 +1097,10 @@ impl TokenCacheBuilder {
     }
 }
 
+mod health;
 mod per_thread;
 pub(crate) mod registry;
+
+pub use health::{Health, RefreshResult};
 #[cfg(test)]
 mod tests;

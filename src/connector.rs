@@ -9,6 +9,7 @@ use azure_core::credentials::TokenCredential;
 use postgres_native_tls::{MakeTlsConnector, TlsStream};
 use tokio_postgres::config::LoadBalanceHosts;
 use tokio_postgres::{Client, Socket};
+use tracing::Instrument as _;
 
 use crate::cache::TokenCache;
 use crate::cache::registry::{self, CredentialKey};
@@ -18,6 +19,7 @@ use crate::credential::{CredentialOptions, DefaultAzureCredential};
 use crate::environment::Environment;
 use crate::error::{Error, Hinted};
 use crate::jitter::unit_random;
+use crate::observe;
 use crate::refusal::Retry;
 use crate::session_attrs::{self, TargetSessionAttrs};
 use crate::tls::{SslMode, make_tls_connector};
@@ -190,7 +192,18 @@ impl Connector {
     /// A logged-in session and the token it logged in with. A refused login is retried once
     /// where a new token can cure it ([`LoginRefusal`](crate::LoginRefusal)): with a forced
     /// refresh, or with a token for the PostgreSQL resource the server names.
+    /// A connect in its span, counted and timed.
     async fn connect_logged_in(&self) -> Result<(Client, Connection, Token), Error> {
+        let (host, port) = self.hosts().next().unwrap_or(("", DEFAULT_PORT));
+        let span = observe::connect_span(self.inner.base.get_dbname(), host, port);
+        let started = std::time::Instant::now();
+        let result = self.connect_retrying().instrument(span).await;
+        observe::connected(observe::ConnectOutcome::of(&result), started.elapsed());
+        result
+    }
+
+    /// Connects; retries a refused login once where a new token can help.
+    async fn connect_retrying(&self) -> Result<(Client, Connection, Token), Error> {
         // A server that named its resource before is asked with a token for it at once.
         let named = self.inner.named_resource.load_full();
         let tokens = named.as_deref().unwrap_or(&self.inner.tokens);
@@ -199,12 +212,14 @@ impl Connector {
             Ok((client, connection)) => return Ok((client, connection, token)),
             Err(error) => error,
         };
+        let refusal = error.login_refusal();
+        if let Some(refusal) = &refusal {
+            observe::login_refused(refusal);
+        }
         let retry = match &error {
             // A server that repeats the password is not sent another token.
             Error::PostgresMessageWithheld { .. } => Retry::No,
-            _ => error
-                .login_refusal()
-                .map_or(Retry::No, |refusal| refusal.retry()),
+            _ => refusal.map_or(Retry::No, |refusal| refusal.retry()),
         };
         match retry {
             Retry::No => Err(error),
@@ -214,7 +229,12 @@ impl Connector {
                         %error,
                         "the server refused the token; retrying once with a new token"
                     );
-                    let (client, connection) = self.connect_once(&next).await?;
+                    let (client, connection) =
+                        self.connect_once(&next).await.inspect_err(|error| {
+                            if let Some(refusal) = error.login_refusal() {
+                                observe::login_refused(&refusal);
+                            }
+                        })?;
                     Ok((client, connection, next))
                 }
                 Ok(None) => Err(error),
@@ -328,7 +348,6 @@ impl Connector {
     }
 
     /// Each host and its port, in the order given.
-    #[cfg(feature = "sqlx")]
     pub(crate) fn hosts(&self) -> impl Iterator<Item = (&str, u16)> {
         self.inner
             .per_host
@@ -357,7 +376,7 @@ impl Connector {
                 order.swap(i, j);
             }
         }
-        let mut last_error = None;
+        let (mut last_error, mut refused) = (None, None);
         for &standby in self.inner.session_attrs.passes() {
             for &(host, config) in &order {
                 tracing::debug!(
@@ -366,7 +385,9 @@ impl Connector {
                     user = config.get_user().unwrap_or("-"),
                     "connecting to PostgreSQL with an access token"
                 );
-                let attempt = self.connect_host(host, config, token, standby);
+                let attempt = self
+                    .connect_host(host, config, token, standby)
+                    .instrument(observe::attempt_span(&host.host, host.port));
                 let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
                     Ok(Ok(connected)) => return Ok(connected),
                     Ok(Err(error)) => error,
@@ -377,10 +398,18 @@ impl Connector {
                     },
                 };
                 tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
-                last_error = Some(error);
+                // A refused login outranks what later hosts say: it is what a new token can
+                // cure, and what the caller's retry reads.
+                if refused.is_none() && error.login_refusal().is_some() {
+                    refused = Some(error);
+                } else {
+                    last_error = Some(error);
+                }
             }
         }
-        Err(last_error.unwrap_or_else(|| Error::missing("host", "no server host")))
+        Err(refused
+            .or(last_error)
+            .unwrap_or_else(|| Error::missing("host", "no server host")))
     }
 
     /// One attempt at one host; with `standby` set, the server must (`true`) or must not
@@ -400,9 +429,7 @@ impl Connector {
                     name_mismatch_advice(Error::from_login(error, token.secret()), &host.host)
                 })?;
         if let Some(wanted) = standby {
-            let in_recovery = session_attrs::in_recovery(&client, &mut connection)
-                .await
-                .map_err(Error::from_postgres)?;
+            let in_recovery = session_attrs::in_recovery(&client, &mut connection, token).await?;
             if in_recovery != wanted {
                 return Err(Error::SessionAttrsNotMet {
                     host: host.host.clone(),
@@ -769,8 +796,12 @@ impl ConnectorBuilder {
                                         .cloud(cloud),
                                 )
                                 .build()?;
-                            TokenCache::builder(Arc::new(chain))
+                            let chain = Arc::new(chain);
+                            let named = Arc::clone(&chain);
+                            TokenCache::builder(chain)
                                 .scope(scope.clone())
+                                .credential_name("DefaultAzureCredential")
+                                .credential_name_from(Arc::new(move || named.selected_credential()))
                                 .build()
                         })?
                     }
@@ -850,6 +881,21 @@ impl std::error::Error for BoxedError {
 /// Drives a session's connection until it ends. The server's notices are logged with
 /// `tracing` (tokio-postgres would log them through `log`, unexamined), and a notice or an
 /// error that quotes the token the session logged in with is withheld.
+/// Logs a server notice through `tracing`, withheld when it quotes the token.
+pub(crate) fn log_notice(notice: &tokio_postgres::error::DbError, token: &Token) {
+    let severity = notice.severity();
+    let code = notice.code().code();
+    if crate::redact::echoes(&format!("{notice:?}"), token.secret()) {
+        tracing::warn!(
+            %severity,
+            %code,
+            "the server sent a notice that quoted the access token; withheld"
+        );
+    } else {
+        tracing::info!(%severity, %code, message = notice.message(), "PostgreSQL notice");
+    }
+}
+
 async fn drive(mut connection: Connection, token: Token) {
     use futures_util::StreamExt as _;
     use tokio_postgres::AsyncMessage;
@@ -857,19 +903,7 @@ async fn drive(mut connection: Connection, token: Token) {
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     while let Some(message) = messages.next().await {
         match message {
-            Ok(AsyncMessage::Notice(notice)) => {
-                let severity = notice.severity().to_owned();
-                let code = notice.code().code().to_owned();
-                if crate::redact::echoes(&format!("{notice:?}"), token.secret()) {
-                    tracing::warn!(
-                        %severity,
-                        %code,
-                        "the server sent a notice that quoted the access token; withheld"
-                    );
-                } else {
-                    tracing::info!(%severity, %code, message = notice.message(), "PostgreSQL notice");
-                }
-            }
+            Ok(AsyncMessage::Notice(notice)) => log_notice(&notice, &token),
             Ok(_) => {}
             Err(error) => {
                 if crate::redact::echoes(&format!("{error}\n{error:?}"), token.secret()) {

@@ -77,7 +77,12 @@ impl Connector {
         let connector = self.clone();
         config.custom_setup = Box::new(move |_unused_url| {
             let connector = connector.clone();
-            async move { connector.diesel_connection().await }.boxed()
+            async move {
+                let connection = connector.diesel_connection().await?;
+                crate::observe::pool_connection_created("diesel");
+                Ok(connection)
+            }
+            .boxed()
         });
         AsyncDieselConnectionManager::new_with_config(UNUSED_URL, config)
     }

@@ -142,6 +142,20 @@ pub enum Error {
         standby: bool,
     },
 
+    /// [`Connector::warm_up`](crate::Connector::warm_up) ran out of time.
+    #[error(
+        "not ready within {within:?}: still waiting for {waiting_for}{}",
+        last_error.as_deref().map(|e| format!(" (the last token refresh failed: {e})")).unwrap_or_default()
+    )]
+    NotReady {
+        /// The bound given.
+        within: std::time::Duration,
+        /// `a token` or `the login`.
+        waiting_for: &'static str,
+        /// The token cache's last refresh error, if one failed.
+        last_error: Option<String>,
+    },
+
     /// PostgreSQL refused the connection or the session failed.
     #[error("PostgreSQL error")]
     Postgres {
@@ -399,6 +413,11 @@ impl Error {
             Error::SessionAttrsNotMet { standby: false, .. } => Some(
                 "no host was a standby: list a read replica (on Azure its own name or the reader \
                  endpoint), or ask for `prefer-standby` to fall back on the primary",
+            ),
+            Error::NotReady { .. } => Some(
+                "the identity endpoint or the server is slow or unreachable: the error names \
+                 which; a later warm-up or connect tries again \
+                 (`TokenCache::health` shows the token cache's state)",
             ),
             Error::ConnectTimeout { .. } => Some(
                 "check the host name and port, that the server is running, and that a firewall \

@@ -43,6 +43,7 @@ mod environment;
 pub mod error;
 mod jitter;
 mod lock;
+mod observe;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
@@ -55,6 +56,7 @@ pub mod sqlx;
 mod status;
 mod tls;
 mod token;
+mod warm_up;
 
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
@@ -70,6 +72,7 @@ pub use refusal::LoginRefusal;
 pub use session_attrs::TargetSessionAttrs;
 pub use tls::SslMode;
 pub use token::Token;
+pub use warm_up::WarmUp;
 
 /// The TLS connector type [`Connector::tls_connector`] returns comes from here.
 pub use postgres_native_tls;

@@ -108,7 +108,14 @@ impl LoginRefusal {
         password_bytes: usize,
     ) -> Option<Self> {
         let refusal = Self::classify(code, message)?;
-        if password_bytes > PGBOUNCER_LONGEST_PASSWORD && refusal == LoginRefusal::PasswordFailed {
+        // A cut token is refused as a wrong password (a plain PostgreSQL) or as a token that
+        // does not validate (Azure's authentication reads the stub as a malformed token).
+        if password_bytes > PGBOUNCER_LONGEST_PASSWORD
+            && matches!(
+                refusal,
+                LoginRefusal::PasswordFailed | LoginRefusal::TokenInvalid
+            )
+        {
             return Some(LoginRefusal::PoolerRefusedLongPassword);
         }
         Some(refusal)
@@ -187,7 +194,9 @@ impl LoginRefusal {
                 "a connection pooler refused the password for its length, not the token: \
                  PgBouncer up to 1.25 (Azure's built-in one is on port 6432) keeps at most \
                  2,047 bytes of a password, and Entra tokens grow past that with group claims; \
-                 connect to port 5432, or use a PgBouncer that takes longer passwords"
+                 connect to port 5432, or use a PgBouncer that takes longer passwords. (A \
+                 PgBouncer that keeps long passwords refuses this way only a missing role: then \
+                 create it, as `pg-entra doctor` shows.)"
             }
             LoginRefusal::PoolerLoginRetryWait => {
                 "PgBouncer's last login to the server for this user failed, so it turns new \
@@ -306,6 +315,15 @@ mod tests {
         );
         assert_eq!(
             LoginRefusal::classify_pooled("08P01", failed, PGBOUNCER_LONGEST_PASSWORD + 1),
+            Some(LoginRefusal::PoolerRefusedLongPassword)
+        );
+        // Azure reads the stub as a token that does not validate.
+        assert_eq!(
+            LoginRefusal::classify_pooled(
+                "28000",
+                "An error occurred while validating the access token. Please acquire a new token and retry.",
+                3000
+            ),
             Some(LoginRefusal::PoolerRefusedLongPassword)
         );
         // PgBouncer 1.25 relays the server's own code.

@@ -3,10 +3,13 @@
 
 use std::fmt;
 
-use futures_util::FutureExt as _;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use std::task::Poll;
+
+use tokio_postgres::{AsyncMessage, Client, SimpleQueryMessage};
 
 use crate::connector::Connection;
+use crate::error::Error;
+use crate::token::Token;
 
 /// The kind of session a connection must have, as libpq 15's `target_session_attrs` names it
 /// (`PGTARGETSESSIONATTRS`). With several hosts, each is tried in turn until one offers it.
@@ -92,24 +95,33 @@ impl fmt::Display for TargetSessionAttrs {
 }
 
 /// Whether the server behind a new session is in recovery. Drives `connection` while it
-/// asks, as the session is not spawned yet.
+/// asks, as the session is not spawned yet: notices that arrive are logged as the spawned
+/// session logs them (withheld when they quote the token), and errors are read as a login's.
 pub(crate) async fn in_recovery(
     client: &Client,
     connection: &mut Connection,
-) -> Result<bool, tokio_postgres::Error> {
+    token: &Token,
+) -> Result<bool, Error> {
     let query = client.simple_query("SELECT pg_catalog.pg_is_in_recovery()");
     futures_util::pin_mut!(query);
-    let mut closed = false;
     let messages = futures_util::future::poll_fn(|cx| {
-        if !closed {
-            match connection.poll_unpin(cx) {
-                std::task::Poll::Ready(Err(error)) => return std::task::Poll::Ready(Err(error)),
-                // Closed: the query's answer will never come, and it says so.
-                std::task::Poll::Ready(Ok(())) => closed = true,
-                std::task::Poll::Pending => {}
+        loop {
+            match connection.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => {
+                    crate::connector::log_notice(&notice, token);
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(error))) => {
+                    return Poll::Ready(Err(Error::from_login(error, token.secret())));
+                }
+                // Closed: the query's answer fails with it.
+                Poll::Ready(None) | Poll::Pending => break,
             }
         }
-        query.as_mut().poll(cx)
+        query
+            .as_mut()
+            .poll(cx)
+            .map_err(|error| Error::from_login(error, token.secret()))
     })
     .await?;
     Ok(messages

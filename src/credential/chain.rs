@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
+use tracing::Instrument as _;
 
 use super::cli::{AzureCliCredential, AzureDeveloperCliCredential};
 use super::entra::{DEFAULT_REQUEST_TIMEOUT, EnvironmentCredential, WorkloadIdentityCredential};
@@ -162,12 +163,19 @@ impl TokenCredential for DefaultAzureCredential {
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         if let Some(&winner) = self.winner.get() {
-            return self.members[winner].1.get_token(scopes, options).await;
+            let (member, credential) = &self.members[winner];
+            return credential
+                .get_token(scopes, options)
+                .instrument(crate::observe::acquire_span(member.name()))
+                .await;
         }
         let mut unavailable = Vec::new();
         let mut skipped = Vec::new();
         for (index, (member, credential)) in self.members.iter().enumerate() {
-            match credential.get_token(scopes, options.clone()).await {
+            let asked = credential
+                .get_token(scopes, options.clone())
+                .instrument(crate::observe::acquire_span(member.name()));
+            match asked.await {
                 Ok(token) => {
                     // Reasons first: whoever sees the winner also sees why the others lost.
                     *lock(&self.skipped) = skipped;

@@ -152,8 +152,12 @@ impl ClientCredentials {
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body)
             .send()
-            .await
-            .map_err(|e| no_answer(describe_transport_error(&e)))?;
+            .await;
+        crate::observe::identity_request(
+            "entra",
+            response.as_ref().ok().map(|r| r.status().as_u16()),
+        );
+        let response = response.map_err(|e| no_answer(describe_transport_error(&e)))?;
         let status = response.status().as_u16();
         let body = read_body(response).await.map_err(|e| match e {
             BodyError::Transport(e) => no_answer(describe_transport_error(&e)),

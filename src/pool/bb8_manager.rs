@@ -65,7 +65,9 @@ impl ManageConnection for Bb8Manager {
     type Error = Error;
 
     async fn connect(&self) -> Result<Client, Error> {
-        self.connector.connect().await
+        let client = self.connector.connect().await?;
+        crate::observe::pool_connection_created("bb8");
+        Ok(client)
     }
 
     async fn is_valid(&self, client: &mut Client) -> Result<(), Error> {

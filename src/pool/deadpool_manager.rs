@@ -80,7 +80,9 @@ impl Manager for DeadpoolManager {
     type Error = Error;
 
     async fn create(&self) -> Result<Client, Error> {
-        self.connector.connect().await
+        let client = self.connector.connect().await?;
+        crate::observe::pool_connection_created("deadpool");
+        Ok(client)
     }
 
     async fn recycle(&self, client: &mut Client, metrics: &Metrics) -> RecycleResult<Error> {

@@ -18,12 +18,19 @@
 //!   directory holding the bed's marker file, so any other PgBouncer on the machine that uses
 //!   PAM is refused, not let through.
 //!
-//! Both files are written once, as root, when missing (`.ci/run` runs as root); the bed
-//! never changes a `/etc/pam.d/pgbouncer` it did not write. Like Azure's pooler, the bed's
-//! PgBouncer cannot tell a token from a password: PostgreSQL checks the token when a server
-//! connection opens, and a client's token is not checked again when PgBouncer hands it a
-//! pooled connection opened with an earlier one. Anyone on the machine can get the bed
-//! identity's tokens from its endpoint anyway (as on a VM), so this grants nothing more.
+//! Both files are written once, as root, when missing (`.ci/run` runs as root), and left in
+//! place for later runs; the bed never changes either file when it finds something else there
+//! (other contents, a link, an unreadable file). A PgBouncer of the system's own that uses
+//! `auth_type = pam` without a service file of its own is refused by them.
+//!
+//! What this PgBouncer checks, and what it does not: PostgreSQL checks a password when a
+//! server connection opens. PgBouncer hands a pooled server connection to any client that
+//! names its role, whatever password that client sent, and logs in with the last client's
+//! password when it opens the next one. So any local account can use the bed's pooled
+//! sessions of a role, and disturb its next server logins with a wrong password. The bed's
+//! identity endpoint already mints the identity's tokens for any local process (as IMDS does
+//! on a VM), so this grants no role more than the bed already does; do not run the bed where
+//! other local accounts must not reach its roles.
 //!
 //! PgBouncer 1.18 keeps at most 2,047 bytes of a password (`MAX_PASSWORD`, 2,048 with its
 //! terminating zero); the bed's tests measure what that does to longer tokens.
@@ -118,14 +125,14 @@ impl LocalPgBouncer {
                 program.display()
             )));
         }
-        match std::fs::read_to_string(PAM_SERVICE_FILE) {
-            Ok(text) if text == PAM_SERVICE => Ok(()),
-            Ok(_) => Err(TestBedError::message(format!(
+        match ours(PAM_SERVICE_FILE, PAM_SERVICE) {
+            Presence::Ours => Ok(()),
+            Presence::Other => Err(TestBedError::message(format!(
                 "{PAM_SERVICE_FILE} exists and was not written by pg-entra's test bed; the bed \
                  leaves it alone and cannot pass tokens through PgBouncer"
             ))),
-            Err(_) if running_as_root() => Ok(()),
-            Err(_) => Err(TestBedError::message(format!(
+            Presence::Missing if running_as_root() => Ok(()),
+            Presence::Missing => Err(TestBedError::message(format!(
                 "{PAM_SERVICE_FILE} is missing: run the tests once as root (as .ci/run does) \
                  so that the bed can write it"
             ))),
@@ -369,19 +376,41 @@ fn wait_until_ready(mut child: Child, port: u16) -> Result<Child, TestBedError> 
 
 /// PAM's service file and the check it runs, written when missing (root only).
 fn install_pam_service() -> Result<(), TestBedError> {
-    match std::fs::read_to_string(PAM_SERVICE_FILE) {
-        Ok(text) if text == PAM_SERVICE => {}
-        Ok(_) => {
-            return Err(TestBedError::message(format!(
-                "{PAM_SERVICE_FILE} was not written by pg-entra's test bed; it is left alone"
-            )));
+    for (path, contents, mode) in [
+        (PAM_SERVICE_FILE, PAM_SERVICE, 0o644),
+        (PAM_CHECK_PROGRAM, PAM_CHECK, 0o755),
+    ] {
+        match ours(path, contents) {
+            Presence::Ours => {}
+            Presence::Missing => write_root_file(Path::new(path), contents, mode)?,
+            Presence::Other => {
+                return Err(TestBedError::message(format!(
+                    "{path} was not written by pg-entra's test bed (or cannot be read); it is \
+                     left alone, and the bed's PgBouncer cannot run"
+                )));
+            }
         }
-        Err(_) => write_root_file(Path::new(PAM_SERVICE_FILE), PAM_SERVICE, 0o644)?,
-    }
-    if std::fs::read_to_string(PAM_CHECK_PROGRAM).ok().as_deref() != Some(PAM_CHECK) {
-        write_root_file(Path::new(PAM_CHECK_PROGRAM), PAM_CHECK, 0o755)?;
     }
     Ok(())
+}
+
+/// Whether one of the bed's system files is there as the bed writes it.
+enum Presence {
+    Ours,
+    Missing,
+    /// Anything else: other contents, a link, unreadable. Never overwritten.
+    Other,
+}
+
+fn ours(path: &str, contents: &str) -> Presence {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Presence::Missing,
+        Ok(meta) if meta.file_type().is_file() => match std::fs::read_to_string(path) {
+            Ok(text) if text == contents => Presence::Ours,
+            _ => Presence::Other,
+        },
+        _ => Presence::Other,
+    }
 }
 
 /// Writes a root-owned file through a new temporary file in the same directory, renamed into

@@ -670,6 +670,18 @@ impl PasswordSetter {
         for address in &servers {
             let written = async {
                 let admin = admin_at(address, &self.superuser_password).await?;
+                // A standby refuses the write and, by default, logs the refused statement,
+                // token and all: ask first, and never log a failing statement here.
+                let standby: bool = admin
+                    .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+                    .await?
+                    .get(0);
+                if standby {
+                    return Err(TestBedError::message("a standby"));
+                }
+                admin
+                    .batch_execute("SET log_min_error_statement = panic")
+                    .await?;
                 admin.batch_execute(&statement).await?;
                 let row = admin
                     .query_one("SELECT pg_catalog.pg_current_wal_insert_lsn()::text", &[])

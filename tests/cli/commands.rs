@@ -564,3 +564,27 @@ async fn a_token_too_close_to_its_expiry_is_not_printed() {
     assert_eq!(run.code, Some(5), "{}", run.stdout);
     run.assert_no_token();
 }
+
+/// `target_session_attrs` reaches psql as given, whichever kind: libpq checks each itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn psql_gets_the_session_kind_asked_for() {
+    let bed = TestBed::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("psql");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nfor a in \"$@\"; do echo \"arg=$a\"; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vars = with(&bed.vars(), "PG_ENTRA_PSQL", fake.to_str().unwrap());
+    for attrs in ["read-only", "primary", "standby", "prefer-standby"] {
+        let run = pg_entra(&["psql"], &with(&vars, "PGTARGETSESSIONATTRS", attrs)).await;
+        assert_eq!(run.code, Some(0), "{}", run.stderr);
+        let conninfo = run.stdout.lines().next().unwrap();
+        assert!(
+            conninfo.contains(&format!("target_session_attrs='{attrs}'")),
+            "{attrs}: {conninfo}"
+        );
+    }
+}

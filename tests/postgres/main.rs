@@ -6,6 +6,7 @@ mod diesel_pools;
 mod end_to_end;
 mod expiry;
 mod no_secrets;
+mod operating;
 mod pgbouncer;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
 mod pool;

@@ -130,6 +130,48 @@ async fn a_notice_repeating_the_password_is_not_logged() {
     }
 }
 
+/// The same notice when the connector asks the server whether it is a standby
+/// (`target_session_attrs=standby`) before the session is spawned: withheld there too, and
+/// the check's error (the scripted server answers every query with one) says nothing of the
+/// token.
+#[tokio::test]
+async fn a_notice_repeating_the_password_during_the_session_kind_check_is_not_logged() {
+    use std::sync::Arc;
+
+    use pg_entra::testing::{FakeCredential, LoginAnswer, Principal, ScriptedPostgres};
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let server = ScriptedPostgres::start_trusted(LoginAnswer::AcceptNoticingPassword)
+        .await
+        .unwrap();
+    let connector = server
+        .connector_builder()
+        .connection_string("target_session_attrs=standby")
+        .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
+            "orders-api",
+        ))))
+        .build()
+        .unwrap();
+    let error = connector.connect().await.unwrap_err();
+    let logs = captured.text();
+    assert!(logs.contains("quoted the access token; withheld"), "{logs}");
+    let secret = connector
+        .token_cache()
+        .cached()
+        .unwrap()
+        .secret()
+        .to_owned();
+    let shown = format!("{error} {error:?} {logs}");
+    for start in (0..secret.len() - 8).step_by(7) {
+        assert!(!shown.contains(&secret[start..start + 8]), "{shown}");
+    }
+}
+
 /// A server that repeats the password in its refusal: the error keeps the SQLSTATE and
 /// withholds the message, so no piece of the token reaches `Display`, `Debug` or a cause.
 #[tokio::test]

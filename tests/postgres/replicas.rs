@@ -121,6 +121,33 @@ async fn target_session_attrs_choose_between_primary_and_standby() {
     assert_eq!(bed.identity().tokens_issued(), 1);
 }
 
+/// Two standbys, the primary gone, the second promoted: a new token is written on the new
+/// primary only, and the remaining standby (which refuses writes) never logs the statement
+/// that carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_never_logs_a_token() {
+    let (bed, first) = with_standby().await;
+    let second = Arc::new(bed.postgres().start_standby().await.unwrap());
+    let bed = Arc::new(bed);
+    let stopping = Arc::clone(&bed);
+    tokio::task::spawn_blocking(move || stopping.postgres().stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let promoting = Arc::clone(&second);
+    tokio::task::spawn_blocking(move || promoting.promote())
+        .await
+        .unwrap()
+        .unwrap();
+    let connector = service_connector(&bed, &[second.port()], "primary");
+    let client = connector.connect().await.unwrap();
+    assert_eq!(server_of(&client).await, (second.port() as i32, false));
+    let token = connector.token_cache().cached().unwrap();
+    for log in [first.log(), second.log(), bed.postgres().log()] {
+        assert!(!log.contains(&token.secret()[..40]));
+    }
+}
+
 /// A primary, its read replica and a PgBouncer in front of the primary, used from one
 /// process through connectors built apart: one token request serves all three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

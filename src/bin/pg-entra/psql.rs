@@ -254,7 +254,7 @@ fn conninfo_pairs(
     user: &str,
     root_file: &str,
 ) -> Vec<(&'static str, String)> {
-    use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts, TargetSessionAttrs};
+    use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts};
 
     let config = connector.base_config();
     let list = |items: Vec<String>| items.join(",");
@@ -311,8 +311,12 @@ fn conninfo_pairs(
     if !config.get_keepalives() {
         pairs.push(("keepalives", "0".to_owned()));
     }
-    if config.get_target_session_attrs() == TargetSessionAttrs::ReadWrite {
-        pairs.push(("target_session_attrs", "read-write".to_owned()));
+    // libpq checks every kind itself, as the connector does.
+    if connector.target_session_attrs() != pg_entra::TargetSessionAttrs::Any {
+        pairs.push((
+            "target_session_attrs",
+            connector.target_session_attrs().as_str().to_owned(),
+        ));
     }
     match config.get_channel_binding() {
         ChannelBinding::Disable => pairs.push(("channel_binding", "disable".to_owned())),

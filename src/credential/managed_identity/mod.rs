@@ -232,9 +232,18 @@ impl ManagedIdentityCredential {
     async fn attempt(&self, resource: &str, budget: Duration) -> Attempt {
         let exchange = async {
             let send = |key: Option<&str>| {
-                self.source
+                let sent = self
+                    .source
                     .request(&self.http, resource, &self.identity, key)
-                    .send()
+                    .send();
+                async move {
+                    let answer = sent.await;
+                    crate::observe::identity_request(
+                        self.source.label(),
+                        answer.as_ref().ok().map(|r| r.status().as_u16()),
+                    );
+                    answer
+                }
             };
             let mut response = send(None).await.map_err(Exchange::Transport)?;
             let mut arc_key = None;
@@ -318,8 +327,12 @@ impl ManagedIdentityCredential {
                 .source
                 .imds_probe(&self.http, resource, &self.identity)
                 .send()
-                .await
-                .map_err(|e| innermost_cause(&e))?;
+                .await;
+            crate::observe::identity_request(
+                self.source.label(),
+                response.as_ref().ok().map(|r| r.status().as_u16()),
+            );
+            let response = response.map_err(|e| innermost_cause(&e))?;
             let status = response.status().as_u16();
             let content_type = shown_header(content_type(&response), &[]);
             let body = read_body(response).await.map_err(|e| e.to_string())?;

@@ -101,6 +101,17 @@ impl Source {
         }
     }
 
+    /// The source's label in metrics.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Source::Imds { .. } => "imds",
+            Source::AppService { .. } => "app_service",
+            Source::Arc { .. } => "azure_arc",
+            Source::CloudShell { .. } => "cloud_shell",
+            Source::LegacyAppService { .. } => "app_service_2017",
+        }
+    }
+
     /// The secret the requests carry (App Service), for scrubbing it from answers.
     pub(crate) fn secret(&self) -> Option<&str> {
         match self {
