@@ -126,9 +126,12 @@ async fn health_shows_the_cache_without_waiting() {
     );
 }
 
+/// A span's name and its fields.
+type SpanRecord = (String, Vec<(String, String)>);
+
 /// Spans, as a `tracing-opentelemetry` layer would see them.
 #[derive(Clone, Default)]
-struct Spans(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+struct Spans(Arc<Mutex<Vec<SpanRecord>>>);
 
 struct FieldsOf<'a>(&'a mut Vec<(String, String)>);
 
