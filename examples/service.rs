@@ -1,13 +1,16 @@
-//! A small HTTP service of the kind our users write: axum, a sqlx pool from pg-entra, a health
-//! check and one endpoint that queries the database.
+//! A small HTTP service of the kind our users write: axum, a sqlx pool from pg-entra, a
+//! warm-up before it serves, a readiness probe read from the token cache's health, Prometheus
+//! metrics, a health check and one endpoint that queries the database.
 //!
 //! ```sh
 //! # locally, no Azure: a test bed whose tokens live 60 s
-//! cargo run --example service --features sqlx
+//! cargo run --example service --features sqlx,metrics
+//! curl http://127.0.0.1:3000/readyz      # {"ready":true,"expires_on":"…",…}
+//! curl http://127.0.0.1:3000/metrics     # pg_entra_token_refreshes{…} 1 …
 //! curl http://127.0.0.1:3000/healthz     # ok
 //! curl http://127.0.0.1:3000/whoami      # {"user":"pg-entra-test-vm","server_version":"15.18 …","tls_cipher":"TLS_AES_256_GCM_SHA384"}
 //! # on Azure: PGHOST etc. and a managed identity, as for `examples/connect.rs`
-//! PGHOST=myserver.postgres.database.azure.com cargo run --example service --features sqlx
+//! PGHOST=myserver.postgres.database.azure.com cargo run --example service --features sqlx,metrics
 //! ```
 //!
 //! `SERVICE_ADDR` sets the listening address (default `127.0.0.1:3000`). Ctrl-C stops it.
@@ -23,13 +26,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use pg_entra::Connector;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use pg_entra::sqlx::SqlxPool;
 use pg_entra::testing::TestBed;
+use pg_entra::{Connector, TokenCache, WarmUp};
 use serde::Serialize;
 use sqlx::postgres::PgPoolOptions;
 
 const DEFAULT_ADDR: &str = "127.0.0.1:3000";
+/// How long start-up may take to get a token and make one login before giving up.
+const WARM_UP_WITHIN: Duration = Duration::from_secs(30);
 /// Token lifetime on the local bed: short, so that a few minutes' run sees rotations.
 const LOCAL_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -44,28 +50,95 @@ pub struct WhoAmI {
     pub tls_cipher: Option<String>,
 }
 
-/// The service's routes over `pool`.
-pub fn router(pool: SqlxPool) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/whoami", get(whoami))
-        .with_state(pool)
+/// What the handlers share.
+#[derive(Clone)]
+pub struct App {
+    /// The database.
+    pub pool: SqlxPool,
+    /// The connector's token cache, for `/readyz`.
+    pub tokens: TokenCache,
+    /// The Prometheus exporter's handle, for `/metrics`.
+    pub metrics: PrometheusHandle,
 }
 
-/// Serves `router(pool)` on `listener` until `shutdown` completes.
+/// What `/readyz` answers: the token cache's health.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct Readiness {
+    /// A usable token is cached: a connect needs no identity request.
+    pub ready: bool,
+    /// When it expires (RFC 3339).
+    pub expires_on: Option<String>,
+    /// When the background refresh is due.
+    pub refresh_at: Option<String>,
+    /// How the last refresh ended (`Refreshed`, `NoNewerToken`, `Failed`).
+    pub last_refresh: Option<String>,
+    /// When it ended.
+    pub last_refresh_at: Option<String>,
+    /// Failed refreshes in a row.
+    pub consecutive_failures: u32,
+    /// No refresh starts before this, after failures.
+    pub backing_off_until: Option<String>,
+    /// The credential that produced the token.
+    pub credential: String,
+}
+
+/// The service's routes.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/whoami", get(whoami))
+        .with_state(app)
+}
+
+/// Serves `router(app)` on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    pool: SqlxPool,
+    app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(pool))
+    axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
+/// 200 while a usable token is cached, else 503; either way the cache's state, read without
+/// waiting (no identity request, no database round trip).
+async fn readyz(State(app): State<App>) -> (StatusCode, Json<Readiness>) {
+    let health = app.tokens.health();
+    let date = |at: Option<time::OffsetDateTime>| {
+        at.and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+    };
+    let status = if health.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let readiness = Readiness {
+        ready: health.ready,
+        expires_on: date(health.expires_on),
+        refresh_at: date(health.refresh_at),
+        last_refresh: health.last_refresh.map(|r| format!("{r:?}")),
+        last_refresh_at: date(health.last_refresh_at),
+        consecutive_failures: health.consecutive_failures,
+        backing_off_until: date(health.backing_off_until),
+        credential: health.credential.to_owned(),
+    };
+    (status, Json(readiness))
+}
+
+/// The Prometheus text exposition of every metric recorded.
+async fn metrics(State(app): State<App>) -> String {
+    app.metrics.render()
+}
+
 /// `select 1` on a pooled connection.
-async fn healthz(State(pool): State<SqlxPool>) -> Result<&'static str, DatabaseError> {
-    let mut connection = pool.acquire().await?;
+async fn healthz(State(app): State<App>) -> Result<&'static str, DatabaseError> {
+    let mut connection = app.pool.acquire().await?;
     let _: i32 = sqlx::query_scalar("select 1")
         .fetch_one(&mut *connection)
         .await?;
@@ -73,8 +146,8 @@ async fn healthz(State(pool): State<SqlxPool>) -> Result<&'static str, DatabaseE
 }
 
 /// The role, server version and TLS cipher of a pooled session.
-async fn whoami(State(pool): State<SqlxPool>) -> Result<Json<WhoAmI>, DatabaseError> {
-    let mut connection = pool.acquire().await?;
+async fn whoami(State(app): State<App>) -> Result<Json<WhoAmI>, DatabaseError> {
+    let mut connection = app.pool.acquire().await?;
     let (user, server_version, tls_cipher) = sqlx::query_as(
         "select current_user::text, current_setting('server_version'), \
          (select cipher from pg_stat_ssl where pid = pg_backend_pid())",
@@ -122,6 +195,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    // Before anything records: every metric goes to the exporter.
+    let metrics = PrometheusBuilder::new().install_recorder()?;
     // Kept alive while the service runs, when local.
     let mut bed = None;
     let connector = if std::env::var_os("PGHOST").is_none() {
@@ -136,16 +211,23 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Connector::from_env()?
     };
+    // Ready before serving: a token and one login, or the start-up fails with the cause.
+    connector.warm_up(WarmUp::Login, WARM_UP_WITHIN).await?;
     let pool = connector
         .sqlx_pool(PgPoolOptions::new().max_connections(8))
         .await?;
+    let app = App {
+        pool: pool.clone(),
+        tokens: connector.token_cache().clone(),
+        metrics,
+    };
     let addr = std::env::var("SERVICE_ADDR").unwrap_or_else(|_| DEFAULT_ADDR.to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     eprintln!(
-        "listening on http://{}  (try /healthz and /whoami; Ctrl-C stops)",
+        "listening on http://{}  (try /readyz, /metrics, /healthz and /whoami; Ctrl-C stops)",
         listener.local_addr()?
     );
-    serve(listener, pool.clone(), async {
+    serve(listener, app, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;

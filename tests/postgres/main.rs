@@ -19,7 +19,7 @@ mod root_bundle;
     feature = "diesel-async"
 ))]
 mod rotation;
-#[cfg(feature = "sqlx")]
+#[cfg(all(feature = "sqlx", feature = "metrics"))]
 mod service;
 mod shared_token;
 #[cfg(all(feature = "deadpool", feature = "bb8"))]
@@ -38,8 +38,13 @@ fn pool_and_soak_tests_need_the_deadpool_and_bb8_features() {}
 
 #[cfg(not(feature = "sqlx"))]
 #[test]
-#[ignore = "the sqlx and service-example tests need --features sqlx (or --all-features)"]
+#[ignore = "the sqlx tests need --features sqlx (or --all-features)"]
 fn sqlx_tests_need_the_sqlx_feature() {}
+
+#[cfg(not(all(feature = "sqlx", feature = "metrics")))]
+#[test]
+#[ignore = "the service-example tests need --features sqlx,metrics (or --all-features)"]
+fn service_tests_need_the_sqlx_and_metrics_features() {}
 
 #[cfg(not(all(feature = "diesel-async", feature = "deadpool", feature = "bb8")))]
 #[test]

@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use pg_entra::testing::TestBed;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pg_entra::WarmUp;
+use pg_entra::testing::{Reply, TestBed};
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -46,8 +50,22 @@ async fn get_unbounded(port: u16, path: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_owned()))
 }
 
+/// The process's Prometheus recorder: installed once, shared by the tests that serve.
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| PrometheusBuilder::new().install_recorder().unwrap())
+        .clone()
+}
+
 async fn start(bed: &TestBed) -> u16 {
+    // Installed before anything records, as the example does.
+    let metrics = prometheus();
     let connector = bed.connector_builder().build().unwrap();
+    connector
+        .warm_up(WarmUp::Login, Duration::from_secs(30))
+        .await
+        .unwrap();
     let pool = connector
         .sqlx_pool(
             PgPoolOptions::new()
@@ -60,7 +78,12 @@ async fn start(bed: &TestBed) -> u16 {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    tokio::spawn(example::serve(listener, pool, std::future::pending()));
+    let app = example::App {
+        pool,
+        tokens: connector.token_cache().clone(),
+        metrics,
+    };
+    tokio::spawn(example::serve(listener, app, std::future::pending()));
     port
 }
 
@@ -94,4 +117,52 @@ async fn the_service_answers_every_request_across_two_token_rotations() {
     let issued = bed.identity().tokens_issued();
     assert!(issued >= 3, "two rotations need three tokens, got {issued}");
     assert_eq!(get(port, "/nowhere").await.unwrap().0, 404);
+}
+
+/// `/readyz` from the token cache's health and `/metrics` from the Prometheus exporter, over
+/// HTTP: ready with a token, 503 naming the failures once the token is gone and the endpoint
+/// refuses, and the library's metrics in Prometheus' text format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics_answer_over_http() {
+    let bed = super::bed().await;
+    bed.identity().set_token_lifetime(Duration::from_secs(4));
+    let port = start(&bed).await;
+
+    let (status, body) = get(port, "/readyz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ready: example::Readiness = serde_json::from_str(&body).unwrap();
+    assert!(ready.ready);
+    assert_eq!(ready.last_refresh.as_deref(), Some("Refreshed"));
+    assert_eq!(ready.consecutive_failures, 0);
+    assert!(ready.expires_on.is_some() && ready.refresh_at.is_some());
+
+    let (status, body) = get(port, "/whoami").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, text) = get(port, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "# TYPE pg_entra_token_refreshes counter",
+        "pg_entra_token_refreshes{outcome=\"success\",trigger=\"on_demand\",credential=\"custom\"}",
+        "pg_entra_identity_requests{source=\"imds\",status=\"200\"}",
+        "pg_entra_connects{outcome=\"success\"}",
+        "pg_entra_token_time_to_expiry",
+    ] {
+        assert!(text.contains(line), "{line} not in:\n{text}");
+    }
+
+    // The endpoint refuses from now on; once the token is no longer handed out, not ready.
+    bed.identity()
+        .script(std::iter::repeat_with(|| Reply::status(403)).take(50));
+    let unready = loop {
+        let _ = get(port, "/whoami").await;
+        let (status, body) = get(port, "/readyz").await.unwrap();
+        if status == 503 {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let unready: example::Readiness = serde_json::from_str(&unready).unwrap();
+    assert!(!unready.ready);
+    assert_eq!(unready.last_refresh.as_deref(), Some("Failed"));
+    assert!(unready.consecutive_failures >= 1);
 }
