@@ -22,7 +22,7 @@ use crate::jitter::unit_random;
 use crate::observe;
 use crate::refusal::Retry;
 use crate::session_attrs::{self, TargetSessionAttrs};
-use crate::tls::{SslMode, make_tls_connector};
+use crate::tls::{LazyTls, SslMode};
 use crate::token::Token;
 
 /// Azure Database for PostgreSQL listens here.
@@ -73,7 +73,8 @@ struct ConnectorInner {
     /// The server name to append to user names (Single Server), if asked for.
     single_server: Option<String>,
     tokens: TokenCache,
-    tls: MakeTlsConnector,
+    /// Built at the first connect, while the token is fetched.
+    tls: LazyTls,
     ssl_mode: SslMode,
     /// The extra root certificate file (`sslrootcert`), as given.
     ssl_root_cert: Option<String>,
@@ -207,7 +208,10 @@ impl Connector {
         // A server that named its resource before is asked with a token for it at once.
         let named = self.inner.named_resource.load_full();
         let tokens = named.as_deref().unwrap_or(&self.inner.tokens);
-        let token = tokens.token().await?;
+        // The first connect builds the TLS connector (it parses the system's roots) while
+        // the token request is under way, not before it.
+        let (token, _) = tokio::join!(tokens.token(), self.build_tls_aside());
+        let token = token?;
         let error = match self.connect_once(&token).await {
             Ok((client, connection)) => return Ok((client, connection, token)),
             Err(error) => error,
@@ -412,6 +416,16 @@ impl Connector {
             .unwrap_or_else(|| Error::missing("host", "no server host")))
     }
 
+    /// Builds the TLS connector on the blocking pool, if not built yet; its errors come back
+    /// from the connect that needs it.
+    async fn build_tls_aside(&self) {
+        if self.inner.tls.is_built() {
+            return;
+        }
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.inner.tls.get()).await;
+    }
+
     /// One attempt at one host; with `standby` set, the server must (`true`) or must not
     /// (`false`) be in recovery.
     async fn connect_host(
@@ -423,7 +437,7 @@ impl Connector {
     ) -> Result<(Client, Connection), Error> {
         let (client, mut connection) =
             config
-                .connect(self.inner.tls.clone())
+                .connect(self.inner.tls.get()?)
                 .await
                 .map_err(|error| {
                     name_mismatch_advice(Error::from_login(error, token.secret()), &host.host)
@@ -447,9 +461,13 @@ impl Connector {
         self.inner.session_attrs
     }
 
-    /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`).
-    pub fn tls_connector(&self) -> MakeTlsConnector {
-        self.inner.tls.clone()
+    /// The verifying TLS connector (system roots plus `PGSSLROOTCERT`), built at the first
+    /// connect or call: the system roots alone are parsed once per process, and shared.
+    ///
+    /// # Errors
+    /// [`Error::Tls`] when the TLS library cannot be set up.
+    pub fn tls_connector(&self) -> Result<MakeTlsConnector, Error> {
+        self.inner.tls.get()
     }
 
     /// The token cache, shared by all clones of this connector.
@@ -755,7 +773,7 @@ impl ConnectorBuilder {
             base.port(*port);
         }
         let ssl_mode = settings.ssl_mode.unwrap_or_default();
-        let tls = make_tls_connector(settings.ssl_root_cert.as_deref())?;
+        let tls = LazyTls::new(settings.ssl_root_cert.as_deref())?;
 
         let connector_cloud = self
             .cloud
@@ -947,6 +965,33 @@ pub(crate) fn ends_with_server(name: &str, server: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// A connector's first token, from a plain-HTTP identity endpoint, sets up no TLS: the
+    /// TLS connector waits for the connect that needs it.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn a_token_over_plain_http_sets_up_no_tls() {
+        let endpoint = crate::testing::IdentityEndpoint::builder()
+            .principal(crate::testing::Principal::system_assigned("orders-vm"))
+            .start()
+            .await
+            .unwrap();
+        let connector = Connector::builder()
+            .environment(Environment::from_vars([
+                ("PGHOST", "localhost"),
+                (
+                    crate::credential::vars::POD_IDENTITY_AUTHORITY_HOST_VAR,
+                    endpoint.authority_host().as_str(),
+                ),
+            ]))
+            .build()
+            .unwrap();
+        connector.token_cache().token().await.unwrap();
+        assert!(!connector.inner.tls.is_built());
+        connector.tls_connector().unwrap();
+        assert!(connector.inner.tls.is_built());
+    }
+
     use super::*;
     use crate::cloud::{CHINA_SCOPE, PUBLIC_SCOPE, US_GOVERNMENT_SCOPE};
 

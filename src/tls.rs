@@ -8,6 +8,7 @@
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::OnceLock;
 
 use native_tls::{Certificate, Protocol, TlsConnector};
 use postgres_native_tls::MakeTlsConnector;
@@ -77,19 +78,87 @@ impl FromStr for SslMode {
 
 /// A verifying TLS connector for tokio-postgres: system roots, plus the certificates in
 /// `root_cert` (a PEM bundle or one DER certificate) unless it is `system`.
+#[cfg(test)]
 pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConnector, Error> {
+    LazyTls::new(root_cert)?.get()
+}
+
+/// The process's one TLS connector for the system roots alone (TLS 1.2 or later), built at
+/// the first call: building one parses the system's root bundle, tens of milliseconds, so a
+/// process pays that once, and only when it opens its first TLS connection. Shared by the
+/// identity endpoints' HTTP client and every PostgreSQL connector without `sslrootcert`.
+pub(crate) fn system_connector() -> Result<TlsConnector, Error> {
+    static SYSTEM: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
+    SYSTEM
+        .get_or_init(|| {
+            SYSTEM_BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            build_connector(&[]).map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|message| Error::Tls {
+            message: format!("cannot create a TLS connector: {message}"),
+            source: None,
+        })
+}
+
+/// How often the process built its system-roots connector: at most once (tested).
+static SYSTEM_BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn build_connector(extra_roots: &[Certificate]) -> Result<TlsConnector, native_tls::Error> {
     let mut builder = TlsConnector::builder();
     builder.min_protocol_version(Some(Protocol::Tlsv12));
-    if let Some(path) = root_certificate_file(root_cert) {
-        for certificate in read_certificates(Path::new(path))? {
-            builder.add_root_certificate(certificate);
-        }
+    for certificate in extra_roots {
+        builder.add_root_certificate(certificate.clone());
     }
-    let connector = builder.build().map_err(|e| Error::Tls {
-        message: "cannot create a TLS connector".into(),
-        source: Some(Box::new(e)),
-    })?;
-    Ok(MakeTlsConnector::new(connector))
+    builder.build()
+}
+
+/// A PostgreSQL connector's TLS: the `sslrootcert` file is read when the connector is built
+/// (so that a missing or malformed file is an error at once), the TLS connector made at the
+/// first connect.
+pub(crate) struct LazyTls {
+    extra_roots: Vec<Certificate>,
+    built: OnceLock<MakeTlsConnector>,
+}
+
+impl LazyTls {
+    /// Reads the certificates of `root_cert` (a PEM bundle or one DER certificate) unless it is
+    /// `system` or absent.
+    pub(crate) fn new(root_cert: Option<&str>) -> Result<Self, Error> {
+        let extra_roots = match root_certificate_file(root_cert) {
+            Some(path) => read_certificates(Path::new(path))?,
+            None => Vec::new(),
+        };
+        Ok(Self {
+            extra_roots,
+            built: OnceLock::new(),
+        })
+    }
+
+    /// The connector: the process's shared one when there are no extra roots, else one of
+    /// this connector's own, built once.
+    pub(crate) fn get(&self) -> Result<MakeTlsConnector, Error> {
+        if let Some(built) = self.built.get() {
+            return Ok(built.clone());
+        }
+        let connector = if self.extra_roots.is_empty() {
+            system_connector()?
+        } else {
+            build_connector(&self.extra_roots).map_err(|e| Error::Tls {
+                message: "cannot create a TLS connector".into(),
+                source: Some(Box::new(e)),
+            })?
+        };
+        Ok(self
+            .built
+            .get_or_init(|| MakeTlsConnector::new(connector))
+            .clone())
+    }
+
+    /// Whether the connector is built (the first connect builds it).
+    pub(crate) fn is_built(&self) -> bool {
+        self.built.get().is_some()
+    }
 }
 
 /// The file an `sslrootcert` setting names, unless it is `system` (the system roots only).
@@ -196,6 +265,20 @@ fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
 
 #[cfg(test)]
 mod tests {
+    /// Any number of connectors without extra roots share the one system connector, built at
+    /// the first use, not when a connector is made.
+    #[test]
+    fn the_system_roots_are_loaded_at_most_once_and_only_when_used() {
+        let lazy: Vec<LazyTls> = (0..3).map(|_| LazyTls::new(None).unwrap()).collect();
+        assert!(lazy.iter().all(|tls| !tls.is_built()));
+        for tls in &lazy {
+            tls.get().unwrap();
+            tls.get().unwrap();
+        }
+        system_connector().unwrap();
+        assert_eq!(SYSTEM_BUILDS.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
     use super::*;
 
     #[test]

@@ -9,7 +9,7 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::error::ErrorKind;
 use azure_core::http::StatusCode;
 
-use super::http::{BodyError, Destination, innermost_cause, read_body};
+use super::http::{BodyError, Destination, HttpClient, RequestBuilder, SendError, read_body};
 use super::local_file::read_capped;
 use super::options::CredentialOptions;
 use super::scope::only_scope;
@@ -46,7 +46,7 @@ struct ClientCredentials {
     token_url: reqwest::Url,
     client_id: String,
     auth: ClientAuth,
-    http: reqwest::Client,
+    http: HttpClient,
 }
 
 impl ClientCredentials {
@@ -68,10 +68,10 @@ impl ClientCredentials {
                 format!("{AUTHORITY_HOST_VAR} {authority:?}: {problem}"),
             )
         })?;
-        let http = super::http::client(Destination::Entra {
+        let http = HttpClient::new(Destination::Entra {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT.min(request_timeout),
             request_timeout,
-        })?;
+        });
         Ok(Self {
             credential,
             token_url,
@@ -146,13 +146,11 @@ impl ClientCredentials {
                 ),
             )
         };
-        let response = self
-            .http
-            .post(self.token_url.clone())
+        let request = RequestBuilder::post(self.token_url.clone())
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body)
-            .send()
-            .await;
+            .build();
+        let response = self.http.send(request).await;
         crate::observe::identity_request(
             "entra",
             response.as_ref().ok().map(|r| r.status().as_u16()),
@@ -160,7 +158,7 @@ impl ClientCredentials {
         let response = response.map_err(|e| no_answer(describe_transport_error(&e)))?;
         let status = response.status().as_u16();
         let body = read_body(response).await.map_err(|e| match e {
-            BodyError::Transport(e) => no_answer(describe_transport_error(&e)),
+            BodyError::Transport(e) => no_answer(describe_transport_error(&SendError::from(e))),
             too_large => azure_core::Error::with_message(
                 ErrorKind::Credential,
                 format!(
@@ -271,11 +269,11 @@ fn entra_hint(status: u16, description: &str, workload_identity: bool) -> &'stat
 }
 
 /// A failed exchange in words: a timeout says which limit ran out.
-fn describe_transport_error(error: &reqwest::Error) -> String {
+fn describe_transport_error(error: &SendError) -> String {
     if error.is_timeout() {
         "no answer within the request timeout (DefaultAzureCredentialBuilder::entra_timeout)".into()
     } else {
-        innermost_cause(error)
+        error.to_string()
     }
 }
 

@@ -22,7 +22,7 @@ async fn login_with_password(
         .user(bed.principal().name())
         .password(password)
         .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let (client, connection) = config.connect(connector.tls_connector()).await?;
+    let (client, connection) = config.connect(connector.tls_connector().unwrap()).await?;
     tokio::spawn(connection);
     client.simple_query("select 1").await.map(drop)
 }
@@ -74,7 +74,10 @@ async fn refresh_ahead_keeps_connections_working_across_token_lifetimes() {
         // from replacing the password under a login that is using the previous token.
         let hold = endpoint.hold();
         let config = connector.config().await.unwrap();
-        let (client, connection) = config.connect(connector.tls_connector()).await.unwrap();
+        let (client, connection) = config
+            .connect(connector.tls_connector().unwrap())
+            .await
+            .unwrap();
         tokio::spawn(connection);
         let user: String = client
             .query_one("select current_user", &[])

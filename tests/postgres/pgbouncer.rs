@@ -115,7 +115,7 @@ async fn the_longest_password_pgbouncer_passes_on_is_measured() {
     let bouncer = LocalPgBouncer::start(bed.postgres(), PoolMode::Session)
         .await
         .unwrap();
-    let tls = through(&bouncer, &bed).tls_connector();
+    let tls = through(&bouncer, &bed).tls_connector().unwrap();
     let probes = std::sync::atomic::AtomicUsize::new(0);
     let probe = |length: usize| {
         let (bed, tls, port) = (&bed, tls.clone(), bouncer.port());

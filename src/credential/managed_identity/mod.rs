@@ -23,7 +23,9 @@ use retry::{AttemptFailure, RetryState, parse_retry_after};
 use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
 
 use self::source::ArcKeyProblem;
-use super::http::{BodyError, Destination, content_type, innermost_cause, read_body};
+use super::http::{
+    BodyError, Destination, HttpClient, SendError, content_type, innermost_cause, read_body,
+};
 use super::options::CredentialOptions;
 use super::scope::only_scope;
 use super::token_response::{ErrorBody, looks_like_imds, parse_token_response, shown_header};
@@ -59,7 +61,7 @@ pub struct ManagedIdentityCredential {
     source: Source,
     identity: ManagedIdentityId,
     retry: RetryOptions,
-    http: reqwest::Client,
+    http: HttpClient,
 }
 
 impl ManagedIdentityCredential {
@@ -99,9 +101,7 @@ impl ManagedIdentityCredential {
     #[cfg(test)]
     pub(crate) fn request_url(&self, resource: &str) -> reqwest::Url {
         self.source
-            .request(&self.http, resource, &self.identity, None)
-            .build()
-            .expect("a valid request")
+            .request(resource, &self.identity, None)
             .url()
             .clone()
     }
@@ -233,9 +233,8 @@ impl ManagedIdentityCredential {
         let exchange = async {
             let send = |key: Option<&str>| {
                 let sent = self
-                    .source
-                    .request(&self.http, resource, &self.identity, key)
-                    .send();
+                    .http
+                    .send(self.source.request(resource, &self.identity, key));
                 async move {
                     let answer = sent.await;
                     crate::observe::identity_request(
@@ -284,14 +283,14 @@ impl ManagedIdentityCredential {
             Ok(Err(Exchange::Body(BodyError::TooLarge))) => {
                 Attempt::Invalid(BodyError::TooLarge.to_string())
             }
-            Ok(Err(Exchange::Body(BodyError::Transport(error)) | Exchange::Transport(error)))
-                if error.is_timeout() =>
-            {
+            Ok(Err(Exchange::Body(BodyError::Transport(error)))) if error.is_timeout() => {
                 Attempt::Timeout
             }
-            Ok(Err(Exchange::Body(BodyError::Transport(error)) | Exchange::Transport(error))) => {
+            Ok(Err(Exchange::Transport(error))) if error.is_timeout() => Attempt::Timeout,
+            Ok(Err(Exchange::Body(BodyError::Transport(error)))) => {
                 Attempt::Connection(innermost_cause(&error))
             }
+            Ok(Err(Exchange::Transport(error))) => Attempt::Connection(error.to_string()),
             Ok(Ok((200, _, _, body, _))) => {
                 match parse_token_response(&body, time::OffsetDateTime::now_utc()) {
                     Ok(token) => Attempt::Token(token),
@@ -324,15 +323,14 @@ impl ManagedIdentityCredential {
         let endpoint = self.source.endpoint();
         let exchange = async {
             let response = self
-                .source
-                .imds_probe(&self.http, resource, &self.identity)
-                .send()
+                .http
+                .send(self.source.imds_probe(resource, &self.identity))
                 .await;
             crate::observe::identity_request(
                 self.source.label(),
                 response.as_ref().ok().map(|r| r.status().as_u16()),
             );
-            let response = response.map_err(|e| innermost_cause(&e))?;
+            let response = response.map_err(|e| e.to_string())?;
             let status = response.status().as_u16();
             let content_type = shown_header(content_type(&response), &[]);
             let body = read_body(response).await.map_err(|e| e.to_string())?;
@@ -379,7 +377,7 @@ impl ManagedIdentityCredential {
 
 /// How one exchange with the endpoint failed before it gave an answer to judge.
 enum Exchange {
-    Transport(reqwest::Error),
+    Transport(SendError),
     Body(BodyError),
     /// The Arc key challenge could not be answered.
     Challenge(ArcKeyProblem),
@@ -490,7 +488,7 @@ impl ManagedIdentityCredentialBuilder {
             Source::detect(environment, imds_url, self.arc_key_directory)?
         };
         source.check_identity(&identity)?;
-        let http = super::http::client(Destination::HostLocal)?;
+        let http = HttpClient::new(Destination::HostLocal);
         tracing::debug!(source = source.name(), endpoint = %source.endpoint(), ?identity, "managed identity source chosen");
         Ok(ManagedIdentityCredential {
             source,

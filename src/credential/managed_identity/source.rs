@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::credential::http::RequestBuilder;
 use crate::credential::local_file::read_capped;
 
 use super::id::ManagedIdentityId;
@@ -159,15 +160,14 @@ impl Source {
     /// The request for a token for `resource`. `arc_key` is the Arc challenge's answer.
     pub(crate) fn request(
         &self,
-        http: &reqwest::Client,
         resource: &str,
         identity: &ManagedIdentityId,
         arc_key: Option<&str>,
-    ) -> reqwest::RequestBuilder {
-        match self {
-            Source::Imds { url } => http
-                .get(imds_query(url, resource, identity))
-                .header("Metadata", "true"),
+    ) -> reqwest::Request {
+        let request = match self {
+            Source::Imds { url } => {
+                RequestBuilder::get(imds_query(url, resource, identity)).header("Metadata", "true")
+            }
             Source::AppService { url, secret } => {
                 let id = match identity {
                     ManagedIdentityId::SystemAssigned => None,
@@ -175,12 +175,11 @@ impl Source {
                     ManagedIdentityId::ObjectId(id) => Some(("principal_id", id)),
                     ManagedIdentityId::ResourceId(id) => Some(("mi_res_id", id)),
                 };
-                http.get(with_query(url, "2019-08-01", resource, id))
+                RequestBuilder::get(with_query(url, "2019-08-01", resource, id))
                     .header("X-IDENTITY-HEADER", secret)
             }
             Source::Arc { url, .. } => {
-                let request = http
-                    .get(with_query(url, "2019-11-01", resource, None))
+                let request = RequestBuilder::get(with_query(url, "2019-11-01", resource, None))
                     .header("Metadata", "true");
                 match arc_key {
                     Some(key) => request.header("Authorization", format!("Basic {key}")),
@@ -190,7 +189,7 @@ impl Source {
             Source::CloudShell { url } => {
                 let mut form = form_urlencoded::Serializer::new(String::new());
                 form.append_pair("resource", resource);
-                http.post(url.clone())
+                RequestBuilder::post(url.clone())
                     .header("Metadata", "true")
                     .header("Content-Type", "application/x-www-form-urlencoded")
                     .body(form.finish())
@@ -200,21 +199,21 @@ impl Source {
                     ManagedIdentityId::ClientId(id) => Some(("clientid", id)),
                     _ => None,
                 };
-                http.get(with_query(url, "2017-09-01", resource, id))
+                RequestBuilder::get(with_query(url, "2017-09-01", resource, id))
                     .header("secret", secret)
             }
-        }
+        };
+        request.build()
     }
 
     /// The IMDS token request without its `Metadata` header: the chain's probe. IMDS refuses it
     /// at once, which proves IMDS is there without waiting for a token to be minted.
     pub(crate) fn imds_probe(
         &self,
-        http: &reqwest::Client,
         resource: &str,
         identity: &ManagedIdentityId,
-    ) -> reqwest::RequestBuilder {
-        http.get(imds_query(self.endpoint(), resource, identity))
+    ) -> reqwest::Request {
+        RequestBuilder::get(imds_query(self.endpoint(), resource, identity)).build()
     }
 
     /// Answers the Arc agent's 401 challenge: reads the key file named by
