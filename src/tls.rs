@@ -117,20 +117,20 @@ fn build_connector(extra_roots: &[Certificate]) -> Result<TlsConnector, native_t
 /// (so that a missing or malformed file is an error at once), the TLS connector made at the
 /// first connect.
 pub(crate) struct LazyTls {
-    extra_roots: Vec<Certificate>,
+    root_file: Option<RootFile>,
     built: OnceLock<MakeTlsConnector>,
 }
 
 impl LazyTls {
-    /// Reads the certificates of `root_cert` (a PEM bundle or one DER certificate) unless it is
-    /// `system` or absent.
+    /// Reads the file `root_cert` names (a PEM bundle or one DER certificate) unless it is
+    /// `system` or absent: an unreadable file, or text with no PEM certificate, is an error
+    /// now; certificates OpenSSL cannot parse are an error at the first connect.
     pub(crate) fn new(root_cert: Option<&str>) -> Result<Self, Error> {
-        let extra_roots = match root_certificate_file(root_cert) {
-            Some(path) => read_certificates(Path::new(path))?,
-            None => Vec::new(),
-        };
+        let root_file = root_certificate_file(root_cert)
+            .map(|path| RootFile::read(Path::new(path)))
+            .transpose()?;
         Ok(Self {
-            extra_roots,
+            root_file,
             built: OnceLock::new(),
         })
     }
@@ -141,13 +141,12 @@ impl LazyTls {
         if let Some(built) = self.built.get() {
             return Ok(built.clone());
         }
-        let connector = if self.extra_roots.is_empty() {
-            system_connector()?
-        } else {
-            build_connector(&self.extra_roots).map_err(|e| Error::Tls {
+        let connector = match &self.root_file {
+            None => system_connector()?,
+            Some(file) => build_connector(&file.parse()?).map_err(|e| Error::Tls {
                 message: "cannot create a TLS connector".into(),
                 source: Some(Box::new(e)),
-            })?
+            })?,
         };
         Ok(self
             .built
@@ -225,42 +224,86 @@ fn der_to_pem(der: &[u8]) -> String {
 /// The most a root certificate file may hold: a system's whole CA bundle is about 200 KiB.
 const MAX_ROOT_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
+#[cfg(any(feature = "sqlx", test))]
 fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
-    let shown = path.display();
-    let bytes = read_capped_blocking(path, MAX_ROOT_FILE_BYTES).map_err(|e| {
-        Error::invalid(
-            "sslrootcert",
-            format!(
-                "cannot read the root certificate file {shown} (PGSSLROOTCERT / sslrootcert): {e}"
-            ),
-        )
-    })?;
-    let unreadable = |e: native_tls::Error| Error::Tls {
-        message: format!("the root certificate file {shown} holds no usable certificate"),
-        source: Some(Box::new(e)),
-    };
-    let Ok(text) = std::str::from_utf8(&bytes) else {
-        return Ok(vec![Certificate::from_der(&bytes).map_err(unreadable)?]);
-    };
-    let mut certificates = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(PEM_BEGIN) {
-        let Some(len) = rest[start..].find(PEM_END) else {
-            break;
+    RootFile::read(path)?.parse()
+}
+
+/// A root certificate file read and split, not yet parsed: parsing needs OpenSSL, whose
+/// set-up a cold-started process should not pay before its first token request.
+struct RootFile {
+    shown: String,
+    certificates: Vec<RootBytes>,
+}
+
+enum RootBytes {
+    Pem(String),
+    Der(Vec<u8>),
+}
+
+impl RootFile {
+    /// Reads `path`; a file that cannot be read, or that is text with no PEM certificate, is an
+    /// error here.
+    fn read(path: &Path) -> Result<Self, Error> {
+        let shown = path.display().to_string();
+        let bytes = read_capped_blocking(path, MAX_ROOT_FILE_BYTES).map_err(|e| {
+            Error::invalid(
+                "sslrootcert",
+                format!(
+                    "cannot read the root certificate file {shown} (PGSSLROOTCERT / sslrootcert): {e}"
+                ),
+            )
+        })?;
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(binary) => {
+                return Ok(Self {
+                    shown,
+                    certificates: vec![RootBytes::Der(binary.into_bytes())],
+                });
+            }
         };
-        let block = &rest[start..start + len + PEM_END.len()];
-        certificates.push(Certificate::from_pem(block.as_bytes()).map_err(unreadable)?);
-        rest = &rest[start + len + PEM_END.len()..];
+        let mut certificates = Vec::new();
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find(PEM_BEGIN) {
+            let Some(len) = rest[start..].find(PEM_END) else {
+                break;
+            };
+            let block = &rest[start..start + len + PEM_END.len()];
+            certificates.push(RootBytes::Pem(block.to_owned()));
+            rest = &rest[start + len + PEM_END.len()..];
+        }
+        if certificates.is_empty() {
+            return Err(Error::invalid(
+                "sslrootcert",
+                format!(
+                    "the root certificate file {shown} has no PEM certificate (-----BEGIN CERTIFICATE-----)"
+                ),
+            ));
+        }
+        Ok(Self {
+            shown,
+            certificates,
+        })
     }
-    if certificates.is_empty() {
-        return Err(Error::invalid(
-            "sslrootcert",
-            format!(
-                "the root certificate file {shown} has no PEM certificate (-----BEGIN CERTIFICATE-----)"
+
+    fn parse(&self) -> Result<Vec<Certificate>, Error> {
+        let unreadable = |e: native_tls::Error| Error::Tls {
+            message: format!(
+                "the root certificate file {} holds no usable certificate",
+                self.shown
             ),
-        ));
+            source: Some(Box::new(e)),
+        };
+        self.certificates
+            .iter()
+            .map(|certificate| match certificate {
+                RootBytes::Pem(block) => Certificate::from_pem(block.as_bytes()),
+                RootBytes::Der(der) => Certificate::from_der(der),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable)
     }
-    Ok(certificates)
 }
 
 #[cfg(test)]
