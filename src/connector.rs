@@ -371,15 +371,7 @@ impl Connector {
     /// standby, then for any server.
     async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
         let configs = self.configs_for(token)?;
-        let mut order: Vec<(&HostConfig, &tokio_postgres::Config)> =
-            self.inner.per_host.iter().zip(&configs.per_host).collect();
-        if self.inner.base.get_load_balance_hosts() == LoadBalanceHosts::Random {
-            // Fisher-Yates with the crate's jitter source, as tokio-postgres shuffles its hosts.
-            for i in (1..order.len()).rev() {
-                let j = ((unit_random() * (i + 1) as f64) as usize).min(i);
-                order.swap(i, j);
-            }
-        }
+        let order = self.host_order(&configs);
         let (mut last_error, mut refused) = (None, None);
         for &standby in self.inner.session_attrs.passes() {
             for &(host, config) in &order {
@@ -475,8 +467,46 @@ impl Connector {
         &self.inner.tokens
     }
 
+    /// Each host with its configuration carrying `token`, in the order a connect tries them
+    /// (shuffled for `load_balance_hosts=random`): for the blocking stacks, which make their
+    /// own attempts.
+    #[cfg(feature = "postgres-sync")]
+    pub(crate) fn hosts_with(
+        &self,
+        token: &Token,
+    ) -> Result<Vec<(String, u16, tokio_postgres::Config)>, Error> {
+        let configs = self.configs_for(token)?;
+        Ok(self
+            .host_order(&configs)
+            .into_iter()
+            .map(|(host, config)| (host.host.clone(), host.port, config.clone()))
+            .collect())
+    }
+
+    /// The hosts in the order they are tried: as given, or shuffled for
+    /// `load_balance_hosts=random`.
+    fn host_order<'a>(
+        &'a self,
+        configs: &'a TokenConfigs,
+    ) -> Vec<(&'a HostConfig, &'a tokio_postgres::Config)> {
+        let mut order: Vec<(&HostConfig, &tokio_postgres::Config)> =
+            self.inner.per_host.iter().zip(&configs.per_host).collect();
+        if self.inner.base.get_load_balance_hosts() == LoadBalanceHosts::Random {
+            // Fisher-Yates with the crate's jitter source, as tokio-postgres shuffles its hosts.
+            for i in (1..order.len()).rev() {
+                let j = ((unit_random() * (i + 1) as f64) as usize).min(i);
+                order.swap(i, j);
+            }
+        }
+        order
+    }
+
     /// The limit on one connection attempt to one host.
-    #[cfg(feature = "diesel-async")]
+    #[cfg(any(
+        feature = "diesel-async",
+        feature = "postgres-sync",
+        feature = "diesel-sync"
+    ))]
     pub(crate) fn connect_timeout(&self) -> Duration {
         self.inner.connect_timeout
     }
@@ -854,7 +884,7 @@ impl ConnectorBuilder {
 /// A certificate refused for its name when `host` is an address or a `privatelink.` name:
 /// Azure's certificates cover `*.postgres.database.azure.com` only, so the advice is libpq's
 /// way, the server's name in `host` and the address in `hostaddr`, not another root file.
-fn name_mismatch_advice(error: Error, host: &str) -> Error {
+pub(crate) fn name_mismatch_advice(error: Error, host: &str) -> Error {
     let private = host.parse::<std::net::IpAddr>().is_ok()
         || host.to_ascii_lowercase().contains(".privatelink.");
     match error {

@@ -156,6 +156,14 @@ pub enum Error {
         last_error: Option<String>,
     },
 
+    /// libpq (Diesel's `PgConnection`) could not connect; its message, which names the host and
+    /// what the server said. [`Error::login_refusal`] reads a refused login from it.
+    #[error("libpq: {message}")]
+    Libpq {
+        /// libpq's message (`connection to server at … failed: FATAL: …`).
+        message: String,
+    },
+
     /// PostgreSQL refused the connection or the session failed.
     #[error("PostgreSQL error")]
     Postgres {
@@ -310,6 +318,7 @@ impl Error {
                 let db = source.as_db_error()?;
                 crate::LoginRefusal::classify(db.code().code(), db.message())
             }
+            Error::Libpq { message } => crate::LoginRefusal::from_libpq(message),
             Error::PoolerRefused {
                 token_bytes,
                 source,
@@ -341,6 +350,7 @@ impl Error {
                 .as_deref()
                 .is_some_and(|code| AUTH_FAILURE_SQLSTATES.contains(&code)),
             Error::UnexpectedResource { .. } => true,
+            Error::Libpq { .. } => self.login_refusal().is_some(),
             // PgBouncer's code: the server's refusal it relays counts, its own does not.
             Error::PoolerRefused { .. } => self.login_refusal().is_some_and(|refusal| {
                 !matches!(
@@ -398,6 +408,7 @@ impl Error {
                  principal's token never carries it",
             ),
             Error::Postgres { .. }
+            | Error::Libpq { .. }
             | Error::PoolerRefused { .. }
             | Error::UnexpectedResource { .. } => {
                 self.login_refusal().map(|refusal| refusal.hint())

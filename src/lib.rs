@@ -30,6 +30,12 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backoff;
+#[cfg(any(feature = "postgres-sync", feature = "diesel-sync"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "postgres-sync", feature = "diesel-sync")))
+)]
+pub mod blocking;
 pub mod cache;
 mod clock;
 mod cloud;
@@ -42,6 +48,7 @@ pub mod diesel;
 mod environment;
 pub mod error;
 mod jitter;
+pub mod libpq;
 mod lock;
 mod observe;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]

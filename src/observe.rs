@@ -296,7 +296,13 @@ pub(crate) fn login_refused(refusal: &LoginRefusal) {
 }
 
 /// A pool made a physical connection through the connector.
-#[cfg(any(feature = "deadpool", feature = "bb8", feature = "diesel-async"))]
+#[cfg(any(
+    feature = "deadpool",
+    feature = "bb8",
+    feature = "diesel-async",
+    feature = "postgres-sync",
+    feature = "diesel-sync"
+))]
 pub(crate) fn pool_connection_created(pool: &'static str) {
     #[cfg(feature = "metrics")]
     {

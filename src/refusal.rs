@@ -121,6 +121,26 @@ impl LoginRefusal {
         Some(refusal)
     }
 
+    /// A refused login in libpq's message (`… failed: FATAL:  <server's text>`), which
+    /// carries no SQLSTATE: only the texts that name a login refusal count.
+    pub(crate) fn from_libpq(message: &str) -> Option<Self> {
+        let (_, said) = message.split_once("FATAL:")?;
+        let said = said.trim();
+        let lower = said.to_ascii_lowercase();
+        if lower.contains("partial pkt") || lower.contains("password too long") {
+            return Some(LoginRefusal::PoolerRefusedLongPassword);
+        }
+        match Self::from_text(said, &lower) {
+            LoginRefusal::OtherAuthorization
+                if !(lower.contains("pg_hba.conf")
+                    || lower.contains("not permitted to log in")) =>
+            {
+                None
+            }
+            refusal => Some(refusal),
+        }
+    }
+
     /// The refusal a server's message names; `OtherAuthorization` when it names none.
     fn from_text(message: &str, lower: &str) -> Self {
         if lower.contains("access token has expired") {

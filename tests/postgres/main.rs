@@ -26,6 +26,8 @@ mod shared_token;
 mod soak;
 #[cfg(feature = "sqlx")]
 mod sqlx_pool;
+#[cfg(any(feature = "postgres-sync", feature = "diesel-sync"))]
+mod sync_stacks;
 mod timeouts;
 mod tls;
 mod user_names;
@@ -45,6 +47,11 @@ fn sqlx_tests_need_the_sqlx_feature() {}
 #[test]
 #[ignore = "the service-example tests need --features sqlx,metrics (or --all-features)"]
 fn service_tests_need_the_sqlx_and_metrics_features() {}
+
+#[cfg(not(all(feature = "postgres-sync", feature = "diesel-sync")))]
+#[test]
+#[ignore = "the synchronous stacks' tests need --features postgres-sync,diesel-sync (or --all-features)"]
+fn sync_stack_tests_need_their_features() {}
 
 #[cfg(not(all(feature = "diesel-async", feature = "deadpool", feature = "bb8")))]
 #[test]

@@ -1,7 +1,6 @@
 //! `pg-entra psql`: psql with a fresh token as its password, in its environment only.
 
 use std::ffi::OsString;
-use std::path::Path;
 use std::process::Command;
 
 use pg_entra::{Connector, Environment, SslMode};
@@ -9,15 +8,6 @@ use pg_entra::{Connector, Environment, SslMode};
 use crate::exit::Failure;
 use crate::psql_args::{self, Unreadable};
 use crate::server::{ServerArgs, causes};
-
-/// Where distributions keep the system's CA bundle, for libpq versions without
-/// `sslrootcert=system` (before 16).
-const SYSTEM_BUNDLES: [&str; 4] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/ca-bundle.pem",
-    "/etc/ssl/cert.pem",
-];
 
 /// Arguments of `pg-entra psql`.
 #[derive(Debug, clap::Args)]
@@ -88,10 +78,9 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
         eprintln!("pg-entra: {error}");
         Failure::Configuration
     })?;
-    let root_file = root_file(&connector).ok_or_else(|| {
-        eprintln!(
-            "pg-entra: no system CA bundle found for psql; set PGSSLROOTCERT to a PEM file with the server's root (Azure: DigiCert Global Root G2 and Microsoft RSA Root Certificate Authority 2017)"
-        );
+    // The root file is decided before a token is asked for: no bundle, no token.
+    connector.libpq_parameters("-").map_err(|error| {
+        eprintln!("pg-entra: {error}");
         Failure::Configuration
     })?;
     if connector.ssl_mode() != SslMode::VerifyFull {
@@ -119,9 +108,12 @@ pub(crate) async fn run(args: PsqlArgs) -> Result<(), Failure> {
         .var("PG_ENTRA_PSQL")
         .unwrap_or_else(|| "psql".into());
     let mut command = Command::new(&program);
-    let pairs = conninfo_pairs(&connector, &user, &root_file);
+    let pairs = connector.libpq_parameters(&user).map_err(|error| {
+        eprintln!("pg-entra: {error}");
+        Failure::Configuration
+    })?;
     let mut dbname = OsString::from("--dbname=");
-    dbname.push(conninfo(&pairs));
+    dbname.push(pg_entra::libpq::conninfo(&pairs));
     command.arg(dbname).args(&psql.own);
     for var in LIBPQ_CONNECTION_VARS {
         command.env_remove(var);
@@ -208,16 +200,7 @@ fn is_connection_string(dbname: &str) -> bool {
     dbname.starts_with("postgresql://") || dbname.starts_with("postgres://") || dbname.contains('=')
 }
 
-/// The root file psql verifies with: the one given, else the system's bundle (psql 15's
-/// libpq has no `sslrootcert=system`).
-fn root_file(connector: &Connector) -> Option<String> {
-    match connector.ssl_root_cert() {
-        Some(file) if file != "system" => Some(file.to_owned()),
-        _ => system_bundle(&Environment::process()),
-    }
-}
-
-/// libpq's variable for a keyword of [`conninfo_pairs`].
+/// libpq's variable for a keyword of `Connector::libpq_parameters`.
 fn variable_for(key: &str) -> Option<&'static str> {
     Some(match key {
         "host" => "PGHOST",
@@ -236,110 +219,6 @@ fn variable_for(key: &str) -> Option<&'static str> {
         "load_balance_hosts" => "PGLOADBALANCEHOSTS",
         _ => return None,
     })
-}
-
-/// The one connection string psql gets.
-fn conninfo(pairs: &[(&str, String)]) -> String {
-    pairs
-        .iter()
-        .map(|(key, value)| format!("{key}={}", quote(value)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Everything the connector decided, with TLS that verifies the host name and no GSS
-/// encryption (which would stand in for TLS).
-fn conninfo_pairs(
-    connector: &Connector,
-    user: &str,
-    root_file: &str,
-) -> Vec<(&'static str, String)> {
-    use tokio_postgres::config::{ChannelBinding, Host, LoadBalanceHosts};
-
-    let config = connector.base_config();
-    let list = |items: Vec<String>| items.join(",");
-    let mut pairs: Vec<(&'static str, String)> = vec![
-        (
-            "host",
-            list(
-                config
-                    .get_hosts()
-                    .iter()
-                    .filter_map(|host| match host {
-                        Host::Tcp(name) => Some(name.clone()),
-                        // Refused by the connector; never reaches here.
-                        #[cfg(unix)]
-                        Host::Unix(_) => None,
-                    })
-                    .collect(),
-            ),
-        ),
-        (
-            "port",
-            list(config.get_ports().iter().map(u16::to_string).collect()),
-        ),
-        (
-            "dbname",
-            config.get_dbname().unwrap_or("postgres").to_owned(),
-        ),
-        ("user", user.to_owned()),
-        ("sslmode", "verify-full".to_owned()),
-        ("sslrootcert", root_file.to_owned()),
-        ("gssencmode", "disable".to_owned()),
-    ];
-    if !config.get_hostaddrs().is_empty() {
-        pairs.push((
-            "hostaddr",
-            list(
-                config
-                    .get_hostaddrs()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect(),
-            ),
-        ));
-    }
-    if let Some(name) = config.get_application_name() {
-        pairs.push(("application_name", name.to_owned()));
-    }
-    if let Some(options) = config.get_options() {
-        pairs.push(("options", options.to_owned()));
-    }
-    if let Some(timeout) = config.get_connect_timeout() {
-        pairs.push(("connect_timeout", timeout.as_secs().max(1).to_string()));
-    }
-    if !config.get_keepalives() {
-        pairs.push(("keepalives", "0".to_owned()));
-    }
-    // libpq checks every kind itself, as the connector does.
-    if connector.target_session_attrs() != pg_entra::TargetSessionAttrs::Any {
-        pairs.push((
-            "target_session_attrs",
-            connector.target_session_attrs().as_str().to_owned(),
-        ));
-    }
-    match config.get_channel_binding() {
-        ChannelBinding::Disable => pairs.push(("channel_binding", "disable".to_owned())),
-        ChannelBinding::Require => pairs.push(("channel_binding", "require".to_owned())),
-        _ => {}
-    }
-    if config.get_load_balance_hosts() == LoadBalanceHosts::Random {
-        pairs.push(("load_balance_hosts", "random".to_owned()));
-    }
-    pairs
-}
-
-/// A libpq `key=value` value: single-quoted, `\` and `'` escaped.
-fn quote(value: &str) -> String {
-    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
-/// The system CA bundle for libpq: `SSL_CERT_FILE`, else the first that exists.
-fn system_bundle(env: &Environment) -> Option<String> {
-    env.var("SSL_CERT_FILE")
-        .into_iter()
-        .chain(SYSTEM_BUNDLES.iter().map(|path| (*path).to_owned()))
-        .find(|path| Path::new(path).is_file())
 }
 
 /// Replaces this process with `command`; returns only if it could not.
@@ -361,12 +240,6 @@ fn exec(mut command: Command) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoted_values_survive_libpq_quoting() {
-        assert_eq!(quote("a b"), "'a b'");
-        assert_eq!(quote(r"it's \ here"), r"'it\'s \\ here'");
-    }
 
     #[test]
     fn connection_strings_as_libpq_recognizes_them() {

@@ -1,0 +1,286 @@
+//! The synchronous stacks against the real bed: the `postgres` crate and Diesel's
+//! `PgConnection` (libpq), each alone and in an r2d2 pool, from threads with no runtime and
+//! from a Tokio runtime's blocking threads: rotations, a revoked token, a server without TLS.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pg_entra::blocking::BlockingConnector;
+use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestBed, TlsOffer};
+
+/// How long the rotation runs' tokens live: the cache refreshes them half-way.
+const SHORT_LIFETIME: Duration = Duration::from_secs(2);
+
+/// The bed on a runtime of its own: the code under test runs on plain threads.
+struct Bed {
+    bed: Arc<TestBed>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Bed {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let bed = Arc::new(runtime.block_on(TestBed::start()).unwrap());
+        Self { bed, runtime }
+    }
+
+    fn connector(&self) -> BlockingConnector {
+        let builder = self.bed.connector_builder();
+        BlockingConnector::new(builder).unwrap()
+    }
+
+    fn revoke(&self) {
+        let until = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+        self.runtime
+            .block_on(self.bed.postgres().password_setter().set_password(
+                self.bed.principal().name(),
+                "revoked-by-an-admin",
+                until,
+            ))
+            .unwrap();
+    }
+}
+
+/// Four threads that each check a connection out and query, over two token lifetimes.
+fn across_rotations(run: impl Fn() -> Result<String, String> + Send + Sync + 'static) -> usize {
+    let run = Arc::new(run);
+    let until = Instant::now() + 2 * SHORT_LIFETIME + Duration::from_millis(500);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let run = Arc::clone(&run);
+            std::thread::spawn(move || {
+                let mut done = 0;
+                while Instant::now() < until {
+                    run().expect("every checkout and query succeeds");
+                    done += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                done
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).sum()
+}
+
+/// A server that offers no TLS: the connect fails before any password is sent.
+fn plaintext_server(bed: &Bed) -> (ScriptedPostgres, pg_entra::ConnectorBuilder) {
+    let server = bed
+        .runtime
+        .block_on(ScriptedPostgres::start(TlsOffer::None, LoginAnswer::Accept))
+        .unwrap();
+    let builder = server
+        .connector_builder()
+        .credential(Arc::new(bed.bed.credential()));
+    (server, builder)
+}
+
+#[cfg(feature = "postgres-sync")]
+mod postgres_crate {
+    use pg_entra::blocking::PostgresManager;
+
+    use super::*;
+
+    fn current_user(client: &mut postgres::Client) -> Result<String, String> {
+        let row = client
+            .query_one("select current_user", &[])
+            .map_err(|e| e.to_string())?;
+        Ok(row.get(0))
+    }
+
+    /// From a plain thread with no runtime: connects, and an r2d2 pool across two token
+    /// rotations with new connections all the time.
+    #[test]
+    fn a_pool_runs_across_token_rotations_without_a_runtime() {
+        let bed = Bed::start();
+        bed.bed.identity().set_token_lifetime(SHORT_LIFETIME);
+        let connector = bed.connector();
+        let name = bed.bed.principal().name().to_owned();
+        let mut client = connector.postgres_client().unwrap();
+        assert_eq!(current_user(&mut client).unwrap(), name);
+
+        let pool = r2d2::Pool::builder()
+            .max_size(4)
+            .build(PostgresManager::new(connector.clone()))
+            .unwrap();
+        let queries = across_rotations({
+            let (pool, connector, name) = (pool.clone(), connector.clone(), name.clone());
+            move || {
+                // A new physical connection each time (r2d2 retires connections only every
+                // 30 s), and a pooled one.
+                let mut fresh = connector.postgres_client().map_err(|e| e.to_string())?;
+                assert_eq!(current_user(&mut fresh)?, name);
+                let mut pooled = pool.get().map_err(|e| e.to_string())?;
+                assert_eq!(current_user(&mut pooled)?, name);
+                Ok(name.clone())
+            }
+        });
+        assert!(queries > 20, "{queries}");
+        assert!(bed.bed.identity().tokens_issued() >= 3);
+        // The first session outlived its token; a new pool logs in with the newest one.
+        assert_eq!(current_user(&mut client).unwrap(), name);
+        let pool = r2d2::Pool::builder()
+            .max_size(2)
+            .build(PostgresManager::new(connector))
+            .unwrap();
+        assert_eq!(current_user(&mut pool.get().unwrap()).unwrap(), name);
+    }
+
+    /// A token revoked behind the cache's back: one forced refresh, and the connect gets in.
+    #[test]
+    fn a_revoked_token_is_recovered_by_one_forced_refresh() {
+        let bed = Bed::start();
+        let connector = bed.connector();
+        connector.postgres_client().unwrap();
+        bed.revoke();
+        let mut client = connector.postgres_client().unwrap();
+        current_user(&mut client).unwrap();
+        assert_eq!(bed.bed.identity().tokens_issued(), 2);
+    }
+
+    #[test]
+    fn a_server_without_tls_gets_no_password() {
+        let bed = Bed::start();
+        let (server, builder) = plaintext_server(&bed);
+        let connector = BlockingConnector::new(builder).unwrap();
+        let error = connector.postgres_client().err().expect("refused");
+        assert!(matches!(error, pg_entra::Error::Tls { .. }), "{error:?}");
+        assert_eq!(server.passwords_received(), 0);
+    }
+
+    /// Inside a Tokio runtime, on its blocking threads: no "cannot start a runtime from
+    /// within a runtime" panic, with the connector's own runtime or the caller's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn it_works_from_a_tokio_runtimes_blocking_threads() {
+        let bed = Arc::new(TestBed::start().await.unwrap());
+        let name = bed.principal().name().to_owned();
+        for handed_over in [false, true] {
+            let handle = tokio::runtime::Handle::current();
+            let bed = Arc::clone(&bed);
+            let user = tokio::task::spawn_blocking(move || {
+                let builder = bed.connector_builder();
+                let connector = if handed_over {
+                    BlockingConnector::with_runtime(builder, handle).unwrap()
+                } else {
+                    BlockingConnector::new(builder).unwrap()
+                };
+                let pool = r2d2::Pool::builder()
+                    .max_size(2)
+                    .build(PostgresManager::new(connector))
+                    .unwrap();
+                let mut client = pool.get().unwrap();
+                current_user(&mut client).unwrap()
+            })
+            .await
+            .unwrap();
+            assert_eq!(user, name);
+        }
+    }
+}
+
+#[cfg(feature = "diesel-sync")]
+mod diesel_libpq {
+    use diesel::{PgConnection, RunQueryDsl as _, sql_query, sql_types::Text};
+    use pg_entra::blocking::DieselManager;
+
+    use super::*;
+
+    #[derive(diesel::QueryableByName)]
+    struct User {
+        #[diesel(sql_type = Text)]
+        user: String,
+    }
+
+    fn current_user(connection: &mut PgConnection) -> Result<String, String> {
+        let rows: Vec<User> = sql_query("select current_user::text as user")
+            .load(connection)
+            .map_err(|e| e.to_string())?;
+        rows.into_iter()
+            .next()
+            .map(|row| row.user)
+            .ok_or_else(|| "no row".to_owned())
+    }
+
+    #[test]
+    fn a_pool_runs_across_token_rotations_without_a_runtime() {
+        let bed = Bed::start();
+        bed.bed.identity().set_token_lifetime(SHORT_LIFETIME);
+        let connector = bed.connector();
+        let name = bed.bed.principal().name().to_owned();
+        let mut first = connector.diesel_connection().unwrap();
+        assert_eq!(current_user(&mut first).unwrap(), name);
+        let pool = r2d2::Pool::builder()
+            .max_size(4)
+            .build(DieselManager::new(connector.clone()))
+            .unwrap();
+        let queries = across_rotations({
+            let (pool, connector, name) = (pool.clone(), connector.clone(), name.clone());
+            move || {
+                let mut fresh = connector.diesel_connection().map_err(|e| e.to_string())?;
+                assert_eq!(current_user(&mut fresh)?, name);
+                let mut pooled = pool.get().map_err(|e| e.to_string())?;
+                assert_eq!(current_user(&mut pooled)?, name);
+                Ok(name.clone())
+            }
+        });
+        assert!(queries > 20, "{queries}");
+        assert!(bed.bed.identity().tokens_issued() >= 3);
+        assert_eq!(current_user(&mut first).unwrap(), name);
+        let pool = r2d2::Pool::builder()
+            .max_size(2)
+            .build(DieselManager::new(connector))
+            .unwrap();
+        assert_eq!(current_user(&mut pool.get().unwrap()).unwrap(), name);
+    }
+
+    #[test]
+    fn a_revoked_token_is_recovered_by_one_forced_refresh() {
+        let bed = Bed::start();
+        let connector = bed.connector();
+        connector.diesel_connection().unwrap();
+        bed.revoke();
+        let mut connection = connector.diesel_connection().unwrap();
+        current_user(&mut connection).unwrap();
+        assert_eq!(bed.bed.identity().tokens_issued(), 2);
+        // Revoked again inside the forced-refresh interval: libpq's refusal, read as one.
+        bed.revoke();
+        let error = connector.diesel_connection().err().expect("refused");
+        assert_eq!(
+            error.login_refusal(),
+            Some(pg_entra::LoginRefusal::PasswordFailed),
+            "{error:?}"
+        );
+        let token = connector.token().unwrap();
+        assert!(!format!("{error} {error:?}").contains(&token.secret()[..40]));
+    }
+
+    #[test]
+    fn a_server_without_tls_gets_no_password() {
+        let bed = Bed::start();
+        let (server, builder) = plaintext_server(&bed);
+        let connector = BlockingConnector::new(builder).unwrap();
+        let error = connector.diesel_connection().err().expect("refused");
+        assert!(error.to_string().contains("SSL"), "{error}");
+        assert_eq!(server.passwords_received(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn it_works_from_a_tokio_runtimes_blocking_threads() {
+        let bed = Arc::new(TestBed::start().await.unwrap());
+        let name = bed.principal().name().to_owned();
+        let user = tokio::task::spawn_blocking({
+            let bed = Arc::clone(&bed);
+            move || {
+                let connector = BlockingConnector::new(bed.connector_builder()).unwrap();
+                let mut connection = connector.diesel_connection().unwrap();
+                current_user(&mut connection).unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(user, name);
+    }
+}
