@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use super::TestBedError;
-use super::postgres::{LocalPostgres, TEST_HOST, new_bed_dir};
+use super::postgres::{LocalPostgres, TEST_HOST, new_bed_dir, read_as_owner, run_with_input};
 use crate::connector::{Connector, ConnectorBuilder};
 use crate::environment::Environment;
 
@@ -443,7 +443,8 @@ fn write_new(path: &Path, contents: &str, as_server_account: bool) -> Result<(),
         return Ok(());
     }
     // `set -C`: the shell's `>` refuses an existing file (or a link planted in its place).
-    let mut child = Command::new("runuser")
+    let mut command = Command::new("runuser");
+    command
         .args([
             "-u",
             SERVER_ACCOUNT,
@@ -453,40 +454,12 @@ fn write_new(path: &Path, contents: &str, as_server_account: bool) -> Result<(),
             "set -C; cat > \"$1\"",
             "sh",
         ])
-        .arg(path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(contents.as_bytes())?;
-    }
-    let output = child.wait_with_output()?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(TestBedError::message(format!(
-            "cannot write {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr)
-        )))
-    }
+        .arg(path);
+    run_with_input(command, contents)
 }
 
 fn read_log(dir: &Path, as_server_account: bool) -> String {
-    let log = dir.join("pgbouncer.log");
-    if !as_server_account {
-        return std::fs::read_to_string(log).unwrap_or_default();
-    }
-    Command::new("runuser")
-        .args(["-u", SERVER_ACCOUNT, "--", "cat", "--"])
-        .arg(log)
-        .stderr(Stdio::null())
-        .output()
-        .ok()
-        .filter(|output| output.status.success())
-        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-        .unwrap_or_default()
+    read_as_owner(&dir.join("pgbouncer.log"), as_server_account)
 }
 
 fn running_as_root() -> bool {

@@ -393,21 +393,7 @@ impl LocalPostgres {
     /// the account that runs the server, so that a link planted in its directory discloses
     /// nothing else.
     pub fn log(&self) -> String {
-        if !self.as_server_account {
-            return std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        }
-        let output = self
-            .as_server_account_command("cat")
-            .arg("--")
-            .arg(self.log_path())
-            .stderr(Stdio::null())
-            .output();
-        match output {
-            Ok(output) if output.status.success() => {
-                String::from_utf8_lossy(&output.stdout).into_owned()
-            }
-            _ => String::new(),
-        }
+        read_as_owner(&self.log_path(), self.as_server_account)
     }
 
     /// libpq variables that point at this server (host, port, database, root certificate).
@@ -493,29 +479,8 @@ impl LocalPostgres {
         if mode == WriteMode::Append {
             command.arg("-a");
         }
-        command
-            .arg("--")
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let shown = format!("{command:?}");
-        let mut child = command
-            .spawn()
-            .map_err(|e| TestBedError::new(format!("cannot run {shown}"), e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(contents.as_bytes())?;
-        }
-        let output = child.wait_with_output()?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(TestBedError::message(format!(
-                "{shown} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr)
-            )))
-        }
+        command.arg("--").arg(path);
+        run_with_input(command, contents)
     }
 
     /// Removes `path` inside the bed's directory, as the account that owns it.
@@ -752,6 +717,48 @@ pub(crate) fn new_bed_dir() -> Result<TempDir, TestBedError> {
         .prefix("pg-entra-")
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()?)
+}
+
+/// Runs `command` with `contents` on its standard input; its standard error in the error.
+pub(crate) fn run_with_input(mut command: Command, contents: &str) -> Result<(), TestBedError> {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let shown = format!("{command:?}");
+    let mut child = command
+        .spawn()
+        .map_err(|e| TestBedError::new(format!("cannot run {shown}"), e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(contents.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(TestBedError::message(format!(
+            "{shown} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )))
+    }
+}
+
+/// A file in a bed directory, read as the account that owns the directory when the bed runs
+/// as root (a link planted there then discloses nothing else); empty when unreadable.
+pub(crate) fn read_as_owner(path: &Path, as_server_account: bool) -> String {
+    if !as_server_account {
+        return std::fs::read_to_string(path).unwrap_or_default();
+    }
+    Command::new("runuser")
+        .args(["-u", SERVER_ACCOUNT, "--", "cat", "--"])
+        .arg(path)
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn quote_identifier(name: &str) -> String {
