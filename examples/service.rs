@@ -197,6 +197,15 @@ async fn main() -> ExitCode {
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Before anything records: every metric goes to the exporter.
     let metrics = PrometheusBuilder::new().install_recorder()?;
+    // The exporter keeps histogram samples until its upkeep drains them.
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     // Kept alive while the service runs, when local.
     let mut bed = None;
     let connector = if std::env::var_os("PGHOST").is_none() {

@@ -1,7 +1,9 @@
 //! The synchronous stacks: the `postgres` crate (feature `postgres-sync`) and Diesel's
 //! `PgConnection` over libpq (feature `diesel-sync`), each with an r2d2 manager, with the
 //! guarantees of the async connector: a current token for every new connection, verified TLS,
-//! one retry with a forced refresh after a refused login, the token in no log.
+//! one retry with a forced refresh after a refused login, the token in no log. One thing the
+//! async connector does they do not: follow a server that names another PostgreSQL audience
+//! (Cosmos DB for PostgreSQL's); give the connector that scope instead.
 //!
 //! The token cache is async. [`BlockingConnector`] runs it on a runtime it owns (one worker
 //! thread, started when it is built) or on one the caller hands over, so it works from a plain
@@ -36,6 +38,8 @@ use crate::error::Error;
 use crate::refusal::Retry;
 use crate::token::Token;
 
+#[cfg(feature = "postgres-sync")]
+mod deadline;
 #[cfg(feature = "diesel-sync")]
 mod diesel;
 #[cfg(feature = "postgres-sync")]
@@ -171,16 +175,38 @@ impl BlockingConnector {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let handle = self.runtime.handle();
+        let inside = tokio::runtime::Handle::try_current().is_ok();
+        let handed_over = matches!(*self.runtime, Runtime::Handle(_));
+        if handed_over
+            && inside
+            && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread
+        {
+            // Waiting here could be waiting for this very thread.
+            return Err(Error::invalid(
+                "runtime",
+                "a blocking connector on a current-thread runtime cannot be called from inside \
+                 a runtime: call it from a thread of your own, or build it with \
+                 `BlockingConnector::new` (its own runtime)",
+            ));
+        }
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        self.runtime.handle().spawn(async move {
+        handle.spawn(async move {
             let _ = sender.send(future.await);
         });
-        receiver.recv().map_err(|_| {
+        let stopped = |_| {
             Error::invalid(
                 "runtime",
                 "the blocking connector's runtime stopped before answering",
             )
-        })
+        };
+        if handed_over && inside {
+            // On one of the caller's worker threads, let the others run while this one
+            // waits (on a blocking-pool thread it simply waits).
+            tokio::task::block_in_place(|| receiver.recv()).map_err(stopped)
+        } else {
+            receiver.recv().map_err(stopped)
+        }
     }
 
     /// The one retry every blocking connect makes: `attempt` with the current token; after
@@ -210,7 +236,11 @@ impl BlockingConnector {
         match self.run(async move { cache.refresh_rejected(&refused).await })? {
             Ok(Some(next)) => {
                 tracing::info!(%error, "the server refused the token; retrying once with a new token");
-                attempt(&next)
+                attempt(&next).inspect_err(|error| {
+                    if let Some(refusal) = error.login_refusal() {
+                        crate::observe::login_refused(&refusal);
+                    }
+                })
             }
             Ok(None) => Err(error),
             Err(refresh_error) => {

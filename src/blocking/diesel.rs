@@ -3,9 +3,13 @@
 //! Diesel's `PgConnection` is libpq (`pq-sys`), linked to the system's library (Debian's
 //! `libpq-dev`): the same OpenSSL the rest of the crate uses through native-tls, security
 //! updates from the distribution, and no C build of PostgreSQL's sources in every compile
-//! (`pq-sys`'s `bundled` feature would build libpq and OpenSSL from source). libpq connects
-//! itself, so the connection string it gets carries the token: it is built for one
-//! `establish` call, never logged or shown, and dropped right after.
+//! (`pq-sys`'s `bundled` feature would build libpq and OpenSSL from source).
+//!
+//! libpq connects by itself, and Diesel hands the connection string to its instrumentation
+//! (an application's logger sees it whole). So the string carries no password: the token goes
+//! to libpq through a password file (`passfile`) that exists only in memory: on Linux a memfd
+//! readable by its owner only (`0600`), named to libpq as `/proc/self/fd/N` and closed when the
+//! connect returns; elsewhere a `0600` file in the temporary directory, removed at once.
 
 use std::time::Instant;
 
@@ -46,22 +50,97 @@ impl BlockingConnector {
             "connect_timeout",
             self.connect_timeout().as_secs().max(2).to_string(),
         ));
-        pairs.push(("password", token.secret().to_owned()));
-        let conninfo = Secret(crate::libpq::conninfo(&pairs));
-        drop(pairs);
-        PgConnection::establish(&conninfo.0).map_err(|error| from_diesel(error, token))
+        let password = PasswordFile::holding(token)?;
+        pairs.push(("passfile", password.path.clone()));
+        let conninfo = crate::libpq::conninfo(&pairs);
+        let connected = PgConnection::establish(&conninfo);
+        drop(password);
+        connected.map_err(|error| from_diesel(error, token))
     }
 }
 
-/// A string holding the token, overwritten when dropped.
-struct Secret(String);
+/// A libpq password file holding the token for any host, port, database and user, for one
+/// connect.
+struct PasswordFile {
+    path: String,
+    #[cfg(target_os = "linux")]
+    _memfd: std::fs::File,
+    #[cfg(not(target_os = "linux"))]
+    _file: TemporaryFile,
+}
 
-impl Drop for Secret {
+impl PasswordFile {
+    fn holding(token: &Token) -> Result<Self, Error> {
+        // libpq's format: `host:port:database:user:password`, `\` and `:` escaped.
+        let line = format!(
+            "*:*:*:*:{}\n",
+            token.secret().replace('\\', "\\\\").replace(':', "\\:")
+        );
+        let failed = |e: std::io::Error| {
+            Error::invalid(
+                "passfile",
+                format!("cannot make the in-memory password file for libpq: {e}"),
+            )
+        };
+        Self::create(line.as_bytes()).map_err(failed)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn create(contents: &[u8]) -> std::io::Result<Self> {
+        use rustix::fs::{MemfdFlags, Mode, fchmod, memfd_create};
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd as _;
+
+        let fd = memfd_create("pg-entra-passfile", MemfdFlags::CLOEXEC)?;
+        // libpq ignores a password file others may read.
+        fchmod(&fd, Mode::from_raw_mode(0o600))?;
+        let mut file = std::fs::File::from(fd);
+        file.write_all(contents)?;
+        Ok(Self {
+            path: format!("/proc/self/fd/{}", file.as_raw_fd()),
+            _memfd: file,
+        })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn create(contents: &[u8]) -> std::io::Result<Self> {
+        let file = TemporaryFile::create(contents)?;
+        Ok(Self {
+            path: file.path.display().to_string(),
+            _file: file,
+        })
+    }
+}
+
+/// A `0600` file in the temporary directory, removed when dropped.
+#[cfg(not(target_os = "linux"))]
+struct TemporaryFile {
+    path: std::path::PathBuf,
+}
+
+#[cfg(not(target_os = "linux"))]
+impl TemporaryFile {
+    fn create(contents: &[u8]) -> std::io::Result<Self> {
+        use std::io::Write as _;
+        let name = format!(
+            "pg-entra-passfile-{}-{:016x}",
+            std::process::id(),
+            (crate::jitter::unit_random() * u64::MAX as f64) as u64
+        );
+        let path = std::env::temp_dir().join(name);
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        options.open(&path)?.write_all(contents)?;
+        Ok(Self { path })
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl Drop for TemporaryFile {
     fn drop(&mut self) {
-        // Zeroed before the buffer is freed (`black_box` keeps the writes from being elided).
-        let mut bytes = std::mem::take(&mut self.0).into_bytes();
-        bytes.iter_mut().for_each(|b| *b = 0);
-        std::hint::black_box(&bytes);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -7,6 +7,7 @@ use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::SimpleQueryMessage;
 
 use super::BlockingConnector;
+use super::deadline::DeadlineTls;
 use crate::error::Error;
 use crate::observe;
 use crate::token::Token;
@@ -77,9 +78,13 @@ struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    /// Runs on a thread of its own, so that the connect timeout bounds all of it (the
-    /// `postgres` crate bounds only the TCP connect); a thread that overruns finishes on its
-    /// own and closes what it opened.
+    /// Runs on a thread of its own (the `postgres` crate runs a runtime of its own, which a
+    /// runtime's thread may not), and the caller waits no longer than the connect timeout.
+    /// The thread itself is bounded by the `postgres` crate's TCP connect timeout and, from
+    /// the TLS handshake to the end of the login, by a deadline in the TLS stream
+    /// ([`DeadlineTls`]); only a server that accepts TCP and never answers the `SSLRequest`
+    /// (which tokio-postgres reads with no limit) keeps it until the server or the network
+    /// gives up.
     fn run(self, timeout: Duration) -> Result<postgres::Client, Error> {
         let (sender, receiver) = mpsc::sync_channel(1);
         let (host, port) = (self.host.to_owned(), self.port);
@@ -97,6 +102,7 @@ impl Attempt<'_> {
                     port,
                     standby,
                     wanted,
+                    timeout,
                 ));
             });
         if let Err(error) = spawned {
@@ -105,7 +111,8 @@ impl Attempt<'_> {
                 format!("cannot start a connect thread: {error}"),
             ));
         }
-        match receiver.recv_timeout(timeout) {
+        // A little past the thread's own deadline: its error (which says what ran out) wins.
+        match receiver.recv_timeout(timeout + Duration::from_millis(500)) {
             Ok(result) => result,
             Err(_) => Err(Error::ConnectTimeout {
                 host,
@@ -116,6 +123,7 @@ impl Attempt<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn connect(
     config: tokio_postgres::Config,
     tls: MakeTlsConnector,
@@ -124,13 +132,42 @@ fn connect(
     port: u16,
     standby: Option<bool>,
     wanted: crate::TargetSessionAttrs,
+    timeout: Duration,
 ) -> Result<postgres::Client, Error> {
+    let (tls, login) = DeadlineTls::new(tls, Instant::now() + timeout);
     let mut config = postgres::Config::from(config);
+    config.connect_timeout(timeout);
     let notices = token.clone();
     config.notice_callback(move |notice| crate::connector::log_notice(&notice, &notices));
-    let mut client = config.connect(tls).map_err(|error| {
+    let connected = config.connect(tls).map_err(|error| {
+        let deadline_passed = std::error::Error::source(&error)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        if deadline_passed {
+            return Error::ConnectTimeout {
+                host: host.to_owned(),
+                port,
+                timeout,
+            };
+        }
         crate::connector::name_mismatch_advice(Error::from_login(error, token.secret()), host)
-    })?;
+    });
+    let mut client = connected?;
+    // The session check below is part of the attempt; the limit comes off after it.
+    let checked = check_session(&mut client, token, host, port, standby, wanted);
+    login.done();
+    checked.map(|()| client)
+}
+
+/// With `standby` set, the server must (`true`) or must not (`false`) be in recovery.
+fn check_session(
+    client: &mut postgres::Client,
+    token: &Token,
+    host: &str,
+    port: u16,
+    standby: Option<bool>,
+    wanted: crate::TargetSessionAttrs,
+) -> Result<(), Error> {
     if let Some(wanted_standby) = standby {
         let in_recovery = client
             .simple_query("SELECT pg_catalog.pg_is_in_recovery()")
@@ -146,7 +183,7 @@ fn connect(
             });
         }
     }
-    Ok(client)
+    Ok(())
 }
 
 /// An r2d2 manager whose every new connection is [`BlockingConnector::postgres_client`]: a

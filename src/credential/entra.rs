@@ -47,6 +47,8 @@ struct ClientCredentials {
     client_id: String,
     auth: ClientAuth,
     http: HttpClient,
+    /// The limit on one exchange, answer body included.
+    request_timeout: Duration,
 }
 
 impl ClientCredentials {
@@ -78,6 +80,7 @@ impl ClientCredentials {
             client_id,
             auth,
             http,
+            request_timeout,
         })
     }
 
@@ -150,23 +153,31 @@ impl ClientCredentials {
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body)
             .build();
-        let response = self.http.send(request).await;
-        crate::observe::identity_request(
-            "entra",
-            response.as_ref().ok().map(|r| r.status().as_u16()),
-        );
-        let response = response.map_err(|e| no_answer(describe_transport_error(&e)))?;
-        let status = response.status().as_u16();
-        let body = read_body(response).await.map_err(|e| match e {
-            BodyError::Transport(e) => no_answer(describe_transport_error(&SendError::from(e))),
-            too_large => azure_core::Error::with_message(
-                ErrorKind::Credential,
-                format!(
-                    "{}: {} sent an unusable answer: {too_large}",
-                    self.credential, self.token_url
+        // One deadline for the whole exchange: an endpoint that sends its headers and then
+        // stalls in the body is cut off too.
+        let exchange = async {
+            let response = self.http.send(request).await;
+            crate::observe::identity_request(
+                "entra",
+                response.as_ref().ok().map(|r| r.status().as_u16()),
+            );
+            let response = response.map_err(|e| no_answer(describe_transport_error(&e)))?;
+            let status = response.status().as_u16();
+            let body = read_body(response).await.map_err(|e| match e {
+                BodyError::Transport(e) => no_answer(describe_transport_error(&SendError::from(e))),
+                too_large => azure_core::Error::with_message(
+                    ErrorKind::Credential,
+                    format!(
+                        "{}: {} sent an unusable answer: {too_large}",
+                        self.credential, self.token_url
+                    ),
                 ),
-            ),
-        })?;
+            })?;
+            Ok::<_, azure_core::Error>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(self.request_timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(no_answer(describe_transport_error(&SendError::TimedOut))))?;
         if status == 200 {
             return parse_token_response(&body, time::OffsetDateTime::now_utc()).map_err(
                 |problem| {
@@ -660,5 +671,56 @@ mod hint_tests {
                 "{status}: {hint}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    use std::time::Duration;
+
+    use azure_core::credentials::TokenCredential as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::EnvironmentCredential;
+    use crate::credential::CredentialOptions;
+    use crate::environment::Environment;
+
+    /// An endpoint that sends its headers and then stalls in the body: the request timeout
+    /// cuts the whole exchange, body included.
+    #[tokio::test]
+    async fn the_request_timeout_covers_the_answer_body() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = format!("http://{}", listener.local_addr().unwrap());
+        let _stalling = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = vec![0; 4096];
+            let _ = stream.read(&mut request).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+                .await;
+            std::future::pending::<()>().await;
+        });
+        let environment = Environment::from_vars([
+            ("AZURE_TENANT_ID", "72f988bf-0000-4000-8000-00000000c0de"),
+            ("AZURE_CLIENT_ID", "00000000-0000-4000-8000-000000000001"),
+            ("AZURE_CLIENT_SECRET", "not-a-real-secret"),
+            ("AZURE_AUTHORITY_HOST", authority.as_str()),
+        ]);
+        let credential = EnvironmentCredential::builder()
+            .options(CredentialOptions::default().environment(environment))
+            .request_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(20),
+            credential.get_token(
+                &["https://ossrdbms-aad.database.windows.net/.default"],
+                None,
+            ),
+        )
+        .await
+        .expect("the credential's own limit ends the exchange");
+        let error = answer.unwrap_err();
+        assert!(error.to_string().contains("request timeout"), "{error}");
     }
 }

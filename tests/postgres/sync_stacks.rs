@@ -151,6 +151,35 @@ mod postgres_crate {
         assert_eq!(server.passwords_received(), 0);
     }
 
+    /// A server that accepts and then says nothing: the connect ends at the connect timeout
+    /// with `ConnectTimeout`.
+    #[test]
+    fn a_silent_server_is_a_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let _held = std::thread::spawn(move || {
+            let accepted: Vec<_> = listener.incoming().take(2).collect();
+            std::thread::sleep(Duration::from_secs(30));
+            drop(accepted);
+        });
+        let bed = Bed::start();
+        let builder = pg_entra::Connector::builder()
+            .environment(pg_entra::Environment::from_vars([
+                ("PGHOST", "localhost"),
+                ("PGHOSTADDR", "127.0.0.1"),
+                ("PGPORT", &port.to_string()),
+                ("PGUSER", "orders-api"),
+            ]))
+            .connect_timeout(Duration::from_secs(1))
+            .credential(Arc::new(bed.bed.credential()));
+        let connector = BlockingConnector::new(builder).unwrap();
+        let error = connector.postgres_client().err().expect("a timeout");
+        assert!(
+            matches!(error, pg_entra::Error::ConnectTimeout { .. }),
+            "{error:?}"
+        );
+    }
+
     /// Inside a Tokio runtime, on its blocking threads: no "cannot start a runtime from
     /// within a runtime" panic, with the connector's own runtime or the caller's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,6 +284,37 @@ mod diesel_libpq {
         );
         let token = connector.token().unwrap();
         assert!(!format!("{error} {error:?}").contains(&token.secret()[..40]));
+    }
+
+    /// Every event Diesel's instrumentation saw, as an application's logger would print it.
+    static EVENTS: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+    /// Diesel hands the connection string to its instrumentation (an application's logger):
+    /// the string carries no token, which reaches libpq through an in-memory password file.
+    #[test]
+    fn diesels_instrumentation_never_sees_the_token() {
+        fn logger() -> Option<Box<dyn diesel::connection::Instrumentation>> {
+            Some(Box::new(
+                |event: diesel::connection::InstrumentationEvent<'_>| {
+                    EVENTS.lock().unwrap().push_str(&format!("{event:?}\n"));
+                },
+            ))
+        }
+        diesel::connection::set_default_instrumentation(logger).unwrap();
+        let bed = Bed::start();
+        let connector = bed.connector();
+        let mut connection = connector.diesel_connection().unwrap();
+        current_user(&mut connection).unwrap();
+        let token = connector.token().unwrap();
+        let events = EVENTS.lock().unwrap().clone();
+        assert!(events.contains("StartEstablishConnection"), "{events}");
+        assert!(events.contains("passfile='/proc/self/fd/"), "{events}");
+        for start in (0..token.secret().len() - 8).step_by(7) {
+            assert!(
+                !events.contains(&token.secret()[start..start + 8]),
+                "{events}"
+            );
+        }
     }
 
     #[test]
