@@ -47,6 +47,9 @@ pub mod credential;
 pub mod diesel;
 mod environment;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod jitter;
 pub mod libpq;
 mod lock;

@@ -26,6 +26,17 @@ const DEFAULT_CLI_TIMEOUT: Duration = Duration::from_secs(10);
 /// The Azure CLI's error text is shown up to this length.
 const MAX_ERROR_TEXT: usize = 600;
 
+/// The token out of `az` (`azure_cli`) or `azd` output, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_output(azure_cli: bool, stdout: &[u8]) -> Result<AccessToken, String> {
+    let tool = if azure_cli {
+        Tool::AzureCli
+    } else {
+        Tool::AzureDeveloperCli
+    };
+    tool.parse(stdout)
+}
+
 /// Which developer tool, and how to ask it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {

@@ -11,20 +11,20 @@
 //! stops a chain.
 
 mod chain;
-mod cli;
+pub(crate) mod cli;
 #[cfg(feature = "client-certificate")]
 mod client_certificate;
 mod entra;
 mod http;
 mod local_file;
 pub(crate) use local_file::read_capped_blocking;
-mod managed_identity;
+pub(crate) mod managed_identity;
 mod options;
 mod scope;
 pub(crate) use scope::Scope;
 #[cfg(feature = "test-util")]
 pub(crate) use scope::only_scope;
-mod token_response;
+pub(crate) mod token_response;
 mod unavailable;
 pub(crate) mod vars;
 

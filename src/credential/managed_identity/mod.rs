@@ -7,6 +7,9 @@ mod imds;
 mod retry;
 mod source;
 
+#[cfg(feature = "fuzzing")]
+pub(crate) use source::arc_challenge_path;
+
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +22,8 @@ pub use id::ManagedIdentityId;
 pub use imds::{ImdsCredential, ImdsCredentialBuilder};
 pub use retry::RetryOptions;
 
-use retry::{AttemptFailure, RetryState, parse_retry_after};
+pub(crate) use retry::parse_retry_after;
+use retry::{AttemptFailure, RetryState};
 use source::{IMDS_AUTHORITY_HOST, Source, imds_token_url};
 
 use self::source::ArcKeyProblem;

@@ -224,16 +224,7 @@ impl Source {
                 "only Azure Arc sends a key challenge".into(),
             ));
         };
-        let path = challenge
-            .and_then(|value| value.trim().strip_prefix("Basic realm="))
-            .map(|path| PathBuf::from(path.trim().trim_matches('"')))
-            .ok_or_else(|| {
-                ArcKeyProblem::Other(
-                    "the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header"
-                        .into(),
-                )
-            })?;
-        check_arc_key_path(&path, key_directory).map_err(ArcKeyProblem::Other)?;
+        let path = arc_challenge_path(challenge, key_directory).map_err(ArcKeyProblem::Other)?;
         let key = read_capped(&path, ARC_KEY_MAX_BYTES)
             .await
             .map_err(|problem| ArcKeyProblem::reading(&path, &problem))?;
@@ -277,6 +268,22 @@ impl std::fmt::Debug for Source {
 
 /// The key must be a `.key` file directly in the agent's key folder (no other file on the
 /// machine may be sent to the endpoint).
+/// The key file an Arc challenge (`WWW-Authenticate: Basic realm=<path>`) names, if it is a
+/// `.key` file directly in the agent's key folder.
+pub(crate) fn arc_challenge_path(
+    challenge: Option<&str>,
+    key_directory: &Path,
+) -> Result<PathBuf, String> {
+    let path = challenge
+        .and_then(|value| value.trim().strip_prefix("Basic realm="))
+        .map(|path| PathBuf::from(path.trim().trim_matches('"')))
+        .ok_or_else(|| {
+            "the 401 answer has no `WWW-Authenticate: Basic realm=<key file>` header".to_owned()
+        })?;
+    check_arc_key_path(&path, key_directory)?;
+    Ok(path)
+}
+
 fn check_arc_key_path(path: &Path, directory: &Path) -> Result<(), String> {
     if path.extension().and_then(|e| e.to_str()) != Some("key") {
         return Err(format!(
