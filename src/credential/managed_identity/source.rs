@@ -266,8 +266,6 @@ impl std::fmt::Debug for Source {
     }
 }
 
-/// The key must be a `.key` file directly in the agent's key folder (no other file on the
-/// machine may be sent to the endpoint).
 /// The key file an Arc challenge (`WWW-Authenticate: Basic realm=<path>`) names, if it is a
 /// `.key` file directly in the agent's key folder.
 pub(crate) fn arc_challenge_path(
@@ -284,6 +282,8 @@ pub(crate) fn arc_challenge_path(
     Ok(path)
 }
 
+/// The key must be a `.key` file directly in the agent's key folder (no other file on the
+/// machine may be sent to the endpoint).
 fn check_arc_key_path(path: &Path, directory: &Path) -> Result<(), String> {
     if path.extension().and_then(|e| e.to_str()) != Some("key") {
         return Err(format!(
