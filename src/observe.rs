@@ -18,7 +18,7 @@
 //! | `pg_entra.token.refresh.duration` | histogram | s | `outcome`, `credential` |
 //! | `pg_entra.token.time_to_expiry` | gauge | s | — (set at each refresh, connect and health read) |
 //! | `pg_entra.token.forced_refreshes` | counter | {request} | `outcome` (`started`, `joined`, `rate_limited`) |
-//! | `pg_entra.identity.requests` | counter | {request} | `source` (`imds`, `app_service`, `azure_arc`, `cloud_shell`, `app_service_2017`, `entra`), `status` (the HTTP status, or `error`) |
+//! | `pg_entra.identity.requests` | counter | {request} | `source` (`imds`, `app_service`, `azure_arc`, `cloud_shell`, `app_service_2017`, `entra`, `azure_cli`, `azure_developer_cli`), `status` (the HTTP status, the CLI's exit code, or `error`) |
 //! | `pg_entra.connects` | counter | {connect} | `outcome` (`success`, `refused`, `timeout`, `tls`, `error`) |
 //! | `db.client.connection.create_time` | histogram | s | `db.system.name` (`postgresql`), `outcome` |
 //! | `pg_entra.login.refusals` | counter | {refusal} | `kind` (`token_expired`, `wrong_audience`, `token_invalid`, `principal_type_mismatch`, `password_failed`, `other_authorization`, `pooler_refused_long_password`, `pooler_login_retry_wait`) |

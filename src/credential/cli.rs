@@ -177,7 +177,22 @@ impl CliCredential {
                 self.unavailable(format!("cannot run `{program}`: {error}"))
             }
         })?;
-        let output = match tokio::time::timeout(self.timeout, read_output(&mut child)).await {
+        let source = match self.tool {
+            Tool::AzureCli => "azure_cli",
+            Tool::AzureDeveloperCli => "azure_developer_cli",
+        };
+        let answered = tokio::time::timeout(self.timeout, read_output(&mut child)).await;
+        crate::observe::identity_request(
+            source,
+            match &answered {
+                Ok(Ok(output)) => output
+                    .status
+                    .code()
+                    .and_then(|code| u16::try_from(code).ok()),
+                _ => None,
+            },
+        );
+        let output = match answered {
             Err(_) => {
                 return Err(self.unavailable(format!(
                     "`{program}` did not answer within {:?}",

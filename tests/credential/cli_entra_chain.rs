@@ -1109,3 +1109,53 @@ async fn a_refused_identity_is_not_shared_with_the_next_connector() {
         .unwrap();
     connector.config().await.unwrap();
 }
+
+/// The CLIs count as identity requests, by exit code (feature `metrics`).
+#[cfg(feature = "metrics")]
+#[test]
+fn cli_runs_are_counted_as_identity_requests() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tools = FakeTools::new();
+            let env = Environment::from_vars([("PATH", tools.path())]);
+            let az = AzureCliCredential::builder().options(env).build().unwrap();
+            tools.az_logged_in("alice@contoso.com");
+            token_from(&az).await.unwrap();
+            tools.az_logged_out();
+            assert!(token_from(&az).await.is_err());
+        });
+    });
+    let counts: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == "pg_entra.identity.requests")
+        .filter_map(|(key, _, _, value)| match value {
+            DebugValue::Counter(count) => {
+                let labels: Vec<String> = key
+                    .key()
+                    .labels()
+                    .map(|l| format!("{}={}", l.key(), l.value()))
+                    .collect();
+                Some((labels.join(","), count))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        counts.contains(&("source=azure_cli,status=0".to_owned(), 1)),
+        "{counts:?}"
+    );
+    assert!(
+        counts.contains(&("source=azure_cli,status=1".to_owned(), 1)),
+        "{counts:?}"
+    );
+}
