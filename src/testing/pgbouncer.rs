@@ -281,7 +281,26 @@ fn program() -> PathBuf {
 }
 
 fn version() -> Result<String, TestBedError> {
-    let output = Command::new(program()).arg("--version").output()?;
+    // A program named by a variable, run as root: bounded, as every wait of the bed.
+    let mut child = Command::new(program())
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + READY_WITHIN;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TestBedError::message(format!(
+                "`{} --version` did not answer within {READY_WITHIN:?}",
+                program().display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&output.stdout);
     text.lines()
         .next()

@@ -85,6 +85,22 @@ impl Captured {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
+
+    /// A subscriber that writes every event, at every level, here.
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync + 'static {
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .finish()
+    }
+}
+
+/// No 8-character piece of `secret` is in `shown` (the pieces the crate's redaction withholds).
+fn assert_no_piece_of(secret: &str, shown: &str) {
+    for start in (0..secret.len().saturating_sub(8)).step_by(7) {
+        assert!(!shown.contains(&secret[start..start + 8]), "{shown}");
+    }
 }
 
 impl Write for Captured {

@@ -343,11 +343,7 @@ mod failover {
     #[tokio::test]
     async fn a_pool_follows_a_failover_to_the_promoted_standby() {
         let logs = Captured::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(logs.clone())
-            .with_ansi(false)
-            .finish();
+        let subscriber = logs.subscriber();
         // This runtime is this thread: the pool's tasks log through this subscriber.
         let _guard = tracing::subscriber::set_default(subscriber);
         let rounds: usize = std::env::var("PG_ENTRA_FAILOVER_ROUNDS")

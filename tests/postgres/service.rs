@@ -153,12 +153,18 @@ async fn readyz_and_metrics_answer_over_http() {
     // The endpoint refuses from now on; once the token is no longer handed out, not ready.
     bed.identity()
         .script(std::iter::repeat_with(|| Reply::status(403)).take(50));
+    // The token is handed out for 3 of its 4 s; the wait is bounded well past that.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(30);
     let unready = loop {
         let _ = get(port, "/whoami").await;
         let (status, body) = get(port, "/readyz").await.unwrap();
         if status == 503 {
             break body;
         }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "/readyz still ready after 30 s: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let unready: example::Readiness = serde_json::from_str(&unready).unwrap();
