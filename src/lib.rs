@@ -57,7 +57,7 @@ mod observe;
 #[cfg(any(feature = "deadpool", feature = "bb8"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "deadpool", feature = "bb8"))))]
 pub mod pool;
-mod redact;
+pub mod redact;
 mod refusal;
 mod session_attrs;
 #[cfg(feature = "sqlx")]

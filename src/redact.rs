@@ -1,4 +1,6 @@
-//! Whether a text gives a secret away, in any encoding an echo may use.
+//! Whether a text gives a secret away, in any encoding an echo may use: for a program that
+//! relays a server's or an endpoint's text (the `pg-entra proxy` relays login refusals) and
+//! must not relay a token with it.
 //!
 //! An identity endpoint or a server that echoes its request can put what the request carried
 //! (a client secret, an App Service header, an Arc key, the token sent as a password) into
@@ -14,15 +16,24 @@ use std::collections::HashSet;
 /// The length of a secret's piece that gives it away: long enough that ordinary words do not
 /// match by chance, short enough that a cut-off echo still does. Secrets shorter than this
 /// count only whole.
-pub(crate) const PIECE_CHARS: usize = 8;
+pub const PIECE_CHARS: usize = 8;
 
 /// What is shown instead of a text that echoed a secret.
-pub(crate) const WITHHELD: &str =
+pub const WITHHELD: &str =
     "(the answer's text is withheld: it quoted a secret the request carried)";
 
 /// Whether `text` contains `secret`, or any [`PIECE_CHARS`]-character piece of it, in any of
 /// the encodings above (ASCII case ignored). An empty secret is never found.
-pub(crate) fn echoes(text: &str, secret: &str) -> bool {
+///
+/// ```
+/// use pg_entra::redact::echoes;
+///
+/// let token = "eyJ0eXAiOiJKV1QifQ.eyJvaWQiOiIxIn0.c2lnbmF0dXJl";
+/// // A cut-off, percent-encoded echo still counts.
+/// assert!(echoes("password \"eyJ0eXAiOiJKV1QifQ%2EeyJv…\" refused", token));
+/// assert!(!echoes("password authentication failed for user \"app\"", token));
+/// ```
+pub fn echoes(text: &str, secret: &str) -> bool {
     echoes_any(text, &[secret])
 }
 

@@ -3,6 +3,7 @@
 
 mod commands;
 mod doctor;
+mod proxy;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! `pg-entra`: an Entra access token for Azure Database for PostgreSQL on the command line, `psql`
-//! logged in with one, a step-by-step diagnosis of a failing login, and a local test bed.
+//! logged in with one, a step-by-step diagnosis of a failing login, a local proxy that logs
+//! any PostgreSQL client in, and a local test bed.
 //!
 //! Built with the `cli` feature (`cargo install pg-entra --features cli`); `testbed` also needs
 //! `testing`. Exit codes are listed in [`exit::Failure`] and the README.
@@ -11,6 +12,7 @@ mod claims;
 mod doctor;
 mod exit;
 mod output;
+mod proxy;
 mod psql;
 mod psql_args;
 mod server;
@@ -41,6 +43,9 @@ enum Command {
     Psql(psql::PsqlArgs),
     /// Check configuration, credential, token, user name, network, TLS and login, step by step.
     Doctor(doctor::DoctorArgs),
+    /// Listen locally for any PostgreSQL client (psql, pgAdmin, DBeaver, …) and log each
+    /// session in to the server with verified TLS and a fresh token, until Ctrl-C.
+    Proxy(proxy::ProxyArgs),
     /// Start a local PostgreSQL and identity endpoint and print `export` lines that point at
     /// them, until Ctrl-C (needs the `testing` feature).
     Testbed,
@@ -48,10 +53,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy copies many sessions' bytes at once: every core. The other commands do one
+    // thing at a time.
+    let mut builder = match cli.command {
+        Command::Proxy(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("pg-entra: cannot start the async runtime: {error}");
@@ -63,6 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Token(args) => token::run(args, cli.json).await,
             Command::Psql(args) => psql::run(args).await,
             Command::Doctor(args) => doctor::run(args, cli.json).await,
+            Command::Proxy(args) => proxy::run(args).await,
             Command::Testbed => testbed::run().await,
         }
     });

@@ -1,0 +1,313 @@
+//! Where the proxy listens, and who is connecting: only the account that runs the proxy, and
+//! root, may use its identity.
+//!
+//! On a Unix socket the kernel tells the peer's account (`SO_PEERCRED`). On loopback TCP the
+//! connecting socket is the one in `/proc/net/tcp` (or `tcp6`) whose local address is the
+//! peer's and whose remote address is the proxy's; its `uid` column names its owner (Linux
+//! only; other systems refuse TCP clients unless remote clients are allowed).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// Who may use the proxy: its own account and root.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Allowed {
+    own_uid: u32,
+}
+
+impl Allowed {
+    /// The account running this process, and root.
+    pub(crate) fn this_account() -> io::Result<Self> {
+        Ok(Self {
+            own_uid: own_uid()?,
+        })
+    }
+
+    pub(crate) fn permits(self, uid: u32) -> bool {
+        uid == self.own_uid || uid == 0
+    }
+}
+
+/// The account this process runs as (its effective uid).
+#[cfg(target_os = "linux")]
+fn own_uid() -> io::Result<u32> {
+    Ok(rustix::process::geteuid().as_raw())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn own_uid() -> io::Result<u32> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the proxy checks its clients' accounts on Linux only",
+    ))
+}
+
+/// A connection the proxy accepted, and its peer's account when it could be found.
+pub(crate) enum Accepted {
+    Tcp {
+        stream: TcpStream,
+        peer: SocketAddr,
+        uid: Option<u32>,
+    },
+    Unix {
+        stream: UnixStream,
+        uid: Option<u32>,
+    },
+}
+
+impl Accepted {
+    /// The peer's account, if known.
+    pub(crate) fn uid(&self) -> Option<u32> {
+        match self {
+            Accepted::Tcp { uid, .. } | Accepted::Unix { uid, .. } => *uid,
+        }
+    }
+
+    /// Whether the peer is on another host (only reachable when remote clients are allowed).
+    pub(crate) fn is_remote(&self) -> bool {
+        match self {
+            Accepted::Tcp { peer, .. } => !is_local(peer.ip()),
+            Accepted::Unix { .. } => false,
+        }
+    }
+
+    /// The peer, for logs.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Accepted::Tcp { peer, uid, .. } => match uid {
+                Some(uid) => format!("{peer} (uid {uid})"),
+                None => peer.to_string(),
+            },
+            Accepted::Unix { uid, .. } => match uid {
+                Some(uid) => format!("Unix socket (uid {uid})"),
+                None => "Unix socket".to_owned(),
+            },
+        }
+    }
+}
+
+/// A TCP or Unix-socket listener.
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixSocket),
+}
+
+impl Listener {
+    /// Accepts one connection and finds its peer's account.
+    pub(crate) async fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let local = stream.local_addr()?;
+                let uid = if is_local(peer.ip()) {
+                    tcp_owner(local, peer)
+                } else {
+                    None
+                };
+                Ok(Accepted::Tcp { stream, peer, uid })
+            }
+            Listener::Unix(socket) => {
+                let (stream, _) = socket.listener.accept().await?;
+                let uid = stream.peer_cred().ok().map(|cred| cred.uid());
+                Ok(Accepted::Unix { stream, uid })
+            }
+        }
+    }
+}
+
+/// A Unix socket named as PostgreSQL names its own (`DIR/.s.PGSQL.PORT`), removed when
+/// dropped.
+pub(crate) struct UnixSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl UnixSocket {
+    /// Listens at `directory/.s.PGSQL.<port>`. A socket file left by a proxy that is gone
+    /// (nothing answers on it) is replaced; a live one is an error.
+    pub(crate) async fn bind(directory: &Path, port: u16) -> io::Result<Self> {
+        let path = directory.join(format!(".s.PGSQL.{port}"));
+        if path.exists() {
+            match UnixStream::connect(&path).await {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by another server", path.display()),
+                    ));
+                }
+                Err(_) => std::fs::remove_file(&path)?,
+            }
+        }
+        let listener = UnixListener::bind(&path)?;
+        // Only the owner (and root) may connect; the peer check below holds either way.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(Self { listener, path })
+    }
+
+    /// The socket file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UnixSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether an address belongs to this host's loopback (an IPv4-mapped one included).
+pub(crate) fn is_local(ip: IpAddr) -> bool {
+    normal(ip).is_loopback()
+}
+
+fn normal(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The owner of the socket that connected from `peer` to `local`, from `/proc/net/tcp` and
+/// `/proc/net/tcp6`. `None` when it cannot be found (it closed already): refused.
+#[cfg(target_os = "linux")]
+fn tcp_owner(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .find_map(|table| owner_in_table(&table, peer, local))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_owner(_local: SocketAddr, _peer: SocketAddr) -> Option<u32> {
+    None
+}
+
+/// In a `/proc/net/tcp` table, the `uid` of the socket bound to `socket` and connected to
+/// `remote`. Addresses compare after IPv4-mapped IPv6 is read as IPv4 (a dual-stack listener
+/// sees an IPv4 client that way).
+fn owner_in_table(table: &str, socket: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    let want = (
+        normal(socket.ip()),
+        socket.port(),
+        normal(remote.ip()),
+        remote.port(),
+    );
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, rem, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
+        let (local_ip, local_port) = proc_address(local)?;
+        let (rem_ip, rem_port) = proc_address(rem)?;
+        ((normal(local_ip), local_port, normal(rem_ip), rem_port) == want)
+            .then(|| uid.parse().ok())
+            .flatten()
+    })
+}
+
+/// `0100007F:1F90`: the address as the kernel's 32-bit words in host byte order, in hex; the
+/// port in hex.
+fn proc_address(text: &str) -> Option<(IpAddr, u16)> {
+    let (address, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Option<Vec<[u8; 4]>> = address
+        .as_bytes()
+        .chunks(8)
+        .map(|chunk| {
+            let word = std::str::from_utf8(chunk).ok()?;
+            (word.len() == 8)
+                .then(|| u32::from_str_radix(word, 16).ok())
+                .flatten()
+                .map(u32::to_ne_bytes)
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    let ip = match bytes.len() {
+        4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// The login name of account `uid` from `/etc/passwd` (what libpq sends as the user name
+/// when none is given), if listed there.
+pub(crate) fn account_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let listed: u32 = fields.nth(1)?.parse().ok()?;
+        (listed == uid && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ne_hex(bytes: [u8; 4]) -> String {
+        format!("{:08X}", u32::from_ne_bytes(bytes))
+    }
+
+    #[test]
+    fn reads_the_kernels_addresses() {
+        let v4 = format!("{}:1F90", ne_hex([127, 0, 0, 1]));
+        assert_eq!(
+            proc_address(&v4),
+            Some((IpAddr::V4(Ipv4Addr::LOCALHOST), 8080))
+        );
+        let loopback6 = format!(
+            "{}{}{}{}:0050",
+            ne_hex([0; 4]),
+            ne_hex([0; 4]),
+            ne_hex([0; 4]),
+            ne_hex([0, 0, 0, 1])
+        );
+        assert_eq!(
+            proc_address(&loopback6),
+            Some((IpAddr::V6(Ipv6Addr::LOCALHOST), 80))
+        );
+        assert_eq!(proc_address("zz:1"), None);
+        assert_eq!(proc_address("0100007F"), None);
+        assert_eq!(proc_address("0100007F0:1"), None);
+    }
+
+    #[test]
+    fn finds_the_connecting_sockets_owner() {
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let proxy: SocketAddr = "127.0.0.1:15432".parse().unwrap();
+        let lo = ne_hex([127, 0, 0, 1]);
+        let table = format!(
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+             0: {lo}:3C28 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1\n\
+             1: {lo}:3C28 {lo}:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 2 1\n\
+             2: {lo}:9C40 {lo}:3C28 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n"
+        );
+        // The client's socket (local = the client, remote = the proxy), not the proxy's own.
+        assert_eq!(owner_in_table(&table, client, proxy), Some(1001));
+        assert_eq!(owner_in_table(&table, proxy, client), Some(1000));
+        let other: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        assert_eq!(owner_in_table(&table, other, proxy), None);
+        // A dual-stack listener sees the IPv4 client as ::ffff:127.0.0.1.
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        assert_eq!(owner_in_table(&table, mapped, proxy), Some(1001));
+        assert_eq!(owner_in_table("garbage\n\u{0} x y", client, proxy), None);
+    }
+
+    #[tokio::test]
+    async fn a_real_loopback_connection_is_ours() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(address).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let uid = tcp_owner(stream.local_addr().unwrap(), peer);
+        assert_eq!(uid, Some(own_uid().unwrap()));
+        assert!(Allowed::this_account().unwrap().permits(uid.unwrap()));
+    }
+}
