@@ -27,6 +27,37 @@ pub(crate) enum UserRule {
     },
 }
 
+impl UserRule {
+    /// The role (`None`: the token's, or the fixed one) and the database for a client that
+    /// sent `startup` from the OS account named `account`; `dbname` when the client names no
+    /// database.
+    fn choose(
+        &self,
+        startup: &Startup,
+        account: Option<&str>,
+        dbname: &str,
+    ) -> (Option<String>, String) {
+        let named = startup
+            .parameter("user")
+            .filter(|user| !user.is_empty() && Some(*user) != account);
+        let user = match (self, named) {
+            (UserRule::Fixed, _) | (_, None) => None,
+            (UserRule::ClientOrToken { single_server }, Some(name)) => Some(match single_server {
+                Some(server) if !name.contains('@') => format!("{name}@{server}"),
+                _ => name.to_owned(),
+            }),
+        };
+        // libpq's default database is the user name: with the user defaulted, so is it.
+        let defaulted =
+            |database: &str| named.is_none() && Some(database) == startup.parameter("user");
+        let database = startup
+            .parameter("database")
+            .filter(|database| !database.is_empty() && !defaulted(database))
+            .unwrap_or(dbname);
+        (user, database.to_owned())
+    }
+}
+
 /// What every session shares.
 pub(crate) struct Proxy {
     pub(crate) upstream: Upstream,
@@ -181,24 +212,8 @@ impl Proxy {
         startup: &Startup,
         account: Option<&str>,
     ) -> (Option<String>, Vec<(String, String)>) {
-        let named = startup
-            .parameter("user")
-            .filter(|user| !user.is_empty() && Some(*user) != account);
-        let user = match (&self.users, named) {
-            (UserRule::Fixed, _) | (_, None) => None,
-            (UserRule::ClientOrToken { single_server }, Some(name)) => Some(match single_server {
-                Some(server) if !name.contains('@') => format!("{name}@{server}"),
-                _ => name.to_owned(),
-            }),
-        };
-        // libpq's default database is the user name: with the user defaulted, so is it.
-        let defaulted =
-            |database: &str| named.is_none() && Some(database) == startup.parameter("user");
-        let database = startup
-            .parameter("database")
-            .filter(|database| !database.is_empty() && !defaulted(database))
-            .unwrap_or(&self.dbname);
-        let mut parameters = vec![("database".to_owned(), database.to_owned())];
+        let (user, database) = self.users.choose(startup, account, &self.dbname);
+        let mut parameters = vec![("database".to_owned(), database)];
         parameters.extend(
             startup
                 .parameters
@@ -303,4 +318,71 @@ async fn read_packet<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, Re
         .await
         .map_err(|_| Refusal::Gone)?;
     Ok(packet)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(parameters: &[(&str, &str)]) -> Startup {
+        Startup {
+            minor_version: 0,
+            parameters: parameters
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+                .collect(),
+            protocol_options: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn psqls_defaults_give_the_tokens_role_and_the_proxys_database() {
+        let rule = UserRule::ClientOrToken {
+            single_server: None,
+        };
+        // `psql` with nothing given: libpq sends the OS login name as user and database.
+        let defaults = startup(&[("user", "alice"), ("database", "alice")]);
+        assert_eq!(
+            rule.choose(&defaults, Some("alice"), "postgres"),
+            (None, "postgres".to_owned())
+        );
+        // A role and a database the client names are used.
+        let named = startup(&[("user", "readers"), ("database", "sales")]);
+        assert_eq!(
+            rule.choose(&named, Some("alice"), "postgres"),
+            (Some("readers".to_owned()), "sales".to_owned())
+        );
+        // A database named like the OS account, with the user given explicitly, is kept.
+        let explicit = startup(&[("user", "readers"), ("database", "alice")]);
+        assert_eq!(rule.choose(&explicit, Some("alice"), "postgres").1, "alice");
+        // No user at all (allowed by the protocol, not by PostgreSQL): the token's.
+        assert_eq!(
+            rule.choose(&startup(&[]), None, "db"),
+            (None, "db".to_owned())
+        );
+    }
+
+    #[test]
+    fn a_fixed_user_wins_and_single_server_names_get_the_server() {
+        let named = startup(&[("user", "readers"), ("database", "sales")]);
+        assert_eq!(
+            UserRule::Fixed.choose(&named, Some("alice"), "postgres"),
+            (None, "sales".to_owned())
+        );
+        let single = UserRule::ClientOrToken {
+            single_server: Some("mysrv".to_owned()),
+        };
+        assert_eq!(
+            single
+                .choose(&named, Some("alice"), "postgres")
+                .0
+                .as_deref(),
+            Some("readers@mysrv")
+        );
+        let suffixed = startup(&[("user", "readers@mysrv")]);
+        assert_eq!(
+            single.choose(&suffixed, None, "postgres").0.as_deref(),
+            Some("readers@mysrv")
+        );
+    }
 }

@@ -1,0 +1,229 @@
+//! `pg-entra proxy` against the server straight, side by side in one run on the test bed:
+//! pgbench select-only (`-S`, several clients on their connections) and
+//! connection-per-transaction (`-S -C`), reported as ratios; and the proxy's memory per idle
+//! session.
+//!
+//! `cargo bench --bench proxy --features cli,testing`. Both paths log in with a password over
+//! verified TLS to the same server (the proxy with the token of the bed's identity, pgbench
+//! straight with a fixed password of its own role), and run in turns, each mode `ROUNDS`
+//! times, so that the machine's drift falls on both. pgbench itself is the harness (criterion
+//! times functions, not a client program's transactions): `PG_ENTRA_PROXY_BENCH_SECONDS`
+//! sets each run's length (default 10).
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pg_entra::testing::TestBed;
+use tokio::io::AsyncBufReadExt as _;
+
+const PG_ENTRA: &str = env!("CARGO_BIN_EXE_pg-entra");
+/// Turns per mode and path.
+const ROUNDS: usize = 3;
+/// Idle sessions opened for the memory figure.
+const IDLE_SESSIONS: usize = 100;
+/// The role pgbench uses straight to the server, with a fixed password.
+const DIRECT_ROLE: &str = "bench_direct";
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let seconds: u64 = std::env::var("PG_ENTRA_PROXY_BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let bed = Arc::new(TestBed::start().await.expect("the test bed starts"));
+    let role = bed.principal().name().to_owned();
+    let admin = bed.postgres().admin().await.expect("the admin session");
+    admin
+        .batch_execute(&format!(
+            "grant create on schema public to \"{role}\";
+             create role {DIRECT_ROLE} login;"
+        ))
+        .await
+        .expect("the roles");
+
+    // The straight role's password is as long as the bed's tokens: the bed's PostgreSQL checks
+    // a cleartext password against its SCRAM verifier, and PBKDF2 rekeys HMAC with the whole
+    // password on each of its 4,096 rounds, so a 1.5 KB password costs the server far more
+    // than a short one. (Azure checks a token's signature instead.) One token is asked for
+    // here to measure it, before the proxy asks for its own.
+    let token_length = {
+        use pg_entra::TokenCredential as _;
+        let scope = "https://ossrdbms-aad.database.windows.net/.default";
+        let token = bed.credential().get_token(&[scope], None).await.expect("a token");
+        token.token.secret().len()
+    };
+    let direct_password: String = (0..token_length)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    admin
+        .batch_execute(&format!(
+            "alter role {DIRECT_ROLE} password '{direct_password}'"
+        ))
+        .await
+        .expect("the straight role's password");
+    let mut proxy = tokio::process::Command::new(PG_ENTRA)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--max-sessions", "1000"])
+        .env_clear()
+        .env("PATH", "/nonexistent")
+        .env("RUST_LOG", "warn")
+        .envs(std::env::var("TOKIO_WORKER_THREADS").map(|n| ("TOKIO_WORKER_THREADS", n)))
+        .envs(bed.vars())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("pg-entra proxy starts (built by cargo bench)");
+    let mut lines = tokio::io::BufReader::new(proxy.stdout.take().unwrap()).lines();
+    let mut port = None;
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(places) = line.strip_prefix("pg-entra proxy: listening on ") {
+            port = places.split(':').nth(1).map(|p| p.trim().to_owned());
+            break;
+        }
+    }
+    let port = port.expect("the proxy announces its port");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let through = format!("host=127.0.0.1 port={port} sslmode=disable");
+    let straight = format!(
+        "host=localhost port={} sslmode=verify-full sslrootcert={} user={DIRECT_ROLE} dbname=postgres",
+        bed.postgres().port(),
+        bed.postgres().ca_certificate_path().display()
+    );
+    pgbench(&["-i", "-s", "10", "-q", &through], "").await;
+    admin
+        .batch_execute(&format!(
+            "grant select on all tables in schema public to {DIRECT_ROLE}"
+        ))
+        .await
+        .expect("the grant");
+
+    let duration = seconds.to_string();
+    let modes: [(&str, Vec<&str>, &str); 2] = [
+        (
+            "select-only, 8 clients (-S -c 8 -j 2)",
+            vec!["-S", "-n", "-c", "8", "-j", "2", "-T", &duration],
+            "without initial connection time",
+        ),
+        (
+            "connection per transaction (-S -C -c 4 -j 2)",
+            vec!["-S", "-n", "-C", "-c", "4", "-j", "2", "-T", &duration],
+            "including reconnection times",
+        ),
+    ];
+    println!(
+        "pg-entra proxy against the server straight, {seconds} s per run, {ROUNDS} turns each:"
+    );
+    for (name, args, tps_line) in &modes {
+        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let mut straight_args = args.clone();
+            straight_args.push(&straight);
+            direct.push(tps(&pgbench(&straight_args, &direct_password).await, tps_line));
+            let mut through_args = args.clone();
+            through_args.push(&through);
+            proxied.push(tps(&pgbench(&through_args, "").await, tps_line));
+        }
+        let (direct, proxied) = (median(direct), median(proxied));
+        println!(
+            "  {name}: straight {direct:.0} tps, through the proxy {proxied:.0} tps: {:.2}×",
+            proxied / direct
+        );
+    }
+
+    let pid = proxy.id().expect("the proxy runs");
+    let before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..IDLE_SESSIONS {
+        let (client, connection) = tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(port.parse().unwrap())
+            .user(&role)
+            .dbname("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("an idle session");
+        tokio::spawn(connection);
+        idle.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(pid);
+    println!(
+        "  memory: {} KiB resident with {IDLE_SESSIONS} idle sessions, {before} KiB with none: {:.1} KiB per idle session",
+        after,
+        (after as f64 - before as f64) / IDLE_SESSIONS as f64
+    );
+    drop(idle);
+    proxy.kill().await.ok();
+}
+
+/// Runs pgbench with `args` (and `password` for a server that asks); its output, or a panic
+/// with it if it failed.
+async fn pgbench(args: &[&str], password: &str) -> String {
+    let output = tokio::process::Command::new(pgbench_path())
+        .args(args)
+        .env_clear()
+        .env("PGPASSWORD", password)
+        .output()
+        .await
+        .expect("pgbench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "pgbench {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn pgbench_path() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| {
+            dirs.flatten()
+                .map(|d| d.path().join("bin/pgbench"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .into_iter()
+        .rev()
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| PathBuf::from("pgbench"))
+}
+
+/// The `tps = …` figure of the line that names `which`.
+fn tps(output: &str, which: &str) -> f64 {
+    output
+        .lines()
+        .find(|line| line.starts_with("tps = ") && line.contains(which))
+        .and_then(|line| line["tps = ".len()..].split(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no tps line ({which}) in:\n{output}"))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The process's resident set, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
