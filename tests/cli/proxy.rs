@@ -29,13 +29,18 @@ impl Proxy {
     /// Starts it against the bed on a free loopback port with `extra` flags, and waits for
     /// its banner.
     async fn start(bed: &TestBed, extra: &[&str]) -> Proxy {
+        Self::start_with(bed.vars(), extra).await
+    }
+
+    /// Starts it with exactly `vars` as its environment (and an empty `PATH`).
+    async fn start_with(vars: Vec<(String, String)>, extra: &[&str]) -> Proxy {
         let mut command = tokio::process::Command::new(PG_ENTRA);
         command
             .args(["proxy", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env_clear()
             .env("PATH", EMPTY_PATH)
-            .envs(bed.vars())
+            .envs(vars)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -721,4 +726,50 @@ async fn the_session_limit_holds_and_a_stop_lets_open_sessions_finish() {
         TcpStream::connect(address).await.is_err(),
         "no longer listening"
     );
+}
+
+/// The bed's identity endpoint (variables naming no server) with a scripted server's.
+fn aimed_at(bed: &TestBed, server: &pg_entra::testing::ScriptedPostgres) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = bed
+        .vars()
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("PG"))
+        .collect();
+    vars.extend(server.libpq_vars());
+    vars.push(("PGSSLMODE".into(), "verify-full".into()));
+    vars
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_without_tls_gets_no_token_and_a_repeated_token_is_withheld() {
+    use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TlsOffer};
+    let bed = TestBed::start().await.unwrap();
+
+    let plaintext = ScriptedPostgres::start(TlsOffer::None, LoginAnswer::Accept)
+        .await
+        .unwrap();
+    let proxy = Proxy::start_with(aimed_at(&bed, &plaintext), &[]).await;
+    let refused = login_refusal(&proxy, "someone", "postgres").await;
+    assert_eq!(refused.code().code(), "08006");
+    assert!(
+        refused.message().contains("does not offer TLS"),
+        "{refused:?}"
+    );
+    assert_eq!(plaintext.passwords_received(), 0, "no password without TLS");
+    let (_, output) = proxy.terminate().await;
+    assert_no_token(&[&output]);
+
+    // A server that puts the password into its refusal: the client never sees it.
+    let echoing = ScriptedPostgres::start_trusted(LoginAnswer::RefuseRepeatingPassword)
+        .await
+        .unwrap();
+    let proxy = Proxy::start_with(aimed_at(&bed, &echoing), &[]).await;
+    let refused = login_refusal(&proxy, "someone", "postgres").await;
+    assert_eq!(refused.code().code(), "28P01");
+    assert!(echoing.passwords_received() >= 1);
+    let shown = format!("{refused:?} {}", refused.message());
+    assert!(shown.contains("withheld"), "{shown}");
+    let psql = psql_via(&proxy, "user=someone", "select 1").await;
+    let (_, output) = proxy.terminate().await;
+    assert_no_token(&[&shown, &output, &psql.stderr, &psql.stdout]);
 }
