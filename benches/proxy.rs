@@ -58,7 +58,11 @@ async fn run() {
     let token_length = {
         use pg_entra::TokenCredential as _;
         let scope = "https://ossrdbms-aad.database.windows.net/.default";
-        let token = bed.credential().get_token(&[scope], None).await.expect("a token");
+        let token = bed
+            .credential()
+            .get_token(&[scope], None)
+            .await
+            .expect("a token");
         token.token.secret().len()
     };
     let direct_password: String = (0..token_length)
@@ -127,7 +131,10 @@ async fn run() {
         for _ in 0..ROUNDS {
             let mut straight_args = args.clone();
             straight_args.push(&straight);
-            direct.push(tps(&pgbench(&straight_args, &direct_password).await, tps_line));
+            direct.push(tps(
+                &pgbench(&straight_args, &direct_password).await,
+                tps_line,
+            ));
             let mut through_args = args.clone();
             through_args.push(&through);
             proxied.push(tps(&pgbench(&through_args, "").await, tps_line));
