@@ -773,3 +773,104 @@ async fn a_server_without_tls_gets_no_token_and_a_repeated_token_is_withheld() {
     let (_, output) = proxy.terminate().await;
     assert_no_token(&[&shown, &output, &psql.stderr, &psql.stdout]);
 }
+
+/// This host's first global IPv4 address, if it has one (`ip -4 -o addr`).
+fn host_address() -> Option<String> {
+    let output = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let field = text.lines().next()?.split_whitespace().nth(3)?.to_owned();
+    Some(field.split('/').next()?.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_account_cannot_slip_past_the_check() {
+    if !can_switch_accounts() {
+        return;
+    }
+    let bed = TestBed::start().await.unwrap();
+    let admin = bed.postgres().admin().await.unwrap();
+    let role = bed.principal().name().to_owned();
+    admin
+        .batch_execute(&format!("grant create on schema public to \"{role}\""))
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&bed, &[]).await;
+    // As nobody: a startup packet and a query sent at once, then the socket closed before
+    // the proxy looks (a closed socket's time-wait entry shows as root's); and the same from
+    // this host's own non-loopback address to 127.0.0.1 (not a remote peer).
+    let script = r#"
+import socket, struct, sys, time
+port, source = int(sys.argv[1]), sys.argv[2]
+def startup():
+    body = struct.pack('>I', 3 << 16) + b'database\0postgres\0\0'
+    return struct.pack('>I', len(body) + 4) + body
+def query(sql):
+    body = sql.encode() + b'\0'
+    return b'Q' + struct.pack('>I', len(body) + 4) + body
+s = socket.socket()
+s.connect(('127.0.0.1', port))
+s.sendall(startup() + query('create table slipped_past_closed ()'))
+s.close()
+if source:
+    s = socket.socket()
+    s.bind((source, 0))
+    s.connect(('127.0.0.1', port))
+    s.sendall(startup() + query('create table slipped_past_bound ()'))
+    answer = b''
+    s.settimeout(20)
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    print(answer.decode('latin-1'))
+"#;
+    let port = proxy.address.port().to_string();
+    let source = host_address().unwrap_or_default();
+    let run_as_nobody = run(
+        Path::new("/usr/bin/setpriv"),
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+            &port,
+            &source,
+        ],
+    )
+    .await;
+    assert_eq!(run_as_nobody.code, Some(0), "{}", run_as_nobody.stderr);
+    if source.is_empty() {
+        eprintln!("SKIPPED: a non-loopback source address (this host has none)");
+    } else {
+        assert!(
+            run_as_nobody
+                .stdout
+                .contains("serves only the account that runs it"),
+            "{}",
+            run_as_nobody.stdout
+        );
+    }
+    // Give a session that wrongly began the time to run its query, then look.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tables = admin
+        .query_one(
+            "select count(*) from pg_tables where tablename like 'slipped_past_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tables.get::<_, i64>(0), 0, "{}", proxy.output());
+    assert!(
+        !proxy.output().contains("session opened"),
+        "{}",
+        proxy.output()
+    );
+    let (code, _) = proxy.terminate().await;
+    assert_eq!(code, Some(0));
+}

@@ -22,11 +22,24 @@ pub(crate) struct Allowed {
 }
 
 impl Allowed {
-    /// The account running this process, and root.
+    /// The account running this process, and root. Refused for the overflow uid (`nobody`,
+    /// 65534 by default): peers whose account is not mapped into this user namespace show
+    /// as that uid, so it proves nothing.
     pub(crate) fn this_account() -> io::Result<Self> {
-        Ok(Self {
-            own_uid: own_uid()?,
-        })
+        let own_uid = own_uid()?;
+        let overflow = std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(65534u32);
+        if own_uid == overflow {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the proxy does not run as uid {overflow} (nobody): unmapped accounts show as that uid; run it as an account of its own"
+                ),
+            ));
+        }
+        Ok(Self { own_uid })
     }
 
     pub(crate) fn permits(self, uid: u32) -> bool {
@@ -48,12 +61,13 @@ fn own_uid() -> io::Result<u32> {
     ))
 }
 
-/// A connection the proxy accepted, and its peer's account when it could be found.
+/// A connection the proxy accepted; its peer's account is looked up by [`owner`](Self::owner),
+/// in the connection's own task.
 pub(crate) enum Accepted {
     Tcp {
         stream: TcpStream,
         peer: SocketAddr,
-        uid: Option<u32>,
+        local: SocketAddr,
     },
     Unix {
         stream: UnixStream,
@@ -62,14 +76,25 @@ pub(crate) enum Accepted {
 }
 
 impl Accepted {
-    /// The peer's account, if known.
-    pub(crate) fn uid(&self) -> Option<u32> {
+    /// The account that owns the connecting socket, if it is on this host and still
+    /// connected. Asked for every TCP peer, loopback or not: a local process may connect from
+    /// one of the host's other addresses, and a host that routes to 127.0.0.1 from outside
+    /// (`route_localnet`) makes a loopback address no proof of a local peer.
+    pub(crate) async fn owner(&self) -> Option<u32> {
         match self {
-            Accepted::Tcp { uid, .. } | Accepted::Unix { uid, .. } => *uid,
+            Accepted::Tcp { peer, local, .. } => {
+                let (peer, local) = (*peer, *local);
+                tokio::task::spawn_blocking(move || tcp_owner(local, peer))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Accepted::Unix { uid, .. } => *uid,
         }
     }
 
-    /// Whether the peer is on another host (only reachable when remote clients are allowed).
+    /// Whether the peer's address is not a loopback one (only reachable when remote clients
+    /// are allowed).
     pub(crate) fn is_remote(&self) -> bool {
         match self {
             Accepted::Tcp { peer, .. } => !is_local(peer.ip()),
@@ -77,17 +102,15 @@ impl Accepted {
         }
     }
 
-    /// The peer, for logs.
-    pub(crate) fn describe(&self) -> String {
-        match self {
-            Accepted::Tcp { peer, uid, .. } => match uid {
-                Some(uid) => format!("{peer} (uid {uid})"),
-                None => peer.to_string(),
-            },
-            Accepted::Unix { uid, .. } => match uid {
-                Some(uid) => format!("Unix socket (uid {uid})"),
-                None => "Unix socket".to_owned(),
-            },
+    /// The peer and its account, for logs.
+    pub(crate) fn describe(&self, uid: Option<u32>) -> String {
+        let place = match self {
+            Accepted::Tcp { peer, .. } => peer.to_string(),
+            Accepted::Unix { .. } => "Unix socket".to_owned(),
+        };
+        match uid {
+            Some(uid) => format!("{place} (uid {uid})"),
+            None => place,
         }
     }
 }
@@ -99,18 +122,17 @@ pub(crate) enum Listener {
 }
 
 impl Listener {
-    /// Accepts one connection and finds its peer's account.
+    /// Accepts one connection (no lookups here: the accept loop never waits on one).
     pub(crate) async fn accept(&self) -> io::Result<Accepted> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 let local = stream.local_addr()?;
-                let uid = if is_local(peer.ip()) {
-                    tcp_owner(local, peer)
-                } else {
-                    None
-                };
-                Ok(Accepted::Tcp { stream, peer, uid })
+                Ok(Accepted::Tcp {
+                    stream,
+                    peer,
+                    local,
+                })
             }
             Listener::Unix(socket) => {
                 let (stream, _) = socket.listener.accept().await?;
@@ -132,24 +154,45 @@ impl UnixSocket {
     /// Listens at `directory/.s.PGSQL.<port>`. A socket file left by a proxy that is gone
     /// (nothing answers on it) is replaced; a live one is an error.
     pub(crate) async fn bind(directory: &Path, port: u16) -> io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+        // A directory others may write to without the sticky bit would let them replace the
+        // socket file with their own.
+        let folder = std::fs::metadata(directory)?;
+        if folder.mode() & 0o022 != 0 && folder.mode() & 0o1000 == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is writable by other accounts; use a private directory such as /run/user/$UID",
+                    directory.display()
+                ),
+            ));
+        }
         let path = directory.join(format!(".s.PGSQL.{port}"));
-        if path.exists() {
-            match UnixStream::connect(&path).await {
-                Ok(_) => {
+        match std::fs::symlink_metadata(&path) {
+            Ok(existing) if !existing.file_type().is_socket() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            // Replaced only when nothing listens on it any more (a proxy that is gone).
+            Ok(_) => match UnixStream::connect(&path).await {
+                Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(&path)?;
+                }
+                _ => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
                         format!("{} is in use by another server", path.display()),
                     ));
                 }
-                Err(_) => std::fs::remove_file(&path)?,
-            }
+            },
+            Err(_) => {}
         }
         let listener = UnixListener::bind(&path)?;
-        // Only the owner (and root) may connect; the peer check below holds either way.
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
-        }
+        // Only the owner (and root) may connect; the peer check below holds either way. The
+        // file was just created by this process and is not a link.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
         Ok(Self { listener, path })
     }
 
@@ -177,51 +220,61 @@ fn normal(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The owner of the socket that connected from `peer` to `local`: from socket diagnostics,
-/// else from `/proc/net/tcp` and `/proc/net/tcp6`. `None` when it cannot be found (it closed
-/// already): refused.
+/// The owner of the socket that connected from `peer` to `local`, while it is connected:
+/// from socket diagnostics, else (netlink unavailable) from `/proc/net/tcp` and
+/// `/proc/net/tcp6`. `None` when it is not found or no longer connected: refused. (A socket
+/// that closed turns into a time-wait entry that both sources show as owned by root.)
 #[cfg(target_os = "linux")]
 fn tcp_owner(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
-    diag_owner(peer, local).or_else(|| {
-        ["/proc/net/tcp", "/proc/net/tcp6"]
-            .iter()
-            .filter_map(|table| std::fs::read_to_string(table).ok())
-            .find_map(|table| owner_in_table(&table, peer, local))
-    })
+    match diag_owner(peer, local) {
+        Ok(owner) => owner,
+        Err(error) => {
+            tracing::debug!(%error, "socket diagnostics unavailable; reading /proc/net/tcp");
+            ["/proc/net/tcp", "/proc/net/tcp6"]
+                .iter()
+                .filter_map(|table| std::fs::read_to_string(table).ok())
+                .find_map(|table| owner_in_table(&table, peer, local))
+        }
+    }
 }
 
+/// `TCP_ESTABLISHED`, in the kernel's numbering of TCP states.
+const TCP_ESTABLISHED: u8 = 1;
 /// `SOCK_DIAG_BY_FAMILY`, the netlink message type of an `inet_diag` request and answer.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `NLM_F_REQUEST`.
 const NLM_F_REQUEST: u16 = 1;
-/// Where `idiag_uid` sits in an answer: after the 16-byte `nlmsghdr`, `inet_diag_msg`'s four
-/// one-byte fields, its 48-byte `inet_diag_sockid` and three 32-bit words (`linux/inet_diag.h`).
+/// Where `idiag_state` sits in an answer: after the 16-byte `nlmsghdr` and `idiag_family`.
+const STATE_OFFSET: usize = 16 + 1;
+/// Where `idiag_uid` sits: after `inet_diag_msg`'s four one-byte fields, its 48-byte
+/// `inet_diag_sockid` and three 32-bit words (`linux/inet_diag.h`); `idiag_inode` follows.
 const UID_OFFSET: usize = 16 + 4 + 48 + 12;
+const INODE_OFFSET: usize = UID_OFFSET + 4;
 
 /// The owner of the TCP socket bound to `socket` and connected to `remote`, asked of the
 /// kernel by exactly that address pair. The lookup is local and immediate; the receive has a
 /// short timeout all the same.
 #[cfg(target_os = "linux")]
-fn diag_owner(socket: SocketAddr, remote: SocketAddr) -> Option<u32> {
+fn diag_owner(socket: SocketAddr, remote: SocketAddr) -> io::Result<Option<u32>> {
     use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, netlink, sockopt};
-    let request = diag_request(socket, remote)?;
+    let Some(request) = diag_request(socket, remote) else {
+        return Ok(None);
+    };
     let fd = rustix::net::socket(
         AddressFamily::NETLINK,
         SocketType::DGRAM,
         Some(netlink::SOCK_DIAG),
-    )
-    .ok()?;
+    )?;
     sockopt::set_socket_timeout(
         &fd,
         sockopt::Timeout::Recv,
         Some(std::time::Duration::from_millis(200)),
-    )
-    .ok()?;
+    )?;
     let kernel = netlink::SocketAddrNetlink::new(0, 0);
-    rustix::net::sendto(&fd, &request, SendFlags::empty(), &kernel).ok()?;
+    rustix::net::sendto(&fd, &request, SendFlags::empty(), &kernel)?;
     let mut answer = [0u8; 1024];
-    let (length, _) = rustix::net::recv(&fd, &mut answer[..], RecvFlags::empty()).ok()?;
-    diag_uid(&answer[..length])
+    let (length, _) = rustix::net::recv(&fd, &mut answer[..], RecvFlags::empty())?;
+    Ok(diag_uid(&answer[..length]))
 }
 
 /// An `inet_diag_req_v2` for one TCP socket in any state: its family, its own address and
@@ -249,7 +302,7 @@ fn diag_request(socket: SocketAddr, remote: SocketAddr) -> Option<Vec<u8>> {
     request.extend(1u32.to_ne_bytes()); // sequence number
     request.extend(0u32.to_ne_bytes()); // port ID: the kernel fills it in
     request.extend([family, 6 /* IPPROTO_TCP */, 0, 0]);
-    request.extend(u32::MAX.to_ne_bytes()); // every state
+    request.extend((1u32 << TCP_ESTABLISHED).to_ne_bytes());
     request.extend(socket.port().to_be_bytes());
     request.extend(remote.port().to_be_bytes());
     request.extend(source);
@@ -259,16 +312,19 @@ fn diag_request(socket: SocketAddr, remote: SocketAddr) -> Option<Vec<u8>> {
     Some(request)
 }
 
-/// The `idiag_uid` of an answer to [`diag_request`]; `None` for an error answer (no such
-/// socket) or anything short.
+/// The `idiag_uid` of an answer to [`diag_request`] for a connected socket that a process
+/// still holds (an inode); `None` for an error answer (no such socket), any other state, or
+/// anything short.
 fn diag_uid(answer: &[u8]) -> Option<u32> {
+    let word = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(answer.get(at..at + 4)?.try_into().ok()?))
+    };
     let kind = u16::from_ne_bytes(answer.get(4..6)?.try_into().ok()?);
-    if kind != SOCK_DIAG_BY_FAMILY {
+    let state = *answer.get(STATE_OFFSET)?;
+    if kind != SOCK_DIAG_BY_FAMILY || state != TCP_ESTABLISHED || word(INODE_OFFSET)? == 0 {
         return None;
     }
-    Some(u32::from_ne_bytes(
-        answer.get(UID_OFFSET..UID_OFFSET + 4)?.try_into().ok()?,
-    ))
+    word(UID_OFFSET)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -276,8 +332,8 @@ fn tcp_owner(_local: SocketAddr, _peer: SocketAddr) -> Option<u32> {
     None
 }
 
-/// In a `/proc/net/tcp` table, the `uid` of the socket bound to `socket` and connected to
-/// `remote`. Addresses compare after IPv4-mapped IPv6 is read as IPv4 (a dual-stack listener
+/// In a `/proc/net/tcp` table, the `uid` of the connected socket bound to `socket` and
+/// connected to `remote`. Addresses compare after IPv4-mapped IPv6 is read as IPv4 (a dual-stack listener
 /// sees an IPv4 client that way).
 fn owner_in_table(table: &str, socket: SocketAddr, remote: SocketAddr) -> Option<u32> {
     let want = (
@@ -289,6 +345,10 @@ fn owner_in_table(table: &str, socket: SocketAddr, remote: SocketAddr) -> Option
     table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (local, rem, uid) = (fields.get(1)?, fields.get(2)?, fields.get(7)?);
+        // Connected (state 01) and held by a process (an inode): not a time-wait entry.
+        if *fields.get(3)? != "01" || *fields.get(9)? == "0" {
+            return None;
+        }
         let (local_ip, local_port) = proc_address(local)?;
         let (rem_ip, rem_port) = proc_address(rem)?;
         ((normal(local_ip), local_port, normal(rem_ip), rem_port) == want)
@@ -374,12 +434,16 @@ mod tests {
             "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
              0: {lo}:3C48 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1\n\
              1: {lo}:3C48 {lo}:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 2 1\n\
-             2: {lo}:9C40 {lo}:3C48 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n"
+             2: {lo}:9C40 {lo}:3C48 01 00000000:00000000 00:00000000 00000000  1001        0 3 1\n\
+             3: {lo}:9C41 {lo}:3C48 06 00000000:00000000 03:00000000 00000000     0        0 0 3\n"
         );
+        // A time-wait entry (a client that closed) shows root and no inode: no owner.
+        let closed: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        assert_eq!(owner_in_table(&table, closed, proxy), None);
         // The client's socket (local = the client, remote = the proxy), not the proxy's own.
         assert_eq!(owner_in_table(&table, client, proxy), Some(1001));
         assert_eq!(owner_in_table(&table, proxy, client), Some(1000));
-        let other: SocketAddr = "127.0.0.1:40001".parse().unwrap();
+        let other: SocketAddr = "127.0.0.1:40002".parse().unwrap();
         assert_eq!(owner_in_table(&table, other, proxy), None);
         // A dual-stack listener sees the IPv4 client as ::ffff:127.0.0.1.
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
@@ -400,7 +464,7 @@ mod tests {
             let (stream, peer) = listener.accept().await.unwrap();
             let local = stream.local_addr().unwrap();
             let own = own_uid().unwrap();
-            assert_eq!(diag_owner(peer, local), Some(own), "{loopback}");
+            assert_eq!(diag_owner(peer, local).unwrap(), Some(own), "{loopback}");
             let from_proc = ["/proc/net/tcp", "/proc/net/tcp6"]
                 .iter()
                 .filter_map(|table| std::fs::read_to_string(table).ok())
@@ -410,8 +474,35 @@ mod tests {
             assert!(Allowed::this_account().unwrap().permits(own));
             let mut gone = peer;
             gone.set_port(peer.port().wrapping_add(1).max(1));
-            assert_eq!(diag_owner(gone, local), None, "{loopback}");
+            assert_eq!(diag_owner(gone, local).unwrap(), None, "{loopback}");
         }
+    }
+
+    /// A client that closed at once leaves a time-wait entry the kernel shows as root's: it
+    /// must not count as connected.
+    #[tokio::test]
+    async fn a_closed_client_has_no_owner() {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let local = stream.local_addr().unwrap();
+        client.write_all(b"sent before closing").await.unwrap();
+        drop(client);
+        // The FIN has arrived once the proxy's side reads the end of the stream.
+        let mut stream = stream;
+        let mut sink = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut sink)
+            .await
+            .unwrap();
+        assert_eq!(diag_owner(peer, local).unwrap(), None);
+        let from_proc = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .find_map(|table| owner_in_table(&table, peer, local));
+        assert_eq!(from_proc, None);
     }
 
     #[test]

@@ -175,18 +175,34 @@ pub(crate) async fn run(args: ProxyArgs) -> Result<(), Failure> {
         sessions: Arc::new(Semaphore::new(max_sessions as usize)),
         max_sessions: max_sessions as usize,
     });
-    serve(listeners, proxy, allowed, Duration::from_secs(grace_period)).await
+    let admission = Admission {
+        allowed,
+        allow_remote: allow_remote_clients,
+        // Room beyond the sessions for clients still negotiating and for cancel requests.
+        connections: Arc::new(Semaphore::new(max_sessions as usize + CONNECTING_ROOM)),
+        own_name: std::env::var("USER").ok(),
+    };
+    serve(
+        listeners,
+        proxy,
+        admission,
+        Duration::from_secs(grace_period),
+    )
+    .await
 }
+
+/// Connections allowed beyond `--max-sessions`: clients sending their startup packet (each for
+/// at most `--startup-timeout`) and cancel requests.
+const CONNECTING_ROOM: usize = 64;
 
 /// Accepts until a stop signal, then waits for open sessions up to `grace`.
 async fn serve(
     listeners: Vec<Listener>,
     proxy: Arc<Proxy>,
-    allowed: Allowed,
+    admission: Admission,
     grace: Duration,
 ) -> Result<(), Failure> {
     let listeners: Vec<Arc<Listener>> = listeners.into_iter().map(Arc::new).collect();
-    let own_name = std::env::var("USER").ok();
     let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel::<Accepted>(64);
     let mut acceptors = tokio::task::JoinSet::new();
     for listener in &listeners {
@@ -222,7 +238,7 @@ async fn serve(
             }
             accepted = accepted_rx.recv() => {
                 let Some(accepted) = accepted else { break };
-                admit(accepted, &proxy, allowed, own_name.as_deref());
+                admit(accepted, &proxy, &admission);
             }
         }
     }
@@ -246,28 +262,53 @@ async fn serve(
     Ok(())
 }
 
-/// Starts a session for a client of an allowed account; tells any other why not, and closes.
-fn admit(accepted: Accepted, proxy: &Arc<Proxy>, allowed: Allowed, own_name: Option<&str>) {
-    let from = accepted.describe();
-    let permitted = match accepted.uid() {
-        Some(uid) => allowed.permits(uid),
-        None => accepted.is_remote(),
+/// Starts a connection's task: it finds the peer's account, then serves an allowed one and
+/// tells any other why not. Connections beyond the cap (sessions, plus room for clients still
+/// sending their startup packet and for cancel requests) are closed at once.
+fn admit(accepted: Accepted, proxy: &Arc<Proxy>, policy: &Admission) {
+    let Ok(slot) = Arc::clone(&policy.connections).try_acquire_owned() else {
+        tracing::warn!("too many connections open at once; closing a new one");
+        return;
     };
-    // Remote peers arrive only when --allow-remote-clients was given.
-    let account = accepted
-        .uid()
-        .and_then(listen::account_name)
-        .or_else(|| own_name.map(str::to_owned));
-    let proxy = Arc::clone(proxy);
-    match accepted {
-        Accepted::Tcp { stream, .. } => {
-            stream.set_nodelay(true).ok();
-            tokio::spawn(start(stream, permitted, proxy, account, from));
+    let (proxy, allowed, allow_remote) = (Arc::clone(proxy), policy.allowed, policy.allow_remote);
+    let own_name = policy.own_name.clone();
+    tokio::spawn(async move {
+        let uid = accepted.owner().await;
+        // An account found on this host decides; no account is a remote host, admitted only
+        // when remote clients are allowed (a local client that closed is refused either way:
+        // a loopback address is never taken for remote).
+        let permitted = match uid {
+            Some(uid) => allowed.permits(uid),
+            None => allow_remote && accepted.is_remote(),
+        };
+        let from = accepted.describe(uid);
+        let account = match uid {
+            Some(uid) => tokio::task::spawn_blocking(move || listen::account_name(uid))
+                .await
+                .ok()
+                .flatten()
+                .or(own_name),
+            None => None,
+        };
+        match accepted {
+            Accepted::Tcp { stream, .. } => {
+                stream.set_nodelay(true).ok();
+                start(stream, permitted, proxy, account, from).await;
+            }
+            Accepted::Unix { stream, .. } => start(stream, permitted, proxy, account, from).await,
         }
-        Accepted::Unix { stream, .. } => {
-            tokio::spawn(start(stream, permitted, proxy, account, from));
-        }
-    }
+        drop(slot);
+    });
+}
+
+/// Who may connect, and how many at once.
+struct Admission {
+    allowed: Allowed,
+    allow_remote: bool,
+    /// Every open connection holds one.
+    connections: Arc<Semaphore>,
+    /// This account's login name, when `/etc/passwd` does not list it.
+    own_name: Option<String>,
 }
 
 async fn start<S>(

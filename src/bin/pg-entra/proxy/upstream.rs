@@ -273,6 +273,15 @@ impl Upstream {
         if !input.is_empty() {
             return Err(unexpected(input[0], target));
         }
+        // Relayed only if no field quotes the token (a server or extension that echoes the
+        // password into a notice or a setting). One check over all of them; one per message
+        // only when that finds something.
+        let all: Vec<u8> = messages.iter().flat_map(|m| m.iter().copied()).collect();
+        if quotes_token(&Bytes::from(all), token) {
+            tracing::warn!(%target, "a server message quoted the token; not relayed");
+            messages
+                .retain(|message| message.first() == Some(&b'Z') || !quotes_token(message, token));
+        }
         let (process_id, secret_key) = keys.unwrap_or((0, 0));
         Ok((stream, process_id, secret_key, messages))
     }
@@ -456,10 +465,16 @@ async fn send(
     Ok(())
 }
 
+/// Whether any field of a server message quotes the token (or an 8-character piece of it).
+fn quotes_token(frame: &Bytes, token: &Token) -> bool {
+    pg_entra::redact::echoes(&String::from_utf8_lossy(frame), token.secret())
+}
+
 /// A refusal of the login, read as the library reads one, its text checked for the token.
+/// Only the SQLSTATE and the message reach the client, in a message the proxy builds.
 fn refused(frame: &Bytes, token: &Token, target: &Target) -> LoginError {
     let (code, message) = code_and_message(frame);
-    let message = if pg_entra::redact::echoes(&message, token.secret()) {
+    let message = if quotes_token(frame, token) {
         pg_entra::redact::WITHHELD.to_owned()
     } else {
         message
@@ -472,10 +487,11 @@ fn refused(frame: &Bytes, token: &Token, target: &Target) -> LoginError {
     }
 }
 
-/// An error after the login as the server sent it, or a new one if its text quotes the token.
+/// An error after the login as the server sent it, or a new one if any of its fields (message,
+/// detail, hint, context) quotes the token.
 fn withhold(frame: Bytes, token: &Token) -> Bytes {
-    let (code, message) = code_and_message(&frame);
-    if pg_entra::redact::echoes(&message, token.secret()) {
+    if quotes_token(&frame, token) {
+        let (code, _) = code_and_message(&frame);
         Bytes::from(super::reply::fatal(&code, pg_entra::redact::WITHHELD, None))
     } else {
         frame
