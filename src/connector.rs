@@ -386,8 +386,11 @@ impl Connector {
                     .instrument(observe::attempt_span(&host.host, host.port));
                 let error = match tokio::time::timeout(self.inner.connect_timeout, attempt).await {
                     Ok(Ok(connected)) => return Ok(connected),
-                    Ok(Err(error)) => error,
-                    Err(_) => Error::ConnectTimeout {
+                    Ok(Err(error)) if !timed_out(&error) => error,
+                    // tokio-postgres's own timer on the TCP connect (the same limit, set on
+                    // its configuration) fires first when packets are dropped: the same
+                    // limit, reported as the same error.
+                    Ok(Err(_)) | Err(_) => Error::ConnectTimeout {
                         host: host.host.clone(),
                         port: host.port,
                         timeout: self.inner.connect_timeout,
@@ -879,6 +882,17 @@ impl ConnectorBuilder {
             }),
         })
     }
+}
+
+/// Whether a connect failed on a timeout of its own socket (`ETIMEDOUT`: tokio-postgres's
+/// connect timer, or the kernel giving up on a peer that does not answer).
+fn timed_out(error: &Error) -> bool {
+    use std::error::Error as _;
+    matches!(error, Error::Postgres { source }
+        if source
+            .source()
+            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut))
 }
 
 /// A certificate refused for its name when `host` is an address or a `privatelink.` name:

@@ -281,6 +281,32 @@ impl Error {
             let detail = std::error::Error::source(&error)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "the server did not complete a verified TLS handshake".into());
+            // A connection that broke in the handshake (a reset, an early close) says nothing
+            // about the certificate: said so, with a hint about the network instead.
+            let lower = detail.to_ascii_lowercase();
+            if [
+                "reset by peer",
+                "unexpected eof",
+                "broken pipe",
+                "connection aborted",
+            ]
+            .iter()
+            .any(|broken| lower.contains(broken))
+            {
+                return Error::Tls {
+                    message: format!("the connection broke during the TLS handshake: {detail}"),
+                    source: Some(Box::new(
+                        Hinted::new(
+                            detail,
+                            "the network or something on it (a firewall, a proxy, a load \
+                             balancer) ended the connection before TLS was set up; nothing was \
+                             sent to the server. It is usually brief: retry, and check the path \
+                             if it persists",
+                        )
+                        .caused_by(error),
+                    )),
+                };
+            }
             return Error::Tls {
                 message: format!("could not verify the server: {detail}"),
                 source: Some(Box::new(error)),

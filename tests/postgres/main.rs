@@ -5,6 +5,8 @@ mod bed_security;
 mod diesel_pools;
 mod end_to_end;
 mod expiry;
+#[cfg(feature = "deadpool")]
+mod network_faults;
 mod no_secrets;
 mod operating;
 mod pgbouncer;
