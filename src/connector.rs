@@ -887,12 +887,14 @@ impl ConnectorBuilder {
 /// Whether a connect failed on a timeout of its own socket (`ETIMEDOUT`: tokio-postgres's
 /// connect timer, or the kernel giving up on a peer that does not answer).
 fn timed_out(error: &Error) -> bool {
-    use std::error::Error as _;
-    matches!(error, Error::Postgres { source }
-        if source
-            .source()
-            .and_then(|cause| cause.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut))
+    matches!(error, Error::Postgres { source } if socket_timed_out(source))
+}
+
+/// Whether a tokio-postgres error is a socket's timeout (its connect timer, the kernel's).
+pub(crate) fn socket_timed_out(error: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// A certificate refused for its name when `host` is an address or a `privatelink.` name:

@@ -140,10 +140,7 @@ fn connect(
     let notices = token.clone();
     config.notice_callback(move |notice| crate::connector::log_notice(&notice, &notices));
     let connected = config.connect(tls).map_err(|error| {
-        let deadline_passed = std::error::Error::source(&error)
-            .and_then(|source| source.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        if deadline_passed {
+        if crate::connector::socket_timed_out(&error) {
             return Error::ConnectTimeout {
                 host: host.to_owned(),
                 port,
