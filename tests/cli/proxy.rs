@@ -152,6 +152,18 @@ async fn run(program: &Path, args: &[&str]) -> Run {
     run
 }
 
+/// psql with `args` in the background, its output piped, a clean environment.
+fn spawn_psql(args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(psql())
+        .args(args)
+        .env_clear()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql starts")
+}
+
 /// psql through the proxy, verbose errors (SQLSTATEs shown), no psqlrc.
 async fn psql_via(proxy: &Proxy, extra: &str, sql: &str) -> Run {
     let conninfo = proxy.conninfo(extra);
@@ -319,14 +331,7 @@ async fn a_cancel_from_psql_reaches_the_session() {
     let bed = TestBed::start().await.unwrap();
     let proxy = Proxy::start(&bed, &[]).await;
     let conninfo = proxy.conninfo("");
-    let mut sleeping = tokio::process::Command::new(psql())
-        .args(["-X", "-d", &conninfo, "-c", "select pg_sleep(60)"])
-        .env_clear()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut sleeping = spawn_psql(&["-X", "-d", &conninfo, "-c", "select pg_sleep(60)"]);
     proxy.wait_for("session opened").await;
     // psql is in its query once the server shows it.
     let admin = bed.postgres().admin().await.unwrap();
@@ -676,23 +681,16 @@ async fn the_session_limit_holds_and_a_stop_lets_open_sessions_finish() {
     let bed = TestBed::start().await.unwrap();
     let proxy = Proxy::start(&bed, &["--max-sessions", "1", "--grace-period", "60"]).await;
     let conninfo = proxy.conninfo("");
-    let long = tokio::process::Command::new(psql())
-        .args([
-            "-X",
-            "-At",
-            "-d",
-            &conninfo,
-            "-c",
-            "select pg_sleep(2)",
-            "-c",
-            "select 'finished'",
-        ])
-        .env_clear()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let long = spawn_psql(&[
+        "-X",
+        "-At",
+        "-d",
+        &conninfo,
+        "-c",
+        "select pg_sleep(2)",
+        "-c",
+        "select 'finished'",
+    ]);
     proxy.wait_for("session opened").await;
     let second = psql_via(&proxy, "", "select 1").await;
     assert_eq!(second.code, Some(2));

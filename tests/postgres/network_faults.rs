@@ -455,6 +455,7 @@ fn network_faults() {
         .filter(|o| o.failure.is_some() && !windows.iter().any(|w| in_window(o, w)))
         .collect();
     let at = |instant: Instant| instant.saturating_duration_since(started).as_secs_f64();
+    // The identity endpoint's outage is in no window: its checkouts are held to this too.
     assert!(
         outside_failures.is_empty(),
         "failures outside the fault windows ({}), at: {:?}",
@@ -464,29 +465,6 @@ fn network_faults() {
             .collect::<Vec<_>>()
             .join(", "),
         outside_failures
-            .iter()
-            .map(|o| format!(
-                "{:.1}–{:.1} s {:?}",
-                at(o.started),
-                at(o.finished),
-                o.failure
-            ))
-            .collect::<Vec<_>>()
-    );
-    // The identity endpoint's outage cost no query.
-    let during_outage: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| {
-            o.failure.is_some() && o.finished >= unreachable_from && o.started <= unreachable_to
-        })
-        .filter(|o| !windows.iter().any(|w| in_window(o, w)))
-        .collect();
-    assert!(
-        during_outage.is_empty(),
-        "identity outage {:.1}–{:.1} s: {:?}",
-        at(unreachable_from),
-        at(unreachable_to),
-        during_outage
             .iter()
             .map(|o| format!(
                 "{:.1}–{:.1} s {:?}",
@@ -587,7 +565,8 @@ fn network_faults() {
         }
     }
     println!(
-        "  identity endpoint unreachable 12 s with a valid token: 0 failed checkouts; refreshed {:.2} s after its return, {requests_during} identity requests in all",
+        "  identity endpoint unreachable {:.0} s with a valid token: 0 failed checkouts; refreshed {:.2} s after its return, {requests_during} identity requests in all",
+        (unreachable_to - unreachable_from).as_secs_f64(),
         refresh_delay.as_secs_f64()
     );
     if !delayed {
