@@ -443,7 +443,7 @@ mod rotations {
         let pool = through(&bouncer, &bed)
             .sqlx_pool(
                 PgPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(super::super::rotation::WORKERS as u32)
                     .max_lifetime(Duration::from_millis(300))
                     .acquire_timeout(Duration::from_secs(10)),
             )

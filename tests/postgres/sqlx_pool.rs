@@ -35,7 +35,7 @@ async fn a_workload_runs_across_two_token_rotations_without_one_failure() {
     let pool = connector
         .sqlx_pool(
             PgPoolOptions::new()
-                .max_connections(8)
+                .max_connections(super::rotation::WORKERS as u32)
                 // Short-lived connections, so that new physical connections keep being made.
                 .max_lifetime(Duration::from_millis(300))
                 .acquire_timeout(Duration::from_secs(10)),
