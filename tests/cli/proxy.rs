@@ -23,6 +23,8 @@ struct Proxy {
     address: SocketAddr,
     /// Everything it printed, both streams.
     output: Arc<Mutex<String>>,
+    /// The tasks that read its output; they end when it exits.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Proxy {
@@ -47,7 +49,7 @@ impl Proxy {
         let mut child = command.spawn().expect("pg-entra proxy starts");
         let output = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
-        tokio::spawn(collect(BufReader::new(stderr), Arc::clone(&output)));
+        let stderr_reader = tokio::spawn(collect(BufReader::new(stderr), Arc::clone(&output)));
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let banner = tokio::time::timeout(PATIENCE, async {
             while let Some(line) = stdout.next_line().await.unwrap() {
@@ -64,7 +66,7 @@ impl Proxy {
             panic!("the proxy exited: {}", output.lock().unwrap());
         };
         let rest = Arc::clone(&output);
-        tokio::spawn(async move {
+        let stdout_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = stdout.next_line().await {
                 eprintln!("proxy stdout: {line}");
                 rest.lock().unwrap().push_str(&format!("{line}\n"));
@@ -74,6 +76,7 @@ impl Proxy {
             child,
             address: address.parse().expect("an address and port"),
             output,
+            readers: vec![stderr_reader, stdout_reader],
         }
     }
 
@@ -113,8 +116,13 @@ impl Proxy {
             .await
             .expect("the proxy stops in time")
             .unwrap();
-        // Let the output readers drain.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Everything it wrote is read once its pipes close.
+        for reader in std::mem::take(&mut self.readers) {
+            tokio::time::timeout(PATIENCE, reader)
+                .await
+                .expect("its output ends with it")
+                .unwrap();
+        }
         (status.code(), self.output())
     }
 }
@@ -334,7 +342,7 @@ async fn a_cancel_from_psql_reaches_the_session() {
     let bed = TestBed::start().await.unwrap();
     let proxy = Proxy::start(&bed, &[]).await;
     let conninfo = proxy.conninfo("");
-    let mut sleeping = spawn_psql(&["-X", "-d", &conninfo, "-c", "select pg_sleep(60)"]);
+    let sleeping = spawn_psql(&["-X", "-d", &conninfo, "-c", "select pg_sleep(60)"]);
     proxy.wait_for("session opened").await;
     // psql is in its query once the server shows it.
     let admin = bed.postgres().admin().await.unwrap();
@@ -363,19 +371,12 @@ async fn a_cancel_from_psql_reaches_the_session() {
             .unwrap()
             .success()
     );
-    let mut stderr = String::new();
-    sleeping
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(PATIENCE, sleeping.wait())
+    let ended = tokio::time::timeout(PATIENCE, sleeping.wait_with_output())
         .await
         .expect("psql ends once cancelled")
         .unwrap();
-    assert_eq!(status.code(), Some(1), "{stderr}");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(ended.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("canceling statement due to user request"),
         "{stderr}"
@@ -857,8 +858,16 @@ if source:
             run_as_nobody.stdout
         );
     }
-    // Give a session that wrongly began the time to run its query, then look.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each connection is refused in the log once the proxy has decided about it; one it
+    // wrongly admitted is never logged so, and the wait fails.
+    let connections = if source.is_empty() { 1 } else { 2 };
+    tokio::time::timeout(PATIENCE, async {
+        while proxy.output().matches("refused: another account").count() < connections {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("every connection refused: {}", proxy.output()));
     let tables = admin
         .query_one(
             "select count(*) from pg_tables where tablename like 'slipped_past_%'",

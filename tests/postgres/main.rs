@@ -78,6 +78,22 @@ async fn bed() -> TestBed {
     TestBed::start().await.expect("test bed starts")
 }
 
+/// A runtime whose every thread logs to `dispatch`, whatever the other tests of this binary
+/// set as the global subscriber.
+#[cfg(feature = "deadpool")]
+fn logging_runtime(dispatch: &tracing::Dispatch) -> tokio::runtime::Runtime {
+    let on_start = dispatch.clone();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || {
+            // Kept for the thread's life.
+            std::mem::forget(tracing::dispatcher::set_default(&on_start));
+        })
+        .build()
+        .expect("a runtime")
+}
+
 /// Log lines, kept to look for tokens in.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);

@@ -47,6 +47,8 @@ const POOL_SIZE: usize = 4;
 struct TestHost {
     name: String,
     host_veth: String,
+    /// The pair's end inside the namespace.
+    own_veth: String,
     host_side: Ipv4Addr,
     own_side: Ipv4Addr,
 }
@@ -59,10 +61,11 @@ impl TestHost {
         let host = Self {
             name: format!("pge-faults-{pid}"),
             host_veth: format!("pgef{pid}a"),
+            own_veth: format!("pgef{pid}b"),
             host_side: Ipv4Addr::new(198, 18, third, fourth + 1),
             own_side: Ipv4Addr::new(198, 18, third, fourth + 2),
         };
-        let peer = format!("pgef{pid}b");
+        let peer = host.own_veth.clone();
         let (host_address, own_address) = (
             format!("{}/30", host.host_side),
             format!("{}/30", host.own_side),
@@ -130,7 +133,7 @@ impl TestHost {
     /// `tc netem` on both ends of the link, if this kernel has it; whether it took.
     fn delay(&self, delay_ms: u32) -> bool {
         let delay = format!("{delay_ms}ms");
-        let peer = self.host_veth.replace('a', "b");
+        let peer = &self.own_veth;
         run(&[
             "tc",
             "qdisc",
@@ -144,16 +147,16 @@ impl TestHost {
         ])
         .is_ok()
             && run(&[
-                "tc", "-n", &self.name, "qdisc", "add", "dev", &peer, "root", "netem", "delay",
+                "tc", "-n", &self.name, "qdisc", "add", "dev", peer, "root", "netem", "delay",
                 &delay,
             ])
             .is_ok()
     }
 
     fn clear_delay(&self) {
-        let peer = self.host_veth.replace('a', "b");
+        let peer = &self.own_veth;
         let _ = run(&["tc", "qdisc", "del", "dev", &self.host_veth, "root"]);
-        let _ = run(&["tc", "-n", &self.name, "qdisc", "del", "dev", &peer, "root"]);
+        let _ = run(&["tc", "-n", &self.name, "qdisc", "del", "dev", peer, "root"]);
     }
 
     /// Moves the calling thread into the namespace: the sockets it (and the threads it
@@ -324,15 +327,8 @@ fn network_faults() {
         std::thread::spawn(move || {
             let _logging = tracing::dispatcher::set_default(&dispatch);
             host.enter();
-            let on_start = dispatch.clone();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .on_thread_start(move || {
-                    std::mem::forget(tracing::dispatcher::set_default(&on_start));
-                })
-                .build()
-                .unwrap();
+            // Built after entering: its threads start in the namespace too.
+            let runtime = super::logging_runtime(&dispatch);
             runtime.block_on(workload(connector, outcomes, tokens, stop));
         })
     };

@@ -108,16 +108,7 @@ fn soak(duration: Duration) -> Report {
             .with_ansi(false)
             .finish(),
     );
-    let on_start = dispatch.clone();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .on_thread_start(move || {
-            // Kept for the thread's life.
-            std::mem::forget(tracing::dispatcher::set_default(&on_start));
-        })
-        .build()
-        .unwrap();
+    let runtime = super::logging_runtime(&dispatch);
     let _main = tracing::dispatcher::set_default(&dispatch);
     let report = runtime.block_on(run(duration));
     drop(runtime);

@@ -45,6 +45,11 @@ impl Allowed {
     pub(crate) fn permits(self, uid: u32) -> bool {
         uid == self.own_uid || uid == 0
     }
+
+    /// Whether `uid` is the account running the proxy.
+    pub(crate) fn is_own(self, uid: u32) -> bool {
+        uid == self.own_uid
+    }
 }
 
 /// The account this process runs as (its effective uid).

@@ -287,7 +287,9 @@ fn admit(accepted: Accepted, proxy: &Arc<Proxy>, policy: &Admission) {
                 .await
                 .ok()
                 .flatten()
-                .or(own_name),
+                // Not in /etc/passwd (a directory service): this account's `USER`, if it is
+                // this account.
+                .or(own_name.filter(|_| allowed.is_own(uid))),
             None => None,
         };
         match accepted {
