@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 
 use super::bed;
 
-/// Concurrent workers. sqlx pools in these tests get as many connections, so that no task
-/// waits for a permit: sqlx 0.9's `acquire` can spin at 100% CPU, its timeout never firing, on
-/// a permit whose connection expired while checked out (transact-rs/sqlx#4185), which short
-/// `max_lifetime`s on a saturated pool make likely.
+/// Concurrent workers. The PgBouncer sqlx test gives its pool as many connections, so that no
+/// task waits for a permit: sqlx 0.9's `acquire` can spin at 100% CPU, its timeout never
+/// firing, on a permit whose connection expired while checked out (transact-rs/sqlx#4185),
+/// which short `max_lifetime`s on a saturated pool make likely.
 pub(crate) const WORKERS: usize = 16;
 
 /// How long the rotation tests' tokens live: the cache refreshes them half-way.
