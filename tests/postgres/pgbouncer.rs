@@ -234,16 +234,14 @@ async fn a_token_longer_than_pgbouncer_keeps_is_diagnosed_as_its_length() {
 
 /// A token revoked behind the cache's back, with no server connection pooled: PgBouncer
 /// relays the server's refusal under its own SQLSTATE (08P01); the library still reads it as
-/// a refusal of the token, forces one refresh, and the retry gets in.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_token_through_pgbouncer_is_recovered_by_one_forced_refresh() {
+/// a refusal of the token, forces one refresh, and the retry gets in. The same in both pool
+/// modes, as the README's table says.
+async fn a_revoked_token_is_recovered_by_one_forced_refresh(mode: PoolMode) {
     if !pgbouncer_available() {
         return;
     }
     let bed = bed().await;
-    let bouncer = LocalPgBouncer::start(bed.postgres(), PoolMode::Session)
-        .await
-        .unwrap();
+    let bouncer = LocalPgBouncer::start(bed.postgres(), mode).await.unwrap();
     let connector = through(&bouncer, &bed);
     connector.token_cache().token().await.unwrap();
     let until = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
@@ -265,6 +263,16 @@ async fn a_revoked_token_through_pgbouncer_is_recovered_by_one_forced_refresh() 
         log.contains("server login failed: FATAL password authentication failed"),
         "{log}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_recovered_in_session_pooling() {
+    a_revoked_token_is_recovered_by_one_forced_refresh(PoolMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_is_recovered_in_transaction_pooling() {
+    a_revoked_token_is_recovered_by_one_forced_refresh(PoolMode::Transaction).await;
 }
 
 /// Named (protocol-level) prepared statements, which tokio-postgres's `query` and `prepare`
@@ -315,6 +323,41 @@ async fn prepared_statements_in_transaction_pooling_follow_the_pgbouncer_version
         .unwrap();
     b.batch_execute("commit").await.unwrap();
     assert_eq!(row.get::<_, String>(0), "typed");
+
+    // sqlx names and caches the statements it runs: its second run of the same query uses
+    // the name on whichever server connection it gets.
+    #[cfg(feature = "sqlx")]
+    {
+        let pool = connector
+            .sqlx_pool(sqlx::postgres::PgPoolOptions::new().max_connections(1))
+            .await
+            .unwrap();
+        let mut connection = pool.acquire().await.unwrap();
+        let query = || sqlx::query_scalar::<_, String>("select current_user");
+        query().fetch_one(&mut *connection).await.unwrap();
+        b.batch_execute("begin").await.unwrap();
+        let again = query().fetch_one(&mut *connection).await;
+        b.batch_execute("commit").await.unwrap();
+        if bouncer.tracks_prepared_statements() {
+            assert_eq!(
+                again.unwrap(),
+                bed.principal().name(),
+                "{}",
+                bouncer.version()
+            );
+        } else {
+            let error = again.unwrap_err();
+            let code = error
+                .as_database_error()
+                .and_then(|e| e.code().map(|c| c.into_owned()));
+            assert_eq!(
+                code.as_deref(),
+                Some("26000"),
+                "{}: {error:?}",
+                bouncer.version()
+            );
+        }
+    }
 }
 
 /// Every stack in both pool modes across two token rotations, with the calls that work in
@@ -450,6 +493,7 @@ mod rotations {
             .await
             .unwrap();
         let name = bed.principal().name().to_owned();
+        let tracks = bouncer.tracks_prepared_statements();
         let seen = workload({
             let (pool, name) = (pool.clone(), name.clone());
             move || {
@@ -459,6 +503,9 @@ mod rotations {
                     let query = sqlx::query_scalar::<_, String>("select current_user");
                     let user = match mode {
                         PoolMode::Session => query.fetch_one(&mut *connection).await,
+                        // 1.21 and later carry sqlx's named statements across server
+                        // connections, as the README says.
+                        PoolMode::Transaction if tracks => query.fetch_one(&mut *connection).await,
                         // sqlx describes a statement in one round trip and runs it in the
                         // next, and names it by default: in transaction pooling before
                         // PgBouncer 1.21 both must happen in one transaction, unnamed.
