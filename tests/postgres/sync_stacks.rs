@@ -1,12 +1,14 @@
 //! The synchronous stacks against the real bed: the `postgres` crate and Diesel's
 //! `PgConnection` (libpq), each alone and in an r2d2 pool, from threads with no runtime and
-//! from a Tokio runtime's blocking threads: rotations, a revoked token, a server without TLS.
+//! from a Tokio runtime's blocking threads: rotations, a revoked token, servers whose TLS cannot
+//! be verified.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pg_entra::blocking::BlockingConnector;
-use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestBed, TlsOffer};
+use pg_entra::testing::{LoginAnswer, ScriptedPostgres, TestBed, TestCa, TlsOffer};
+use pg_entra::{ConnectorBuilder, Environment};
 
 /// How long the rotation runs' tokens live: the cache refreshes them half-way.
 const SHORT_LIFETIME: Duration = Duration::from_secs(2);
@@ -15,6 +17,8 @@ const SHORT_LIFETIME: Duration = Duration::from_secs(2);
 struct Bed {
     bed: Arc<TestBed>,
     runtime: tokio::runtime::Runtime,
+    /// For files a test writes.
+    directory: tempfile::TempDir,
 }
 
 impl Bed {
@@ -25,7 +29,12 @@ impl Bed {
             .build()
             .unwrap();
         let bed = Arc::new(runtime.block_on(TestBed::start()).unwrap());
-        Self { bed, runtime }
+        let directory = tempfile::tempdir().unwrap();
+        Self {
+            bed,
+            runtime,
+            directory,
+        }
     }
 
     fn connector(&self) -> BlockingConnector {
@@ -66,16 +75,45 @@ fn across_rotations(run: impl Fn() -> Result<String, String> + Send + Sync + 'st
     threads.into_iter().map(|t| t.join().unwrap()).sum()
 }
 
-/// A server that offers no TLS: the connect fails before any password is sent.
-fn plaintext_server(bed: &Bed) -> (ScriptedPostgres, pg_entra::ConnectorBuilder) {
-    let server = bed
-        .runtime
-        .block_on(ScriptedPostgres::start(TlsOffer::None, LoginAnswer::Accept))
-        .unwrap();
-    let builder = server
-        .connector_builder()
-        .credential(Arc::new(bed.bed.credential()));
-    (server, builder)
+/// Servers whose TLS the connector cannot verify, each with a builder pointed at it: one that
+/// offers no TLS, one whose certificate comes from a CA nobody trusts (the system's roots are
+/// used), and one with a trusted CA's certificate for another host name. A connect to any of
+/// them must fail before a password is sent.
+fn unverifiable_servers(bed: &Bed) -> Vec<(&'static str, ScriptedPostgres, ConnectorBuilder)> {
+    let trusted = TestCa::generate("sync stacks' trusted CA").unwrap();
+    let ca_file = bed.directory.path().join("trusted-ca.crt");
+    std::fs::write(&ca_file, trusted.certificate_pem().unwrap()).unwrap();
+    let untrusted = TestCa::generate("nobody's CA").unwrap();
+    let servers = [
+        ("no TLS", TlsOffer::None, None),
+        (
+            "an untrusted CA",
+            TlsOffer::Certificate(untrusted.issue_server_certificate().unwrap()),
+            None,
+        ),
+        (
+            "another host name",
+            TlsOffer::Certificate(trusted.issue_certificate_for("elsewhere.example").unwrap()),
+            Some(&ca_file),
+        ),
+    ];
+    servers
+        .into_iter()
+        .map(|(what, offer, root)| {
+            let server = bed
+                .runtime
+                .block_on(ScriptedPostgres::start(offer, LoginAnswer::Accept))
+                .unwrap();
+            let mut vars = server.libpq_vars();
+            if let Some(root) = root {
+                vars.push(("PGSSLROOTCERT".into(), root.display().to_string()));
+            }
+            let builder = pg_entra::Connector::builder()
+                .environment(Environment::from_vars(vars))
+                .credential(Arc::new(bed.bed.credential()));
+            (what, server, builder)
+        })
+        .collect()
 }
 
 #[cfg(feature = "postgres-sync")]
@@ -142,13 +180,18 @@ mod postgres_crate {
     }
 
     #[test]
-    fn a_server_without_tls_gets_no_password() {
+    fn a_server_it_cannot_verify_gets_no_password() {
         let bed = Bed::start();
-        let (server, builder) = plaintext_server(&bed);
-        let connector = BlockingConnector::new(builder).unwrap();
-        let error = connector.postgres_client().err().expect("refused");
-        assert!(matches!(error, pg_entra::Error::Tls { .. }), "{error:?}");
-        assert_eq!(server.passwords_received(), 0);
+        for (what, server, builder) in unverifiable_servers(&bed) {
+            let connector = BlockingConnector::new(builder).unwrap();
+            let error = connector.postgres_client().err().expect(what);
+            assert!(
+                matches!(error, pg_entra::Error::Tls { .. }),
+                "{what}: {error:?}"
+            );
+            assert_eq!(server.connections(), 1, "{what}");
+            assert_eq!(server.passwords_received(), 0, "{what}");
+        }
     }
 
     /// A server that accepts and then says nothing: the connect ends at the connect timeout
@@ -312,14 +355,24 @@ mod diesel_libpq {
         super::super::assert_no_piece_of(token.secret(), &events);
     }
 
+    /// libpq does its own TLS: `sslmode=verify-full` and the connector's root file are what
+    /// keep the token from these servers.
     #[test]
-    fn a_server_without_tls_gets_no_password() {
+    fn a_server_it_cannot_verify_gets_no_password() {
         let bed = Bed::start();
-        let (server, builder) = plaintext_server(&bed);
-        let connector = BlockingConnector::new(builder).unwrap();
-        let error = connector.diesel_connection().err().expect("refused");
-        assert!(error.to_string().contains("SSL"), "{error}");
-        assert_eq!(server.passwords_received(), 0);
+        for (what, server, builder) in unverifiable_servers(&bed) {
+            let connector = BlockingConnector::new(builder).unwrap();
+            let error = connector.diesel_connection().err().expect(what);
+            let said = error.to_string();
+            let expected = match what {
+                "no TLS" => "SSL",
+                "an untrusted CA" => "certificate verify failed",
+                _ => "does not match host name",
+            };
+            assert!(said.contains(expected), "{what}: {said}");
+            assert!(server.connections() >= 1, "{what}");
+            assert_eq!(server.passwords_received(), 0, "{what}");
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
