@@ -22,7 +22,7 @@
 //! | `pg_entra.connects` | counter | {connect} | `outcome` (`success`, `refused`, `timeout`, `tls`, `error`) |
 //! | `db.client.connection.create_time` | histogram | s | `db.system.name` (`postgresql`), `outcome` |
 //! | `pg_entra.login.refusals` | counter | {refusal} | `kind` (`token_expired`, `wrong_audience`, `token_invalid`, `principal_type_mismatch`, `password_failed`, `other_authorization`, `pooler_refused_long_password`, `pooler_login_retry_wait`) |
-//! | `pg_entra.pool.connections.created` | counter | {connection} | `pool` (`deadpool`, `bb8`, `diesel`) |
+//! | `pg_entra.pool.connections.created` | counter | {connection} | `pool` (`deadpool`, `bb8`, `diesel` for diesel-async's pools, `r2d2_postgres`, `r2d2_diesel`) |
 //!
 //! sqlx pools log in through sqlx itself with options the cache keeps current: their
 //! connects appear in sqlx's own instrumentation, not in `pg_entra.connects` and

@@ -78,6 +78,27 @@ async fn bed() -> TestBed {
     TestBed::start().await.expect("test bed starts")
 }
 
+/// Makes `dispatch` this thread's subscriber until the guard drops, and has every callsite
+/// ask it, whichever thread registers the callsite first.
+///
+/// While at most one dispatcher is registered, tracing-core (0.1.36) computes a new
+/// callsite's interest from the registering thread's subscriber alone: another test's thread,
+/// with none, would cache "never" for a span this test waits for. A second dispatcher that
+/// lives as long as the process (and is interested in nothing) makes it ask every registered
+/// one; the rebuild covers callsites registered while `dispatch` was being registered.
+fn log_to(dispatch: &tracing::Dispatch) -> tracing::dispatcher::DefaultGuard {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    static ALWAYS_REGISTERED: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    ALWAYS_REGISTERED.get_or_init(|| {
+        tracing::Dispatch::new(
+            tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::OFF),
+        )
+    });
+    let guard = tracing::dispatcher::set_default(dispatch);
+    tracing::callsite::rebuild_interest_cache();
+    guard
+}
+
 /// A runtime whose every thread logs to `dispatch`, whatever the other tests of this binary
 /// set as the global subscriber.
 #[cfg(feature = "deadpool")]
@@ -88,7 +109,7 @@ fn logging_runtime(dispatch: &tracing::Dispatch) -> tokio::runtime::Runtime {
         .enable_all()
         .on_thread_start(move || {
             // Kept for the thread's life.
-            std::mem::forget(tracing::dispatcher::set_default(&on_start));
+            std::mem::forget(log_to(&on_start));
         })
         .build()
         .expect("a runtime")

@@ -261,7 +261,7 @@ fn network_faults() {
     }
     let captured = Captured::default();
     let dispatch = tracing::Dispatch::new(captured.subscriber());
-    let _logging = tracing::dispatcher::set_default(&dispatch);
+    let _logging = crate::log_to(&dispatch);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -325,7 +325,7 @@ fn network_faults() {
             dispatch.clone(),
         );
         std::thread::spawn(move || {
-            let _logging = tracing::dispatcher::set_default(&dispatch);
+            let _logging = crate::log_to(&dispatch);
             host.enter();
             // Built after entering: its threads start in the namespace too.
             let runtime = super::logging_runtime(&dispatch);

@@ -95,7 +95,7 @@ async fn a_notice_repeating_the_password_is_not_logged() {
     let captured = Captured::default();
     let subscriber = captured.subscriber();
     // This test's runtime runs on this thread, the connection's task included.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::log_to(&tracing::Dispatch::new(subscriber));
     let server = ScriptedPostgres::start_trusted(LoginAnswer::AcceptNoticingPassword)
         .await
         .unwrap();
@@ -131,7 +131,7 @@ async fn a_notice_repeating_the_password_during_the_session_kind_check_is_not_lo
     use pg_entra::testing::{FakeCredential, LoginAnswer, Principal, ScriptedPostgres};
     let captured = Captured::default();
     let subscriber = captured.subscriber();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::log_to(&tracing::Dispatch::new(subscriber));
     let server = ScriptedPostgres::start_trusted(LoginAnswer::AcceptNoticingPassword)
         .await
         .unwrap();

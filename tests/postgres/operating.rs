@@ -187,7 +187,7 @@ async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
     let spans = Spans::default();
     let subscriber = Registry::default().with(spans.clone());
     // This runtime is this thread: every task's spans reach this subscriber.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::log_to(&tracing::Dispatch::new(subscriber));
     let bed = bed().await;
     let connector = service_connector(&bed);
     let client = connector.connect().await.unwrap();
@@ -241,6 +241,39 @@ async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
     assert!(!everything.contains(&token.secret()[..40]));
 }
 
+/// A read after the token's refresh time returns the cached token and refreshes it in the
+/// background: that refresh is a span of its own, with the `background` trigger.
+#[tokio::test]
+async fn a_refresh_ahead_of_expiry_is_a_background_span() {
+    let spans = Spans::default();
+    let _guard = crate::log_to(&tracing::Dispatch::new(
+        Registry::default().with(spans.clone()),
+    ));
+    let bed = bed().await;
+    bed.identity().set_token_lifetime(Duration::from_secs(4));
+    let connector = service_connector(&bed);
+    let cache = connector.token_cache();
+    let first = cache.token().await.unwrap();
+    let refresh_at = cache.health().refresh_at.unwrap();
+    // The cache reads the coarse wall clock (a few milliseconds behind): wait a little past.
+    let wait = refresh_at - time::OffsetDateTime::now_utc() + time::Duration::milliseconds(50);
+    tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
+    // Still usable: this read gets it back at once and starts the refresh.
+    assert_eq!(cache.token().await.unwrap().secret(), first.secret());
+    for _ in 0..100 {
+        if bed.identity().tokens_issued() == 2 && !cache.health().refreshing {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let triggers: Vec<_> = spans
+        .named("pg_entra.token.refresh")
+        .iter()
+        .map(|f| field(f, "trigger").unwrap().to_owned())
+        .collect();
+    assert_eq!(triggers, ["on_demand", "background"]);
+}
+
 #[cfg(feature = "metrics")]
 mod metrics {
     use ::metrics::{SharedString, Unit};
@@ -249,10 +282,25 @@ mod metrics {
 
     use super::*;
 
+    /// The tokens' lifetime in the fault run.
+    const LIFETIME: Duration = Duration::from_secs(1800);
+
     type Snapshot = Vec<(CompositeKey, Option<Unit>, Option<SharedString>, DebugValue)>;
 
     /// A counter's value by name and labels (`None` when it was never touched).
     fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        match value(snapshot, name, labels)? {
+            DebugValue::Counter(count) => Some(*count),
+            _ => None,
+        }
+    }
+
+    /// A metric's recorded value by name and labels (`None` when it was never touched).
+    fn value<'a>(
+        snapshot: &'a Snapshot,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<&'a DebugValue> {
         snapshot.iter().find_map(|(key, _, _, value)| {
             let key = key.key();
             let matches = key.name() == name
@@ -261,15 +309,16 @@ mod metrics {
                     key.labels()
                         .any(|label| label.key() == *k && label.value() == *v)
                 });
-            match *value {
-                DebugValue::Counter(count) if matches => Some(count),
-                _ => None,
-            }
+            matches.then_some(value)
         })
     }
 
-    fn has(snapshot: &Snapshot, name: &str) -> bool {
-        snapshot.iter().any(|(key, ..)| key.key().name() == name)
+    /// How many samples a histogram holds, by name and labels.
+    fn samples(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> Option<usize> {
+        match value(snapshot, name, labels)? {
+            DebugValue::Histogram(samples) => Some(samples.len()),
+            _ => None,
+        }
     }
 
     /// A scripted fault run with exact counts: two 429s before the first token, a revoked
@@ -286,6 +335,7 @@ mod metrics {
                 .unwrap();
             runtime.block_on(async {
                 let bed = bed().await;
+                bed.identity().set_token_lifetime(LIFETIME);
                 bed.identity().script([
                     Reply::status(429).retry_after(0),
                     Reply::status(429).retry_after(0),
@@ -362,8 +412,92 @@ mod metrics {
             count("pg_entra.connects", &[("outcome", "refused")]),
             Some(1)
         );
-        assert!(has(&snapshot, "db.client.connection.create_time"));
-        assert!(has(&snapshot, "pg_entra.token.refresh.duration"));
-        assert!(has(&snapshot, "pg_entra.token.time_to_expiry"));
+        // A sample per connect and per refresh, under the same labels as their counters.
+        let create_time = |outcome| {
+            samples(
+                &snapshot,
+                "db.client.connection.create_time",
+                &[("db.system.name", "postgresql"), ("outcome", outcome)],
+            )
+        };
+        assert_eq!(create_time("success"), Some(2));
+        assert_eq!(create_time("refused"), Some(1));
+        assert_eq!(
+            samples(
+                &snapshot,
+                "pg_entra.token.refresh.duration",
+                &[("outcome", "success"), ("credential", "custom")]
+            ),
+            Some(2)
+        );
+        // Set last by `health()`: the token's lifetime less the few seconds the run took.
+        let Some(DebugValue::Gauge(left)) = value(&snapshot, "pg_entra.token.time_to_expiry", &[])
+        else {
+            panic!("no time to expiry in {snapshot:?}");
+        };
+        let lifetime = LIFETIME.as_secs_f64();
+        assert!(
+            (lifetime - 60.0..=lifetime).contains(&left.into_inner()),
+            "{left} s of {lifetime} s"
+        );
+        // Pools are counted by what they add: none here.
+        assert_eq!(
+            snapshot
+                .iter()
+                .filter(|(key, ..)| key.key().name() == "pg_entra.pool.connections.created")
+                .count(),
+            0
+        );
+    }
+
+    /// Each pool counts the physical connections it makes through the connector, under its
+    /// own name, and each is a connect.
+    #[cfg(all(feature = "deadpool", feature = "bb8"))]
+    #[test]
+    fn pool_connections_are_counted_by_pool() {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        ::metrics::with_local_recorder(&recorder, || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let bed = bed().await;
+                let connector = bed.connector_builder().build().unwrap();
+                let deadpool = connector.deadpool_pool(4).unwrap();
+                let (a, b) = (deadpool.get().await.unwrap(), deadpool.get().await.unwrap());
+                a.simple_query("select 1").await.unwrap();
+                b.simple_query("select 1").await.unwrap();
+                drop((a, b));
+                // Back in the pool: no new connection for these.
+                for _ in 0..3 {
+                    drop(deadpool.get().await.unwrap());
+                }
+                let bb8 = connector.bb8_pool(1).unwrap();
+                for _ in 0..3 {
+                    bb8.get()
+                        .await
+                        .unwrap()
+                        .simple_query("select 1")
+                        .await
+                        .unwrap();
+                }
+            });
+        });
+        let snapshot: Snapshot = snapshotter.snapshot().into_vec();
+        let created = |pool| {
+            counter(
+                &snapshot,
+                "pg_entra.pool.connections.created",
+                &[("pool", pool)],
+            )
+        };
+        assert_eq!(created("deadpool"), Some(2));
+        assert_eq!(created("bb8"), Some(1));
+        assert_eq!(
+            counter(&snapshot, "pg_entra.connects", &[("outcome", "success")]),
+            Some(3)
+        );
     }
 }

@@ -109,7 +109,7 @@ fn soak(duration: Duration) -> Report {
             .finish(),
     );
     let runtime = super::logging_runtime(&dispatch);
-    let _main = tracing::dispatcher::set_default(&dispatch);
+    let _main = crate::log_to(&dispatch);
     let report = runtime.block_on(run(duration));
     drop(runtime);
 

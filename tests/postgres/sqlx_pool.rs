@@ -295,7 +295,7 @@ async fn the_task_ends_when_the_last_pool_is_dropped_or_the_pool_is_closed() {
         .with_writer(captured.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::log_to(&tracing::Dispatch::new(subscriber));
     let (pool, _) = pool_and_listener(&bed).await;
     pool.close().await;
     wait_for(|| captured.text().contains("no longer follows the token")).await;
