@@ -241,6 +241,43 @@ async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
     assert!(!everything.contains(&token.secret()[..40]));
 }
 
+/// A connect through two hosts, the first of which refuses TCP: one attempt span per host,
+/// each naming its port, under the one connect span.
+#[tokio::test]
+async fn each_host_attempt_is_a_span() {
+    let spans = Spans::default();
+    let _guard = crate::log_to(&tracing::Dispatch::new(
+        Registry::default().with(spans.clone()),
+    ));
+    let bed = bed().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port = bed.postgres().port();
+    let vars = bed
+        .vars()
+        .into_iter()
+        .map(|(name, value)| match name.as_str() {
+            "PGHOST" => (name, format!("{value},{value}")),
+            "PGPORT" => (name, format!("{closed},{port}")),
+            _ => (name, value),
+        });
+    let connector = Connector::builder()
+        .environment(Environment::from_vars(vars))
+        .build()
+        .unwrap();
+    connector.connect().await.unwrap();
+    assert_eq!(spans.named("pg_entra.connect").len(), 1);
+    let ports: Vec<_> = spans
+        .named("pg_entra.connect.attempt")
+        .iter()
+        .map(|f| field(f, "server.port").unwrap().to_owned())
+        .collect();
+    assert_eq!(ports, [closed.to_string(), port.to_string()]);
+}
+
 /// A read after the token's refresh time returns the cached token and refreshes it in the
 /// background: that refresh is a span of its own, with the `background` trigger.
 #[tokio::test]
