@@ -1,12 +1,13 @@
 //! `pg-entra proxy` against the server straight, side by side in one run on the test bed:
 //! pgbench select-only (`-S`, several clients on their connections) and
-//! connection-per-transaction (`-S -C`), reported as ratios; and the proxy's memory per idle
-//! session.
+//! connection-per-transaction (`-S -C`), through the proxy's TCP listener and its Unix
+//! socket, reported as ratios; PgBouncer in the proxy's place as a reference for `-S` (what
+//! any relay costs on the machine); and the proxy's memory per idle session.
 //!
-//! `cargo bench --bench proxy --features cli,testing`. Both paths log in with a password over
+//! `cargo bench --bench proxy --features cli,testing`. Every path logs in with a password over
 //! verified TLS to the same server (the proxy with the token of the bed's identity, pgbench
-//! straight with a fixed password of its own role), and run in turns, each mode `ROUNDS`
-//! times, so that the machine's drift falls on both. pgbench itself is the harness (criterion
+//! straight and PgBouncer with a fixed password of their own role), and they run in turns,
+//! each mode `ROUNDS` times, so that the machine's drift falls on all. pgbench itself is the harness (criterion
 //! times functions, not a client program's transactions): `PG_ENTRA_PROXY_BENCH_SECONDS`
 //! sets each run's length (default 10).
 
@@ -74,8 +75,12 @@ async fn run() {
         ))
         .await
         .expect("the straight role's password");
+    // The proxy's Unix socket lives here; private to this account, as the proxy requires.
+    let socket_dir = tempfile::tempdir().expect("a directory for the proxy's socket");
     let mut proxy = tokio::process::Command::new(PG_ENTRA)
         .args(["proxy", "--listen", "127.0.0.1:0", "--max-sessions", "1000"])
+        .arg("--unix-socket")
+        .arg(socket_dir.path())
         .env_clear()
         .env("PATH", "/nonexistent")
         .env("RUST_LOG", "warn")
@@ -89,7 +94,12 @@ async fn run() {
     let mut port = None;
     while let Ok(Some(line)) = lines.next_line().await {
         if let Some(places) = line.strip_prefix("pg-entra proxy: listening on ") {
-            port = places.split(':').nth(1).map(|p| p.trim().to_owned());
+            // `127.0.0.1:PORT and DIR/.s.PGSQL.PORT`
+            port = places
+                .split(" and ")
+                .next()
+                .and_then(|tcp| tcp.rsplit(':').next())
+                .map(|p| p.trim().to_owned());
             break;
         }
     }
@@ -97,6 +107,7 @@ async fn run() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let through = format!("host=127.0.0.1 port={port} sslmode=disable");
+    let through_socket = format!("host={} port={port}", socket_dir.path().display());
     let straight = format!(
         "host=localhost port={} sslmode=verify-full sslrootcert={} user={DIRECT_ROLE} dbname=postgres",
         bed.postgres().port(),
@@ -126,24 +137,50 @@ async fn run() {
     println!(
         "pg-entra proxy against the server straight, {seconds} s per run, {ROUNDS} turns each:"
     );
+    // The reference: PgBouncer, a C proxy, in the proxy's place (no TLS from pgbench, verified
+    // TLS upstream, the straight role's password), to show what any process in the middle
+    // costs on this machine.
+    let reference = Reference::start(&bed, DIRECT_ROLE, &direct_password);
+    let through_reference = reference.as_ref().map(|r| {
+        format!(
+            "host=127.0.0.1 port={} sslmode=disable dbname=postgres",
+            r.port
+        )
+    });
+
+    // Each mode straight and through the proxy's two listeners (and PgBouncer), in turns.
+    let mut paths = vec![
+        ("straight", straight.as_str(), direct_password.as_str()),
+        ("through the proxy over loopback TCP", through.as_str(), ""),
+        (
+            "through the proxy's Unix socket",
+            through_socket.as_str(),
+            "",
+        ),
+    ];
+    if let Some(connection) = &through_reference {
+        paths.push(("through PgBouncer instead (reference)", connection, ""));
+    }
     for (name, args, tps_line) in &modes {
-        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        // PgBouncer keeps server connections between clients: with -C it is no reference.
+        let paths = if args.contains(&"-C") {
+            &paths[..3]
+        } else {
+            &paths[..]
+        };
+        let mut figures = vec![Vec::new(); paths.len()];
         for _ in 0..ROUNDS {
-            let mut straight_args = args.clone();
-            straight_args.push(&straight);
-            direct.push(tps(
-                &pgbench(&straight_args, &direct_password).await,
-                tps_line,
-            ));
-            let mut through_args = args.clone();
-            through_args.push(&through);
-            proxied.push(tps(&pgbench(&through_args, "").await, tps_line));
+            for ((_, connection, password), runs) in paths.iter().zip(&mut figures) {
+                let mut path_args = args.clone();
+                path_args.push(connection);
+                runs.push(tps(&pgbench(&path_args, password).await, tps_line));
+            }
         }
-        let (direct, proxied) = (median(direct), median(proxied));
-        println!(
-            "  {name}: straight {direct:.0} tps, through the proxy {proxied:.0} tps: {:.2}×",
-            proxied / direct
-        );
+        let medians: Vec<f64> = figures.into_iter().map(median).collect();
+        println!("  {name}:");
+        for ((path, ..), tps) in paths.iter().zip(&medians) {
+            println!("    {path}: {tps:.0} tps ({:.2}×)", tps / medians[0]);
+        }
     }
 
     let pid = proxy.id().expect("the proxy runs");
@@ -170,6 +207,99 @@ async fn run() {
     );
     drop(idle);
     proxy.kill().await.ok();
+    drop(reference);
+}
+
+/// PgBouncer in session pooling on 127.0.0.1, in the proxy's place: plain text from clients,
+/// `verify-full` to the bed's server, logging in as `role` with `password` whoever connects.
+struct Reference {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Reference {
+    /// `None` (and a line saying why) where PgBouncer cannot run.
+    fn start(bed: &TestBed, role: &str, password: &str) -> Option<Self> {
+        if let Err(why) = pg_entra::testing::LocalPgBouncer::available() {
+            println!("  (no PgBouncer reference: {why})");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let dir = tempfile::tempdir().ok()?;
+        let ca = dir.path().join("ca.crt");
+        std::fs::copy(bed.postgres().ca_certificate_path(), &ca).ok()?;
+        let config = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            &config,
+            format!(
+                "[databases]\n\
+                 * = host=localhost port={} user={role} password={password}\n\
+                 [pgbouncer]\n\
+                 listen_addr = 127.0.0.1\n\
+                 listen_port = {port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = any\n\
+                 pool_mode = session\n\
+                 max_client_conn = 100\n\
+                 default_pool_size = 20\n\
+                 server_tls_sslmode = verify-full\n\
+                 server_tls_ca_file = {}\n",
+                bed.postgres().port(),
+                ca.display()
+            ),
+        )
+        .ok()?;
+        // PgBouncer refuses to run as root: as root, it runs as the server's account, which
+        // is then given the directory.
+        let root = rustix::process::geteuid().is_root();
+        let mut command = if root {
+            let account = std::process::Command::new("id")
+                .args(["-u", "postgres"])
+                .output()
+                .ok()?;
+            let uid: u32 = String::from_utf8_lossy(&account.stdout)
+                .trim()
+                .parse()
+                .ok()?;
+            for path in [dir.path(), &ca, &config] {
+                std::os::unix::fs::chown(path, Some(uid), None).ok()?;
+            }
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--", "pgbouncer"]);
+            command
+        } else {
+            std::process::Command::new("pgbouncer")
+        };
+        let child = command
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self {
+                    port,
+                    child,
+                    _dir: dir,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("  (no PgBouncer reference: it did not listen within 5 s)");
+        None
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Runs pgbench with `args` (and `password` for a server that asks); its output, or a panic

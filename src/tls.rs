@@ -86,19 +86,26 @@ pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConne
 /// The process's one TLS connector for the system roots alone (TLS 1.2 or later), built at
 /// the first call: building one parses the system's root bundle, tens of milliseconds, so a
 /// process pays that once, and only when it opens its first TLS connection. Shared by the
-/// identity endpoints' HTTP client and every PostgreSQL connector without `sslrootcert`.
+/// identity endpoints' HTTP client and every PostgreSQL connector without `sslrootcert`. A
+/// build that fails is not kept: the next call tries again (a root bundle being rewritten by
+/// a package upgrade can be unreadable for a moment).
 pub(crate) fn system_connector() -> Result<TlsConnector, Error> {
-    static SYSTEM: OnceLock<Result<TlsConnector, String>> = OnceLock::new();
-    SYSTEM
-        .get_or_init(|| {
-            SYSTEM_BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            build_connector(&[]).map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|message| Error::Tls {
-            message: format!("cannot create a TLS connector: {message}"),
-            source: None,
-        })
+    static SYSTEM: OnceLock<TlsConnector> = OnceLock::new();
+    // Serialises first builds, so that concurrent first callers parse the bundle once.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(connector) = SYSTEM.get() {
+        return Ok(connector.clone());
+    }
+    let _building = crate::lock::lock(&BUILDING);
+    if let Some(connector) = SYSTEM.get() {
+        return Ok(connector.clone());
+    }
+    SYSTEM_BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let connector = build_connector(&[]).map_err(|e| Error::Tls {
+        message: format!("cannot create a TLS connector: {e}"),
+        source: None,
+    })?;
+    Ok(SYSTEM.get_or_init(|| connector).clone())
 }
 
 /// How often the process built its system-roots connector: at most once (tested).

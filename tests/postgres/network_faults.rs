@@ -116,7 +116,7 @@ impl TestHost {
                chain out {{ type filter hook output priority 0; policy accept;\n{rules}\n}}\n\
              }}\n"
         );
-        let mut nft = Command::new("ip")
+        let mut nft = bounded("ip")
             .args(["netns", "exec", &self.name, "nft", "-f", "-"])
             .stdin(Stdio::piped())
             .spawn()
@@ -180,8 +180,15 @@ impl Drop for TestHost {
     }
 }
 
+/// `tool`, under coreutils' `timeout`: a stuck network tool ends the test, not the run.
+fn bounded(tool: &str) -> Command {
+    let mut command = Command::new("timeout");
+    command.args(["--kill-after=5", "30", tool]);
+    command
+}
+
 fn run(command: &[&str]) -> Result<(), String> {
-    let output = Command::new(command[0])
+    let output = bounded(command[0])
         .args(&command[1..])
         .output()
         .map_err(|e| format!("{command:?}: {e}"))?;
@@ -205,12 +212,13 @@ fn can_make_test_hosts() -> bool {
         })
         .unwrap_or(false);
     let tools = ["ip", "nft"].iter().all(|tool| {
-        Command::new(tool)
+        bounded(tool)
             .arg("-V")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .is_ok()
+            // `timeout` itself runs anywhere: the tool's own exit says whether it is there.
+            .is_ok_and(|status| status.success())
     });
     if !(root && tools) {
         assert!(
