@@ -74,7 +74,7 @@ pub use endpoint::{
 pub use pgbouncer::{LocalPgBouncer, PGBOUNCER_VAR, PoolMode};
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
-pub use postgres::{LocalPostgres, PasswordSetter};
+pub use postgres::{LocalPostgres, PasswordSetter, SCRAM_GROUP};
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub use scripted_postgres::{LoginAnswer, ScriptedPostgres, TlsOffer};

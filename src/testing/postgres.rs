@@ -1,6 +1,8 @@
 //! A real PostgreSQL server configured like Azure Database for PostgreSQL Flexible Server:
 //! TLS only, cleartext password authentication inside TLS, roles whose passwords are tokens
-//! `VALID UNTIL` their expiry.
+//! `VALID UNTIL` their expiry. Members of the group role [`SCRAM_GROUP`] (which the bed does
+//! not create: a test that wants it does) are asked for SCRAM-SHA-256 instead, for clients
+//! that answer either, as `pg-entra proxy` does.
 //!
 //! The bed runs on developers' machines, so it hands out no more than Azure does: its
 //! directory is `0700` and owned by the account that runs the server, the superuser logs in
@@ -28,6 +30,11 @@ use super::TestBedError;
 use super::certs::{ServerCertificate, TestCa};
 use crate::connector::{Connector, ConnectorBuilder};
 use crate::environment::Environment;
+
+/// The group role whose members the bed asks for SCRAM-SHA-256 rather than a cleartext
+/// password (`pg_hba.conf` names it as `+scram_login`; no such role exists until a test makes
+/// it).
+pub const SCRAM_GROUP: &str = "scram_login";
 
 /// Overrides where the PostgreSQL server binaries are looked for.
 pub(crate) const BINDIR_VAR: &str = "PG_ENTRA_PG_BINDIR";
@@ -160,13 +167,17 @@ impl LocalPostgres {
         // superuser: over the Unix socket only (in the 0700 directory), with its password.
         postgres.write_file(
             &data.join("pg_hba.conf"),
-            "local   all  postgres                 scram-sha-256\n\
-             local   replication  postgres         scram-sha-256\n\
-             local   all  all                      reject\n\
-             hostssl all  postgres  127.0.0.1/32   reject\n\
-             hostssl all  postgres  ::1/128        reject\n\
-             hostssl all  all       127.0.0.1/32   password\n\
-             hostssl all  all       ::1/128        password\n",
+            &format!(
+                "local   all  postgres                 scram-sha-256\n\
+                 local   replication  postgres         scram-sha-256\n\
+                 local   all  all                      reject\n\
+                 hostssl all  postgres  127.0.0.1/32   reject\n\
+                 hostssl all  postgres  ::1/128        reject\n\
+                 hostssl all  +{SCRAM_GROUP}  127.0.0.1/32  scram-sha-256\n\
+                 hostssl all  +{SCRAM_GROUP}  ::1/128       scram-sha-256\n\
+                 hostssl all  all       127.0.0.1/32   password\n\
+                 hostssl all  all       ::1/128        password\n"
+            ),
             WriteMode::Replace,
         )?;
         let socket_dir = postgres.dir.path().display().to_string();

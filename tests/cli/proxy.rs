@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pg_entra::testing::TestBed;
+use pg_entra::testing::{SCRAM_GROUP, TestBed};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
@@ -335,6 +335,38 @@ async fn psql_pgbench_and_pg8000_log_in_through_it_across_token_rotations() {
     let (code, output) = proxy.terminate().await;
     assert_eq!(code, Some(0), "{output}");
     assert_no_token(&[&output, &bench.stderr, &who.stderr]);
+}
+
+/// A server that asks for SCRAM-SHA-256 instead of a cleartext password (the bed asks it of
+/// members of `SCRAM_GROUP`): the proxy answers the exchange with the token, and the server
+/// logs the login as SCRAM's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_asking_for_scram_gets_the_token_through_it() {
+    let bed = TestBed::start().await.unwrap();
+    let role = bed.principal().name().to_owned();
+    bed.postgres()
+        .admin()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "create role {SCRAM_GROUP} nologin; grant {SCRAM_GROUP} to \"{}\"",
+            role.replace('"', "\"\"")
+        ))
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&bed, &[]).await;
+    let run = psql_via(&proxy, "dbname=postgres", "select current_user").await;
+    assert_eq!(run.code, Some(0), "{}{}", run.stdout, run.stderr);
+    assert_eq!(run.stdout.trim(), role);
+    let log = bed.postgres().log();
+    let authenticated =
+        format!("connection authenticated: identity=\"{role}\" method=scram-sha-256");
+    assert!(
+        log.contains(&authenticated),
+        "{authenticated:?} not in:\n{log}"
+    );
+    run.assert_no_token();
+    assert_no_token(&[&proxy.output()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
