@@ -372,7 +372,7 @@ impl Connector {
     async fn connect_once(&self, token: &Token) -> Result<(Client, Connection), Error> {
         let configs = self.configs_for(token)?;
         let order = self.host_order(&configs);
-        let (mut last_error, mut refused) = (None, None);
+        let mut failed = FailedAttempts::default();
         for &standby in self.inner.session_attrs.passes() {
             for &(host, config) in &order {
                 tracing::debug!(
@@ -397,18 +397,10 @@ impl Connector {
                     },
                 };
                 tracing::debug!(host = %host.host, port = host.port, %error, "connection attempt failed");
-                // A refused login outranks what later hosts say: it is what a new token can
-                // cure, and what the caller's retry reads.
-                if refused.is_none() && error.login_refusal().is_some() {
-                    refused = Some(error);
-                } else {
-                    last_error = Some(error);
-                }
+                failed.record(error);
             }
         }
-        Err(refused
-            .or(last_error)
-            .unwrap_or_else(|| Error::missing("host", "no server host")))
+        Err(failed.into_error())
     }
 
     /// Builds the TLS connector on the blocking pool, if not built yet; its errors come back
@@ -1007,6 +999,32 @@ pub(crate) fn ends_with_server(name: &str, server: &str) -> bool {
         && name.is_char_boundary(name.len() - suffix_len)
         && name[name.len() - suffix_len..].starts_with('@')
         && name[name.len() - server.len()..].eq_ignore_ascii_case(server)
+}
+
+/// The failed host attempts of one connect, for the error it returns once every host failed.
+#[derive(Default)]
+pub(crate) struct FailedAttempts {
+    refused: Option<Error>,
+    last: Option<Error>,
+}
+
+impl FailedAttempts {
+    /// Keeps `error`. The first refused login outranks what later hosts say: it is what a
+    /// new token can cure, and what the caller's retry reads.
+    pub(crate) fn record(&mut self, error: Error) {
+        if self.refused.is_none() && error.login_refusal().is_some() {
+            self.refused = Some(error);
+        } else {
+            self.last = Some(error);
+        }
+    }
+
+    /// The first refused login, else the last error.
+    pub(crate) fn into_error(self) -> Error {
+        self.refused
+            .or(self.last)
+            .unwrap_or_else(|| Error::missing("host", "no server host"))
+    }
 }
 
 #[cfg(test)]

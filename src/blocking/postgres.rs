@@ -35,7 +35,7 @@ impl BlockingConnector {
         let hosts = connector.hosts_with(token)?;
         let tls = connector.tls_connector()?;
         let timeout = self.connect_timeout();
-        let (mut last_error, mut refused) = (None, None);
+        let mut failed = crate::connector::FailedAttempts::default();
         for &standby in connector.target_session_attrs().passes() {
             for (host, port, config) in &hosts {
                 let attempt = Attempt {
@@ -52,17 +52,10 @@ impl BlockingConnector {
                     Err(error) => error,
                 };
                 tracing::debug!(%host, port, %error, "connection attempt failed");
-                // As the async connector: a refused login outranks later hosts' errors.
-                if refused.is_none() && error.login_refusal().is_some() {
-                    refused = Some(error);
-                } else {
-                    last_error = Some(error);
-                }
+                failed.record(error);
             }
         }
-        Err(refused
-            .or(last_error)
-            .unwrap_or_else(|| Error::missing("host", "no server host")))
+        Err(failed.into_error())
     }
 }
 

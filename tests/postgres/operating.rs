@@ -358,11 +358,9 @@ mod metrics {
         }
     }
 
-    /// A scripted fault run with exact counts: two 429s before the first token, a revoked
-    /// token recovered by one forced refresh, a second revocation within the forced-refresh
-    /// interval refused without one.
-    #[test]
-    fn a_fault_run_is_counted_exactly() {
+    /// Runs `run` with a new bed on a runtime of this thread, under a recorder of its own;
+    /// what it recorded.
+    fn recorded<F: std::future::Future<Output = ()>>(run: impl FnOnce(TestBed) -> F) -> Snapshot {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         ::metrics::with_local_recorder(&recorder, || {
@@ -370,25 +368,32 @@ mod metrics {
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(async {
-                let bed = bed().await;
-                bed.identity().set_token_lifetime(LIFETIME);
-                bed.identity().script([
-                    Reply::status(429).retry_after(0),
-                    Reply::status(429).retry_after(0),
-                ]);
-                let connector = bed.connector_builder().build().unwrap();
-                connector.connect().await.unwrap();
-                revoke(&bed).await;
-                connector.connect().await.unwrap();
-                revoke(&bed).await;
-                let refused = connector.connect().await.unwrap_err();
-                assert!(refused.is_auth_failure());
-                connector.token_cache().health();
-            });
+            runtime.block_on(async { run(bed().await).await });
         });
         // One snapshot: taking it resets the recorder's counters.
-        let snapshot: Snapshot = snapshotter.snapshot().into_vec();
+        snapshotter.snapshot().into_vec()
+    }
+
+    /// A scripted fault run with exact counts: two 429s before the first token, a revoked
+    /// token recovered by one forced refresh, a second revocation within the forced-refresh
+    /// interval refused without one.
+    #[test]
+    fn a_fault_run_is_counted_exactly() {
+        let snapshot = recorded(|bed| async move {
+            bed.identity().set_token_lifetime(LIFETIME);
+            bed.identity().script([
+                Reply::status(429).retry_after(0),
+                Reply::status(429).retry_after(0),
+            ]);
+            let connector = bed.connector_builder().build().unwrap();
+            connector.connect().await.unwrap();
+            revoke(&bed).await;
+            connector.connect().await.unwrap();
+            revoke(&bed).await;
+            let refused = connector.connect().await.unwrap_err();
+            assert!(refused.is_auth_failure());
+            connector.token_cache().health();
+        });
         let count = |name: &str, labels: &[(&str, &str)]| counter(&snapshot, name, labels);
         assert_eq!(
             count(
@@ -492,37 +497,27 @@ mod metrics {
     #[cfg(all(feature = "deadpool", feature = "bb8"))]
     #[test]
     fn pool_connections_are_counted_by_pool() {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        ::metrics::with_local_recorder(&recorder, || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let bed = bed().await;
-                let connector = bed.connector_builder().build().unwrap();
-                let deadpool = connector.deadpool_pool(4).unwrap();
-                let (a, b) = (deadpool.get().await.unwrap(), deadpool.get().await.unwrap());
-                a.simple_query("select 1").await.unwrap();
-                b.simple_query("select 1").await.unwrap();
-                drop((a, b));
-                // Back in the pool: no new connection for these.
-                for _ in 0..3 {
-                    drop(deadpool.get().await.unwrap());
-                }
-                let bb8 = connector.bb8_pool(1).unwrap();
-                for _ in 0..3 {
-                    bb8.get()
-                        .await
-                        .unwrap()
-                        .simple_query("select 1")
-                        .await
-                        .unwrap();
-                }
-            });
+        let snapshot = recorded(|bed| async move {
+            let connector = bed.connector_builder().build().unwrap();
+            let deadpool = connector.deadpool_pool(4).unwrap();
+            let (a, b) = (deadpool.get().await.unwrap(), deadpool.get().await.unwrap());
+            a.simple_query("select 1").await.unwrap();
+            b.simple_query("select 1").await.unwrap();
+            drop((a, b));
+            // Back in the pool: no new connection for these.
+            for _ in 0..3 {
+                drop(deadpool.get().await.unwrap());
+            }
+            let bb8 = connector.bb8_pool(1).unwrap();
+            for _ in 0..3 {
+                bb8.get()
+                    .await
+                    .unwrap()
+                    .simple_query("select 1")
+                    .await
+                    .unwrap();
+            }
         });
-        let snapshot: Snapshot = snapshotter.snapshot().into_vec();
         let created = |pool| {
             counter(
                 &snapshot,

@@ -245,3 +245,56 @@ async fn a_host_of_one_kind_gets_no_token_for_another_kind() {
     );
     assert_eq!(credential.calls(), 1);
 }
+
+/// Two hosts: the first refuses the login, the second refuses TCP. The error is the refused
+/// login (what a new token can cure, and what the retry reads), not the later host's; the
+/// same from the blocking `postgres` stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_outranks_a_later_hosts_error() {
+    let refusing = ScriptedPostgres::start_trusted(LoginAnswer::Refuse {
+        code: "28000".into(),
+        message: "The access token has expired".into(),
+    })
+    .await
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let vars = refusing
+        .libpq_vars()
+        .into_iter()
+        .map(|(name, value)| match name.as_str() {
+            "PGHOST" => (name, format!("{value},{value}")),
+            "PGPORT" => (name, format!("{},{closed}", refusing.port())),
+            _ => (name, value),
+        })
+        .collect::<Vec<_>>();
+    let builder = || {
+        Connector::builder()
+            .environment(Environment::from_vars(vars.clone()))
+            .credential(Arc::new(FakeCredential::new(Principal::user_assigned(
+                "orders-api",
+            ))))
+    };
+    let error = builder().build().unwrap().connect().await.unwrap_err();
+    assert_eq!(
+        error.login_refusal(),
+        Some(LoginRefusal::TokenExpired),
+        "{error:?}"
+    );
+    #[cfg(feature = "postgres-sync")]
+    {
+        let blocking = pg_entra::blocking::BlockingConnector::new(builder()).unwrap();
+        let error = tokio::task::spawn_blocking(move || blocking.postgres_client().err())
+            .await
+            .unwrap()
+            .expect("refused");
+        assert_eq!(
+            error.login_refusal(),
+            Some(LoginRefusal::TokenExpired),
+            "{error:?}"
+        );
+    }
+}
