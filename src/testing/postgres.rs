@@ -18,8 +18,9 @@ use std::io::Write as _;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use time::OffsetDateTime;
@@ -860,15 +861,73 @@ fn random_password() -> Result<String, TestBedError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// How long one of the server's tools (initdb, pg_basebackup, pg_ctl, …) may run: past it,
+/// its process group is killed and the bed fails instead of hanging the test run.
+const TOOL_BOUND: Duration = Duration::from_secs(120);
+
+/// Runs `command` to its end, within [`TOOL_BOUND`] (past it, the command is killed, with
+/// its process group when it leads one); its output in the error.
 fn run(command: &mut Command) -> Result<(), TestBedError> {
+    run_within(command, TOOL_BOUND)
+}
+
+fn run_within(command: &mut Command, bound: Duration) -> Result<(), TestBedError> {
     let shown = format!("{command:?}");
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = command
-        .output()
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| TestBedError::new(format!("cannot run {shown}"), e))?;
+    // Drained as it runs, so that a tool writing much cannot block on a full pipe.
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            let _ = sender.send(bytes);
+        });
+        receiver
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    );
+    let deadline = Instant::now() + bound;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // The whole group: as root the child is runuser, and the tool its child.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TestBedError::message(format!(
+                "{shown} did not finish within {bound:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // A process the tool left running may hold its pipes open: what came within a moment.
+    let collected = |receiver: std::sync::mpsc::Receiver<Vec<u8>>| {
+        receiver
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_default()
+    };
+    let (stdout, stderr) = (collected(stdout), collected(stderr));
     if status.success() {
         Ok(())
     } else {
@@ -883,6 +942,36 @@ fn run(command: &mut Command) -> Result<(), TestBedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tool that does not end is killed at the bound, with what it started in its process
+    /// group, and the bed fails instead of waiting.
+    #[test]
+    fn a_tool_that_hangs_is_killed_at_the_bound() {
+        // A duration no other process here sleeps, to find them by.
+        let marker = format!("sleep 290.{}", std::process::id());
+        let mut command = Command::new("sh");
+        // A child of the tool that would outlive it if only the tool were killed.
+        command.args(["-c", &format!("{marker} & {marker}")]);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let error = run_within(&mut command, Duration::from_millis(300)).unwrap_err();
+        assert!(
+            error.to_string().contains("did not finish within"),
+            "{error}"
+        );
+        let left = Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(left.stdout.is_empty(), "still running: {left:?}");
+    }
+
+    #[test]
+    fn a_tool_that_fails_shows_its_output() {
+        let error = run(Command::new("sh").args(["-c", "echo said-on-stderr >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("said-on-stderr"), "{error}");
+    }
 
     /// A bed directory handed to the server's account, as `start` leaves it, with no server.
     fn handed_over() -> LocalPostgres {
