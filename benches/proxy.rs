@@ -140,13 +140,18 @@ async fn run() {
     // The reference: PgBouncer, a C proxy, in the proxy's place (no TLS from pgbench, verified
     // TLS upstream, the straight role's password), to show what any process in the middle
     // costs on this machine.
-    let reference = Reference::start(&bed, DIRECT_ROLE, &direct_password);
+    let reference = Reference::start(&bed, DIRECT_ROLE, &direct_password)
+        .inspect_err(|why| println!("  (no PgBouncer reference: {why})"))
+        .ok();
     let through_reference = reference.as_ref().map(|r| {
         format!(
             "host=127.0.0.1 port={} sslmode=disable dbname=postgres",
             r.port
         )
     });
+    let reference_name = reference
+        .as_ref()
+        .map(|r| format!("through {} instead (reference)", r.version));
 
     // Each mode straight and through the proxy's two listeners (and PgBouncer), in turns.
     let mut paths = vec![
@@ -158,8 +163,8 @@ async fn run() {
             "",
         ),
     ];
-    if let Some(connection) = &through_reference {
-        paths.push(("through PgBouncer instead (reference)", connection, ""));
+    if let (Some(connection), Some(name)) = (&through_reference, &reference_name) {
+        paths.push((name, connection, ""));
     }
     for (name, args, tps_line) in &modes {
         // PgBouncer keeps server connections between clients: with -C it is no reference.
@@ -211,27 +216,42 @@ async fn run() {
 }
 
 /// PgBouncer in session pooling on 127.0.0.1, in the proxy's place: plain text from clients,
-/// `verify-full` to the bed's server, logging in as `role` with `password` whoever connects.
+/// `verify-full` to the bed's server, logging in as `role` with `password` whoever connects
+/// (`auth_type = any`: for the bench's throwaway role on the bed's throwaway server only).
 struct Reference {
     port: u16,
+    /// What `--version` said, for the report.
+    version: String,
     child: std::process::Child,
     _dir: tempfile::TempDir,
 }
 
 impl Reference {
-    /// `None` (and a line saying why) where PgBouncer cannot run.
-    fn start(bed: &TestBed, role: &str, password: &str) -> Option<Self> {
-        if let Err(why) = pg_entra::testing::LocalPgBouncer::available() {
-            println!("  (no PgBouncer reference: {why})");
-            return None;
-        }
+    /// The same program the test bed runs: `PG_ENTRA_PGBOUNCER`, else Debian's.
+    fn program() -> PathBuf {
+        std::env::var_os("PG_ENTRA_PGBOUNCER")
+            .map_or_else(|| PathBuf::from("/usr/sbin/pgbouncer"), PathBuf::from)
+    }
+
+    /// Starts it, or says why it cannot run here.
+    fn start(bed: &TestBed, role: &str, password: &str) -> Result<Self, String> {
+        let program = Self::program();
+        let version = std::process::Command::new(&program)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        let version = String::from_utf8_lossy(&version.stdout)
+            .lines()
+            .next()
+            .unwrap_or("PgBouncer")
+            .to_owned();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
-            .ok()?
+            .map_err(|e| format!("no free port: {e}"))?
             .port();
-        let dir = tempfile::tempdir().ok()?;
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let ca = dir.path().join("ca.crt");
-        std::fs::copy(bed.postgres().ca_certificate_path(), &ca).ok()?;
+        std::fs::copy(bed.postgres().ca_certificate_path(), &ca).map_err(|e| e.to_string())?;
         let config = dir.path().join("pgbouncer.ini");
         std::fs::write(
             &config,
@@ -252,52 +272,56 @@ impl Reference {
                 ca.display()
             ),
         )
-        .ok()?;
+        .map_err(|e| e.to_string())?;
         // PgBouncer refuses to run as root: as root, it runs as the server's account, which
-        // is then given the directory.
-        let root = rustix::process::geteuid().is_root();
-        let mut command = if root {
+        // is then given the directory (0700, so the password stays the account's).
+        let mut command = if rustix::process::geteuid().is_root() {
             let account = std::process::Command::new("id")
                 .args(["-u", "postgres"])
                 .output()
-                .ok()?;
+                .map_err(|e| e.to_string())?;
             let uid: u32 = String::from_utf8_lossy(&account.stdout)
                 .trim()
                 .parse()
-                .ok()?;
+                .map_err(|_| "no `postgres` account to run PgBouncer as".to_owned())?;
             for path in [dir.path(), &ca, &config] {
-                std::os::unix::fs::chown(path, Some(uid), None).ok()?;
+                std::os::unix::fs::chown(path, Some(uid), None).map_err(|e| e.to_string())?;
             }
             let mut command = std::process::Command::new("runuser");
-            command.args(["-u", "postgres", "--", "pgbouncer"]);
+            command.args(["-u", "postgres", "--"]).arg(&program);
             command
         } else {
-            std::process::Command::new("pgbouncer")
+            std::process::Command::new(&program)
         };
+        // A group of its own, so that the whole of it (runuser and PgBouncer) is stopped.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
             .arg(&config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .ok()?;
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        let reference = Self {
+            port,
+            version,
+            child,
+            _dir: dir,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self {
-                    port,
-                    child,
-                    _dir: dir,
-                });
+                return Ok(reference);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        println!("  (no PgBouncer reference: it did not listen within 5 s)");
-        None
+        Err("it did not listen within 5 s".to_owned())
     }
 }
 
 impl Drop for Reference {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = self.child.wait();
     }
 }

@@ -87,8 +87,8 @@ pub(crate) fn make_tls_connector(root_cert: Option<&str>) -> Result<MakeTlsConne
 /// the first call: building one parses the system's root bundle, tens of milliseconds, so a
 /// process pays that once, and only when it opens its first TLS connection. Shared by the
 /// identity endpoints' HTTP client and every PostgreSQL connector without `sslrootcert`. A
-/// build that fails is not kept: the next call tries again (a root bundle being rewritten by
-/// a package upgrade can be unreadable for a moment).
+/// build that fails (rare: OpenSSL set up wrongly, out of memory) is not kept, so the next
+/// call tries again instead of repeating the first failure for the life of the process.
 pub(crate) fn system_connector() -> Result<TlsConnector, Error> {
     static SYSTEM: OnceLock<TlsConnector> = OnceLock::new();
     // Serialises first builds, so that concurrent first callers parse the bundle once.

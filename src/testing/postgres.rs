@@ -915,8 +915,16 @@ fn run_within(command: &mut Command, bound: Duration) -> Result<(), TestBedError
                 .status();
             let _ = child.kill();
             let _ = child.wait();
+            let said = |receiver: std::sync::mpsc::Receiver<Vec<u8>>| {
+                let bytes = receiver
+                    .recv_timeout(Duration::from_millis(500))
+                    .unwrap_or_default();
+                String::from_utf8_lossy(&bytes).into_owned()
+            };
             return Err(TestBedError::message(format!(
-                "{shown} did not finish within {bound:?}"
+                "{shown} did not finish within {bound:?}:\n{}{}",
+                said(stdout),
+                said(stderr)
             )));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -958,11 +966,18 @@ mod tests {
             error.to_string().contains("did not finish within"),
             "{error}"
         );
-        let left = Command::new("pgrep")
-            .args(["-f", &marker])
-            .output()
-            .unwrap();
-        assert!(left.stdout.is_empty(), "still running: {left:?}");
+        // The killed background child is not ours to reap: give it a moment to leave.
+        let gone = (0..200).any(|_| {
+            let left = Command::new("pgrep")
+                .args(["-f", &marker])
+                .output()
+                .unwrap();
+            left.stdout.is_empty() || {
+                std::thread::sleep(Duration::from_millis(10));
+                false
+            }
+        });
+        assert!(gone, "{marker} still runs");
     }
 
     #[test]

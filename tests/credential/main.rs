@@ -4,5 +4,7 @@
 
 mod cli_entra_chain;
 mod imds;
+#[path = "../common/log_to.rs"]
+mod log_to;
 mod managed_identity;
 mod scopes;

@@ -299,7 +299,7 @@ async fn an_audience_that_differs_by_a_slash_is_named_in_a_warning() {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = crate::log_to::log_to(&tracing::Dispatch::new(subscriber));
     let cache = pg_entra::TokenCache::builder(Arc::new(SlashAudience))
         .build()
         .unwrap();

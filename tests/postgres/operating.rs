@@ -241,8 +241,8 @@ async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
     assert!(!everything.contains(&token.secret()[..40]));
 }
 
-/// A connect through two hosts, the first of which refuses TCP: one attempt span per host,
-/// each naming its port, under the one connect span.
+/// A connect through two hosts, the first of which refuses TCP: one connect span, and one
+/// attempt span per host, each naming its port.
 #[tokio::test]
 async fn each_host_attempt_is_a_span() {
     let spans = Spans::default();

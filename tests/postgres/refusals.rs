@@ -246,9 +246,9 @@ async fn a_host_of_one_kind_gets_no_token_for_another_kind() {
     assert_eq!(credential.calls(), 1);
 }
 
-/// Two hosts: the first refuses the login, the second refuses TCP. The error is the refused
-/// login (what a new token can cure, and what the retry reads), not the later host's; the
-/// same from the blocking `postgres` stack.
+/// Two hosts: the first refuses the login, the second offers no TLS (so the connect is tried
+/// there and fails). The error is the refused login (what a new token can cure, and what the
+/// retry reads), not the later host's; the same from the blocking `postgres` stack.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_login_outranks_a_later_hosts_error() {
     let refusing = ScriptedPostgres::start_trusted(LoginAnswer::Refuse {
@@ -257,17 +257,15 @@ async fn a_refused_login_outranks_a_later_hosts_error() {
     })
     .await
     .unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let later = ScriptedPostgres::start(TlsOffer::None, LoginAnswer::Accept)
+        .await
+        .unwrap();
     let vars = refusing
         .libpq_vars()
         .into_iter()
         .map(|(name, value)| match name.as_str() {
             "PGHOST" => (name, format!("{value},{value}")),
-            "PGPORT" => (name, format!("{},{closed}", refusing.port())),
+            "PGPORT" => (name, format!("{},{}", refusing.port(), later.port())),
             _ => (name, value),
         })
         .collect::<Vec<_>>();
@@ -284,6 +282,8 @@ async fn a_refused_login_outranks_a_later_hosts_error() {
         Some(LoginRefusal::TokenExpired),
         "{error:?}"
     );
+    // Tried in the connect and in its retry after the one forced refresh.
+    assert_eq!(later.connections(), 2, "the later host was tried");
     #[cfg(feature = "postgres-sync")]
     {
         let blocking = pg_entra::blocking::BlockingConnector::new(builder()).unwrap();
@@ -296,5 +296,6 @@ async fn a_refused_login_outranks_a_later_hosts_error() {
             Some(LoginRefusal::TokenExpired),
             "{error:?}"
         );
+        assert_eq!(later.connections(), 4, "the later host was tried");
     }
 }
