@@ -231,7 +231,7 @@ fn der_to_pem(der: &[u8]) -> String {
 /// The most a root certificate file may hold: a system's whole CA bundle is about 200 KiB.
 const MAX_ROOT_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
-#[cfg(any(feature = "sqlx", test))]
+#[cfg(feature = "sqlx")]
 fn read_certificates(path: &Path) -> Result<Vec<Certificate>, Error> {
     RootFile::read(path)?.parse()
 }
