@@ -122,10 +122,13 @@ impl ErrorBody {
     pub(crate) fn parse(body: &[u8], secrets: &[&str]) -> Self {
         let Ok(serde_json::Value::Object(object)) = serde_json::from_slice(body) else {
             let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_SOURCE_BYTES)]);
-            let excerpt = if echoes_any(&text, secrets) {
+            // Judged as received and as it would be shown: making the excerpt drops
+            // characters, which can join two harmless halves into a piece of a secret.
+            let shown = excerpt(body);
+            let excerpt = if echoes_any(&text, secrets) || echoes_any(&shown, secrets) {
                 WITHHELD.to_owned()
             } else {
-                excerpt(body)
+                shown
             };
             return Self {
                 excerpt: Some(excerpt).filter(|e| !e.is_empty()),
@@ -136,10 +139,14 @@ impl ErrorBody {
             let text = value?.as_str()?.trim();
             // The field as sent (escapes and all) and as decoded are both judged.
             let raw = serde_json::to_string(text).unwrap_or_default();
-            if echoes_any(text, secrets) || echoes_any(&raw, secrets) {
+            let redacted = redact_bearer_tokens(text);
+            if echoes_any(text, secrets)
+                || echoes_any(&raw, secrets)
+                || echoes_any(&redacted, secrets)
+            {
                 return Some(WITHHELD.to_owned());
             }
-            Some(redact_bearer_tokens(text)).filter(|s| !s.is_empty())
+            Some(redacted).filter(|s| !s.is_empty())
         };
         let field = |name: &str| shown(object.get(name));
         // Azure's shapes: OAuth's `error` + `error_description`; App Service's `message`;
@@ -384,6 +391,19 @@ mod tests {
             shown_header(Some("text/html".into()), &[secret]).as_deref(),
             Some("text/html")
         );
+    }
+
+    /// Found by the `token_response` fuzz target: the excerpt drops a stray `>`, which joined
+    /// `z-secr` and `et` into a piece of the secret that the received text did not hold.
+    #[test]
+    fn a_piece_made_by_the_excerpt_is_withheld() {
+        let secret = "fuzz-secret-5e7b1c9a0d2f4e68";
+        let body = b"{\"a{\"acNess/to ccesz-secr>>>>>>>>et:\"t,\"\"ex198,\"token_type :}";
+        let parsed = ErrorBody::parse(body, &[secret]);
+        assert_eq!(parsed.excerpt.as_deref(), Some(WITHHELD));
+        // Without the secret, the same body is shown, with the stray `>`s dropped.
+        let shown = ErrorBody::parse(body, &[]).excerpt.unwrap();
+        assert!(shown.contains("z-secret"), "{shown}");
     }
 
     #[test]
