@@ -283,16 +283,7 @@ impl Error {
                 .unwrap_or_else(|| "the server did not complete a verified TLS handshake".into());
             // A connection that broke in the handshake (a reset, an early close) says nothing
             // about the certificate: said so, with a hint about the network instead.
-            let lower = detail.to_ascii_lowercase();
-            if [
-                "reset by peer",
-                "unexpected eof",
-                "broken pipe",
-                "connection aborted",
-            ]
-            .iter()
-            .any(|broken| lower.contains(broken))
-            {
+            if broke_in_handshake(&error, &detail) {
                 return Error::Tls {
                     message: format!("the connection broke during the TLS handshake: {detail}"),
                     source: Some(Box::new(
@@ -623,6 +614,27 @@ fn said_by_a_pooler(error: &tokio_postgres::Error) -> bool {
     error.as_db_error().is_some_and(|db| {
         *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION || db.routine().is_none()
     })
+}
+
+/// Whether a failed TLS handshake failed because the connection broke, not because of what
+/// the server sent: an I/O error of a broken connection anywhere in the chain (a reset, a
+/// broken pipe), or OpenSSL's own report of an early close, which carries no I/O error
+/// (`unexpected EOF`; native-tls does not expose OpenSSL's error type to match instead).
+fn broke_in_handshake(error: &tokio_postgres::Error, detail: &str) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            )
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    detail.to_ascii_lowercase().contains("unexpected eof")
 }
 
 #[cfg(test)]

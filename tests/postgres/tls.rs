@@ -193,3 +193,50 @@ async fn a_name_mismatch_on_an_address_or_privatelink_name_advises_hostaddr() {
     }
     assert_eq!(server.passwords_received(), 0);
 }
+
+/// A server that agrees to TLS and then resets the connection, or closes it, before the
+/// handshake ends: the error says the connection broke (with a hint about the network), not
+/// that the certificate could not be verified, and no token was sent.
+#[tokio::test]
+async fn a_connection_broken_in_the_handshake_is_not_blamed_on_the_certificate() {
+    let bed = bed().await;
+    for reset in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut ssl_request = [0u8; 8];
+            stream.read_exact(&mut ssl_request).await.unwrap();
+            stream.write_all(b"S").await.unwrap();
+            // The ClientHello arrives, whole; the answer is a reset (linger 0) or a plain
+            // close.
+            let mut header = [0u8; 5];
+            stream.read_exact(&mut header).await.unwrap();
+            let mut hello = vec![0u8; usize::from(u16::from_be_bytes([header[3], header[4]]))];
+            stream.read_exact(&mut hello).await.unwrap();
+            if reset {
+                stream.set_zero_linger().unwrap();
+            } else {
+                stream.shutdown().await.unwrap();
+            }
+            drop(stream);
+        });
+        let mut vars = bed.postgres().libpq_vars();
+        vars.retain(|(name, _)| name != "PGPORT");
+        vars.push(("PGPORT".into(), port.to_string()));
+        let connector = pg_entra::Connector::builder()
+            .environment(pg_entra::Environment::from_vars(vars))
+            .credential(Arc::new(bed.credential()))
+            .build()
+            .unwrap();
+        let error = connector.connect().await.unwrap_err();
+        server.await.unwrap();
+        let shown = error.to_string();
+        assert!(matches!(error, Error::Tls { .. }), "{error:?}");
+        assert!(
+            shown.contains("broke during the TLS handshake"),
+            "reset {reset}: {shown}"
+        );
+        assert!(error.hint().unwrap().contains("network"), "{error:?}");
+    }
+}
