@@ -71,6 +71,9 @@ pub enum LoginAnswer {
     /// token does not have a valid audience claim. Please acquire a new token for the
     /// resource "…"`).
     RequireAudience(String),
+    /// Takes the password and then says nothing until the client leaves, as a server stuck
+    /// in its login: the client's connect timeout must end the wait.
+    Silent,
 }
 
 /// A running scripted server on 127.0.0.1. Stops when dropped.
@@ -82,6 +85,7 @@ pub struct ScriptedPostgres {
     users: Arc<std::sync::Mutex<Vec<String>>>,
     passwords: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -106,10 +110,12 @@ impl ScriptedPostgres {
         let passwords = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let users = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ended = Arc::new(AtomicUsize::new(0));
         let counters = (
             Arc::clone(&passwords),
             Arc::clone(&connections),
             Arc::clone(&users),
+            Arc::clone(&ended),
         );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -120,9 +126,11 @@ impl ScriptedPostgres {
                     passwords: Arc::clone(&counters.0),
                     users: Arc::clone(&counters.2),
                 };
+                let ended = Arc::clone(&counters.3);
                 tokio::spawn(async move {
                     // A client that stalls or breaks the protocol is simply dropped.
                     let _ = tokio::time::timeout(CLIENT_DEADLINE, session.serve(stream)).await;
+                    ended.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -132,6 +140,7 @@ impl ScriptedPostgres {
             users,
             passwords,
             connections,
+            ended,
             task,
         })
     }
@@ -196,6 +205,12 @@ impl ScriptedPostgres {
     /// How many TCP connections clients have opened so far.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::SeqCst)
+    }
+
+    /// How many of those have ended: the client left, broke the protocol, or held its
+    /// session past the server's limit of 10 s.
+    pub fn connections_ended(&self) -> usize {
+        self.ended.load(Ordering::SeqCst)
     }
 }
 
@@ -316,6 +331,11 @@ impl Session {
                     .await
             }
             LoginAnswer::RequireAudience(_) => Ok(()),
+            LoginAnswer::Silent => {
+                let mut ignored = [0u8; 256];
+                while stream.read(&mut ignored).await? > 0 {}
+                Ok(())
+            }
             LoginAnswer::RefuseRepeatingPassword => {
                 let text =
                     format!("password authentication failed for user \"{user}\": got {password}");

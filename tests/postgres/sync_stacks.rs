@@ -194,6 +194,41 @@ mod postgres_crate {
         }
     }
 
+    /// A server that completes TLS and takes the password, then says nothing: the deadline
+    /// the TLS stream carries through the login ends the connect, and its thread, at the
+    /// connect timeout, with `ConnectTimeout` (the `postgres` crate bounds only the TCP
+    /// connect itself).
+    #[test]
+    fn a_server_silent_after_the_handshake_is_a_timeout() {
+        let bed = Bed::start();
+        let server = bed
+            .runtime
+            .block_on(ScriptedPostgres::start_trusted(LoginAnswer::Silent))
+            .unwrap();
+        let mut vars = server.libpq_vars();
+        vars.push(("PGCONNECT_TIMEOUT".into(), "2".into()));
+        let builder = pg_entra::Connector::builder()
+            .environment(Environment::from_vars(vars))
+            .credential(Arc::new(bed.bed.credential()));
+        let connector = BlockingConnector::new(builder).unwrap();
+        let error = connector.postgres_client().err().expect("timed out");
+        assert!(
+            matches!(error, pg_entra::Error::ConnectTimeout { .. }),
+            "{error:?}"
+        );
+        // The handshake was over and the password sent: the stall was in the login.
+        assert_eq!(server.passwords_received(), 1);
+        // And the connect's own thread gave up and closed its socket, rather than holding it
+        // until the server's 10 s limit: it is not left behind.
+        let left = (0..100).any(|_| {
+            server.connections_ended() == 1 || {
+                std::thread::sleep(Duration::from_millis(50));
+                false
+            }
+        });
+        assert!(left, "the connect thread still holds its connection");
+    }
+
     /// A server that accepts and then says nothing: the connect ends at the connect timeout
     /// with `ConnectTimeout`.
     #[test]
