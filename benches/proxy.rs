@@ -319,8 +319,9 @@ impl Reference {
 
 impl Drop for Reference {
     fn drop(&mut self) {
+        // KILL, not TERM: nothing of it is worth keeping, and the wait below must end.
         let _ = std::process::Command::new("kill")
-            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
             .status();
         let _ = self.child.wait();
     }

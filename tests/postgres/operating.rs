@@ -161,6 +161,16 @@ impl<S: tracing::Subscriber> Layer<S> for Spans {
 }
 
 impl Spans {
+    /// Records this thread's spans (and those of a current-thread runtime on it) until the
+    /// guard drops.
+    fn capture() -> (Self, tracing::dispatcher::DefaultGuard) {
+        let spans = Self::default();
+        let guard = crate::log_to(&tracing::Dispatch::new(
+            Registry::default().with(spans.clone()),
+        ));
+        (spans, guard)
+    }
+
     fn named(&self, name: &str) -> Vec<Vec<(String, String)>> {
         self.0
             .lock()
@@ -184,10 +194,8 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
 /// token.
 #[tokio::test]
 async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
-    let spans = Spans::default();
-    let subscriber = Registry::default().with(spans.clone());
     // This runtime is this thread: every task's spans reach this subscriber.
-    let _guard = crate::log_to(&tracing::Dispatch::new(subscriber));
+    let (spans, _guard) = Spans::capture();
     let bed = bed().await;
     let connector = service_connector(&bed);
     let client = connector.connect().await.unwrap();
@@ -245,10 +253,7 @@ async fn connects_and_refreshes_are_spans_with_opentelemetry_names() {
 /// attempt span per host, each naming its port.
 #[tokio::test]
 async fn each_host_attempt_is_a_span() {
-    let spans = Spans::default();
-    let _guard = crate::log_to(&tracing::Dispatch::new(
-        Registry::default().with(spans.clone()),
-    ));
+    let (spans, _guard) = Spans::capture();
     let bed = bed().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -282,10 +287,7 @@ async fn each_host_attempt_is_a_span() {
 /// background: that refresh is a span of its own, with the `background` trigger.
 #[tokio::test]
 async fn a_refresh_ahead_of_expiry_is_a_background_span() {
-    let spans = Spans::default();
-    let _guard = crate::log_to(&tracing::Dispatch::new(
-        Registry::default().with(spans.clone()),
-    ));
+    let (spans, _guard) = Spans::capture();
     let bed = bed().await;
     bed.identity().set_token_lifetime(Duration::from_secs(4));
     let connector = service_connector(&bed);
